@@ -1,0 +1,42 @@
+"""Top-k classes by cosine, walking the classes in chunks (no N x C tensor)."""
+
+import torch
+
+from .torch_chunked import _ChunkCosines, _classes_per_chunk, inverse_norms
+
+
+@torch.no_grad()
+def topk_classes(embeddings, weight, k=1, sub_centers=1):
+    """The k classes with the largest cosine per row: (classes int64 (N, k), cosines float32 (N, k)).
+
+    With sub-centers a class's cosine is the max over its rows. Ties go to the lower class index.
+    """
+    n_rows_w = weight.shape[0]
+    if embeddings.dim() != 2 or weight.dim() != 2 or embeddings.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"embeddings (N, D) and weight (C * sub_centers, D) must share D, got "
+            f"{tuple(embeddings.shape)} and {tuple(weight.shape)}"
+        )
+    if sub_centers < 1 or n_rows_w % sub_centers:
+        raise ValueError(f"sub_centers={sub_centers} must divide the {n_rows_w} weight rows")
+    n_classes = n_rows_w // sub_centers
+    if not 1 <= k <= n_classes:
+        raise ValueError(f"k must lie in [1, {n_classes}], got {k}")
+    cdt = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    x = embeddings.to(cdt)
+    rx, _ = inverse_norms(embeddings, cdt)
+    rw, _ = inverse_norms(weight, cdt)
+    n = embeddings.shape[0]
+    best_cos = torch.empty(n, 0, dtype=cdt, device=x.device)
+    best_cls = torch.empty(n, 0, dtype=torch.int64, device=x.device)
+    step = max(k, _classes_per_chunk(n, sub_centers, embeddings.shape[1]))
+    for start in range(0, n_classes, step):
+        stop = min(start + step, n_classes)
+        cos = _ChunkCosines(x, rx, weight, rw, start, stop, sub_centers).cos
+        chunk_cos, chunk_idx = cos.topk(min(k, stop - start), dim=1)
+        # Earlier candidates first so that a stable sort keeps lower class indices on ties.
+        merged_cos = torch.cat([best_cos, chunk_cos], dim=1)
+        merged_cls = torch.cat([best_cls, chunk_idx + start], dim=1)
+        order = torch.sort(merged_cos, dim=1, descending=True, stable=True).indices[:, :k]
+        best_cos, best_cls = merged_cos.gather(1, order), merged_cls.gather(1, order)
+    return best_cls, best_cos.float()

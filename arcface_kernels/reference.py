@@ -1,0 +1,61 @@
+"""The `reference` backend: the margin-softmax head written plainly, materializing N x C.
+
+It is the oracle every fused backend is tested against: normalize, cosine matrix,
+max over sub-centers, margin on the target column, scale, F.cross_entropy. Autograd
+does the rest, except d phi / d cos, which follows the contract (margins.dphi_dcos).
+It computes in float32 (float64 for float64 inputs) and returns the input dtype.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .margins import NORM_EPS, dphi_dcos, phi
+
+
+class _Margin(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cos, m1, m2, m3, easy_margin, straight_through):
+        ctx.save_for_backward(cos, m1, m2, m3)
+        ctx.flags = (easy_margin, straight_through)
+        return phi(cos, m1, m2, m3, easy_margin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, m1, m2, m3 = ctx.saved_tensors
+        return grad * dphi_dcos(cos, m1, m2, m3, *ctx.flags), None, None, None, None, None
+
+
+def reference_logits(embeddings, weight, labels, m1, m2, m3, *, scale, sub_centers,
+                     easy_margin=False, straight_through=False):
+    """The full N x C margined logits (target margin only where label >= 0) and the cosines."""
+    cdt = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    x = F.normalize(embeddings.to(cdt), dim=1, eps=NORM_EPS)
+    w = F.normalize(weight.to(cdt), dim=1, eps=NORM_EPS)
+    cos = x @ w.T
+    if sub_centers > 1:
+        cos = cos.view(cos.shape[0], -1, sub_centers).max(dim=2).values
+    has_target = labels >= 0
+    safe = torch.where(has_target, labels, 0)
+    cos_y = cos.gather(1, safe[:, None])[:, 0]
+    margined = _Margin.apply(cos_y, m1.to(cdt), m2.to(cdt), m3.to(cdt), easy_margin, straight_through)
+    onehot = F.one_hot(safe, cos.shape[1]).bool() & has_target[:, None]
+    logits = scale * torch.where(onehot, margined[:, None], cos)
+    return logits, cos
+
+
+def reference_loss(embeddings, weight, labels, m1, m2, m3, *, scale, sub_centers, easy_margin,
+                   straight_through, label_smoothing, ignore_index):
+    """Per-row loss (0 on ignored rows), lse, target cosine and top-1 class."""
+    active = labels != ignore_index
+    targets = torch.where(active, labels, -1)
+    logits, cos = reference_logits(embeddings, weight, targets, m1, m2, m3, scale=scale,
+                                   sub_centers=sub_centers, easy_margin=easy_margin,
+                                   straight_through=straight_through)
+    loss = F.cross_entropy(logits, torch.where(active, labels, -100), ignore_index=-100,
+                           label_smoothing=label_smoothing, reduction="none")
+    with torch.no_grad():
+        lse = torch.logsumexp(logits, dim=1).float()
+        cos_y = cos.gather(1, torch.where(active, labels, 0)[:, None])[:, 0]
+        target_cos = torch.where(active, cos_y, 0.0).float()
+        top1 = cos.argmax(dim=1)
+    return loss, lse, target_cos, top1
