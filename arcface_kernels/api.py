@@ -120,7 +120,7 @@ def margin_softmax_loss(
     phi(c) = cos(m1 * acos(c) + m2) - m3, the others s * cos_ij; the loss is the cross
     entropy of those logits. See DESIGN.md section 2 for every argument.
 
-    Returns the loss (float32), and with return_stats=True a (loss, MarginLossStats) pair.
+    Returns the loss (float32; float64 for float64 inputs), and with return_stats=True a (loss, MarginLossStats) pair.
     """
     _check_inputs(embeddings, weight, labels, sub_centers, reduction, margin_grad, label_smoothing, scale)
     device = embeddings.device
@@ -138,7 +138,7 @@ def margin_softmax_loss(
         if not torch.compiler.is_compiling():
             op.target_labels(labels, ignore_index, weight.shape[0] // sub_centers)
         rows, lse, target_cos, top1 = reference_loss(embeddings, weight, labels, *margins, **flags)
-        rows = rows.float()
+        rows = rows.to(op.stats_dtype(embeddings.dtype))
     else:
         with torch.autocast(device.type, enabled=False):
             rows, lse, target_cos, top1 = op.margin_softmax_fwd(

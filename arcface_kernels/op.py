@@ -9,6 +9,7 @@ backward, which recomputes the cosines (DESIGN.md section 3).
 import torch
 from torch import Tensor
 
+from .margins import saturating_cast
 from .registry import MarginConfig, PartialStats, get_backend
 
 
@@ -33,6 +34,11 @@ def target_labels(labels: Tensor, ignore_index: int, num_classes: int) -> Tensor
     return torch.where(ignored, -1, labels)
 
 
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Losses and statistics are float32, float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _config(scale, sub_centers, easy_margin, straight_through, label_smoothing, num_classes):
     return MarginConfig(float(scale), int(sub_centers), bool(easy_margin), bool(straight_through),
                         float(label_smoothing), int(num_classes))
@@ -44,7 +50,7 @@ def margin_softmax_fwd(
     scale: float, sub_centers: int, easy_margin: bool, straight_through: bool,
     label_smoothing: float, ignore_index: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns float32 loss_rows (0 on ignored rows), lse, target_cos and int64 top-1 class."""
+    """Returns loss_rows (0 on ignored rows), lse, target_cos (stats_dtype) and int64 top-1 class."""
     num_classes = weight.shape[0] // sub_centers
     labels = target_labels(labels, ignore_index, num_classes)
     cfg = _config(scale, sub_centers, easy_margin, straight_through, label_smoothing, num_classes)
@@ -57,7 +63,7 @@ def margin_softmax_fwd(
 def _(embeddings, weight, labels, m1, m2, m3, scale, sub_centers, easy_margin, straight_through,
       label_smoothing, ignore_index, backend):
     n = embeddings.shape[0]
-    row = embeddings.new_empty((n,), dtype=torch.float32)
+    row = embeddings.new_empty((n,), dtype=stats_dtype(embeddings.dtype))
     return row, row.clone(), row.clone(), embeddings.new_empty((n,), dtype=torch.int64)
 
 
@@ -71,9 +77,9 @@ def margin_softmax_bwd(
     num_classes = weight.shape[0] // sub_centers
     labels = torch.where(labels == ignore_index, -1, labels)
     cfg = _config(scale, sub_centers, easy_margin, straight_through, label_smoothing, num_classes)
-    grad_rows = torch.where(labels >= 0, grad_rows.float(), 0.0)
+    grad_rows = torch.where(labels >= 0, grad_rows.to(stats_dtype(embeddings.dtype)), 0.0)
     dx, dw = get_backend(backend).backward(grad_rows, embeddings, weight, labels, m1, m2, m3, lse, cfg)
-    return dx.to(embeddings.dtype), dw.to(weight.dtype)
+    return saturating_cast(dx, embeddings.dtype), saturating_cast(dw, weight.dtype)
 
 
 @margin_softmax_bwd.register_fake

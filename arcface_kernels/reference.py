@@ -54,8 +54,8 @@ def reference_loss(embeddings, weight, labels, m1, m2, m3, *, scale, sub_centers
     loss = F.cross_entropy(logits, torch.where(active, labels, -100), ignore_index=-100,
                            label_smoothing=label_smoothing, reduction="none")
     with torch.no_grad():
-        lse = torch.logsumexp(logits, dim=1).float()
+        lse = torch.logsumexp(logits, dim=1)
         cos_y = cos.gather(1, torch.where(active, labels, 0)[:, None])[:, 0]
-        target_cos = torch.where(active, cos_y, 0.0).float()
+        target_cos = torch.where(active, cos_y, 0.0)
         top1 = cos.argmax(dim=1)
     return loss, lse, target_cos, top1

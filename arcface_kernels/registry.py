@@ -27,7 +27,8 @@ class MarginConfig:
 
 
 class PartialStats(NamedTuple):
-    """Per-row float32 statistics of z = s * cos (target margined) over a set of classes.
+    """Per-row statistics of z = s * cos (target margined) over a set of classes, in float32
+    (float64 for float64 inputs, which only the `torch` backend takes).
 
     row_max:     max_j z_ij
     sum_exp:     sum_j exp(z_ij - row_max)
@@ -51,9 +52,9 @@ class PartialStats(NamedTuple):
 #   labels: int64 (N,), -1 where the row has no target among these classes.
 #   m1, m2, m3: float32 (N,) per-row margins.
 ForwardFn = Callable[..., PartialStats]
-# backward(grad_rows, x, w, labels, m1, m2, m3, lse, cfg) -> (dx float32 (N, D), dw (C*K, D) in w.dtype)
+# backward(grad_rows, x, w, labels, m1, m2, m3, lse, cfg) -> (dx (N, D) float32, dw (C*K, D) in w.dtype)
 #   grad_rows: float32 (N,), 0 on ignored rows. lse: float32 (N,), the final log-sum-exp.
-#   dx is this call's contribution only (shards sum theirs), kept in float32.
+#   dx is this call's contribution only (shards sum theirs), kept in float32 (float64 for float64).
 BackwardFn = Callable[..., tuple]
 # available(device) -> (ok, reason when not ok)
 AvailableFn = Callable[[torch.device], tuple]

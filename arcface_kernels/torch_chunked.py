@@ -9,7 +9,7 @@ import contextlib
 
 import torch
 
-from .margins import NORM_EPS, dphi_dcos, phi
+from .margins import NORM_EPS, dphi_dcos, phi, saturating_cast
 from .registry import Backend, PartialStats, register_backend
 
 _DEFAULT_BUDGET = 64 * 2**20
@@ -107,10 +107,7 @@ def forward(x, w, labels, m1, m2, m3, cfg):
         better = chunk_best > best_cos  # strict: earlier chunks win ties
         best_class = torch.where(better, chunk_arg + start, best_class)
         best_cos = torch.where(better, chunk_best, best_cos)
-    return PartialStats(
-        *(t.float() for t in (row_max, sum_exp, target_logit, logit_sum, target_cos, best_cos)),
-        best_class,
-    )
+    return PartialStats(row_max, sum_exp, target_logit, logit_sum, target_cos, best_cos, best_class)
 
 
 def backward(grad_rows, x, w, labels, m1, m2, m3, lse, cfg):
@@ -156,8 +153,8 @@ def backward(grad_rows, x, w, labels, m1, m2, m3, lse, cfg):
         dx -= (rx2 * dcos_cos.sum(1))[:, None] * xc
         chunk_rw2 = rw2[start * k : stop * k]
         dw_rows = grad_tile.T @ xc - (chunk_rw2 * dcos_cos.sum(0))[:, None] * w_rows
-        dw[start * k : stop * k] = dw_rows.to(w.dtype)
-    return dx.float() if cdt != torch.float64 else dx, dw
+        dw[start * k : stop * k] = saturating_cast(dw_rows, w.dtype)
+    return dx, dw
 
 
 register_backend(

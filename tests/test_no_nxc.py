@@ -1,0 +1,34 @@
+"""Proof that the fused backends never build an N x C tensor, forward or backward."""
+
+import pytest
+import torch
+
+import arcface_kernels as ak
+from alloc_probe import LargestAllocation
+from helpers import make_problem
+
+
+def test_probe_sees_the_reference_logits():
+    # The probe must be able to fail: the materializing reference builds N x C.
+    n, c, d = 32, 2000, 8
+    x, w, y = make_problem(n, c, d)
+    x.requires_grad_(True)
+    with LargestAllocation() as probe:
+        ak.margin_softmax_loss(x, w, y, backend="reference").backward()
+    assert probe.largest >= n * c
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_torch_backend_never_allocates_n_by_c(k):
+    n, c, d = 64, 20000, 16
+    x, w, y = make_problem(n, c, d, k=k, seed=1, ignore=(3,))
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    budget = 256 * 1024  # bytes: far below one N x C float32 matrix (5 MB)
+    with ak.workspace_budget(budget), LargestAllocation() as probe:
+        loss, stats = ak.margin_softmax_loss(x, w, y, sub_centers=k, label_smoothing=0.1,
+                                             return_stats=True, backend="torch")
+        loss.backward()
+    # The largest tensors are the weight-sized ones (its gradient): C*K*D, never N*C.
+    assert probe.largest < n * c, probe.largest_op
+    assert probe.largest <= max(c * k * d, budget // 4), (probe.largest, probe.largest_op)
