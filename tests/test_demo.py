@@ -1,0 +1,56 @@
+"""The demo runs end to end, and its verification metrics are right."""
+
+import math
+import os
+
+import pytest
+import torch
+
+from arcface_kernels.demo.__main__ import main
+from arcface_kernels.demo.metrics import pair_scores, roc_auc, tar_at_far
+
+
+def test_demo_quick_run_writes_table_and_figure(tmp_path):
+    rows = main(["--quick", "--out", str(tmp_path), "--embedding-dim", "3"])
+    assert [name for name, _ in rows] == ["softmax", "ArcFace", "CosFace", "SphereFace"]
+    for _, r in rows:
+        for key in ("loss", "accuracy", "auc", "tar"):
+            assert math.isfinite(r[key]), key
+    table = (tmp_path / "table.md").read_text()
+    assert table.count("\n") == 2 + len(rows)
+    for name in ("embeddings.png", "embeddings_sphere.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_roc_auc_matches_scikit_learn():
+    from sklearn.metrics import roc_auc_score
+
+    g = torch.Generator().manual_seed(0)
+    genuine = torch.rand(500, generator=g) < 0.3
+    scores = torch.randn(500, generator=g) + genuine.double()
+    scores[:50] = torch.round(scores[:50])  # ties
+    assert roc_auc(scores, genuine) == pytest.approx(roc_auc_score(genuine.numpy(), scores.numpy()), abs=1e-12)
+
+
+def test_metrics_on_embeddings_with_known_answers():
+    labels = torch.tensor([0] * 5 + [1] * 5)
+    # Two tight, orthogonal clusters: every genuine pair scores 1, every impostor 0.
+    separated = torch.cat([torch.tensor([[1.0, 0.0]]).repeat(5, 1), torch.tensor([[0.0, 1.0]]).repeat(5, 1)])
+    scores, genuine = pair_scores(separated, labels)
+    assert int(genuine.sum()) == 20 and len(scores) == 45
+    assert roc_auc(scores, genuine) == 1.0
+    assert tar_at_far(scores, genuine, 1e-2) == 1.0
+    # One direction for everything: no information, AUC one half, nothing accepted above ties.
+    same = torch.ones(10, 2)
+    scores, genuine = pair_scores(same, labels)
+    assert roc_auc(scores, genuine) == pytest.approx(0.5)
+    assert tar_at_far(scores, genuine, 1e-2) == 0.0
+
+
+def test_tar_at_far_threshold():
+    # impostors 0.0 .. 0.99: FAR 1e-2 allows one impostor above the threshold (0.98)
+    impostor = torch.arange(100) / 100
+    genuine_scores = torch.tensor([0.985, 0.975, 1.0, 0.5])
+    scores = torch.cat([impostor, genuine_scores])
+    genuine = torch.cat([torch.zeros(100, dtype=torch.bool), torch.ones(4, dtype=torch.bool)])
+    assert tar_at_far(scores, genuine, 1e-2) == 0.5
