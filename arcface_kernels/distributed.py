@@ -1,0 +1,269 @@
+"""Model-parallel margin loss: the classes are sharded across ranks (torch.distributed).
+
+Each rank holds a contiguous shard of the class centres. Per step:
+
+forward   all-gather the rows (embeddings, labels, per-row margins; batch sizes may differ),
+          compute this shard's PartialStats with a fused backend (no N x C), and merge them
+          across ranks: all-reduce max of the row maxima, sum of the rescaled sum-exps, sums of
+          the target terms (only the owner of a label contributes), all-gather of the best
+          cosines. Every rank then knows the global log-sum-exp of every row.
+backward  all-gather the upstream row gradients, run the backend's backward against the
+          global lse: dW of the shard is local, dX of all rows is a partial sum that an
+          all-reduce adds up; each rank keeps its own rows.
+
+Communication per step, for N rows in all, D features, W ranks (b bytes per element of the
+input dtype): all-gather of N x D embeddings (N*D*b), a few all-reduces and all-gathers of
+O(N) statistics, and the all-reduce of the N x D float32 dX partials (N*D*4) in backward:
+O(N * D), never O(N * C).
+
+Partial FC (`sample_rate < 1`, as insightface's PartialFC v2): every step each rank keeps the
+classes of its shard that are targets of any row in the global batch and samples the rest
+uniformly until it has ceil(sample_rate * shard size) classes; the loss is the margin softmax
+over the sampled classes only (label smoothing spreads eps over them). The weight stays one
+Parameter and the sampled rows are indexed out of it, so unsampled rows get an exact zero
+gradient: plain SGD leaves them unchanged, while momentum and weight decay still move them,
+which is what insightface's PartialFC v2 does with its SGD optimizer.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import op
+from .api import _check_inputs, _row_margin
+from .margins import saturating_cast
+from .registry import MarginConfig, PartialStats, get_backend, resolve_backend
+
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+
+def shard_bounds(num_classes, world_size, rank):
+    """[start, stop) of the classes owned by `rank`: the first C % W ranks get one more."""
+    if num_classes < world_size:
+        raise ValueError(f"num_classes={num_classes} must be at least the world size {world_size}")
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def _gather_rows(tensor, sizes, group):
+    """All-gather tensors whose first dimension differs per rank (padded to the largest)."""
+    longest = max(sizes)
+    padded = tensor.new_zeros((longest,) + tuple(tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+def _gather_counts(value, device, group):
+    """An int from every rank, as a list in rank order."""
+    mine = torch.tensor([value], dtype=torch.int64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    return [int(p) for p in parts]
+
+
+def _all_reduce(tensor, op_, group):
+    dist.all_reduce(tensor, op=op_, group=group)
+    return tensor
+
+
+def _check_agreement(embeddings, weight_shard, labels, cfg, class_offset, ignore_index, group):
+    """Every rank must use the same settings and the shards must tile [0, C); labels in range.
+    Raises the same ValueError on every rank (never a hang in a later collective)."""
+    k = cfg.sub_centers
+    local_classes = weight_shard.shape[0] // k
+    bad_labels = (labels != ignore_index) & ((labels < 0) | (labels >= cfg.num_classes))
+    fingerprint = torch.tensor(
+        [cfg.scale, k, cfg.easy_margin, cfg.straight_through, cfg.label_smoothing, cfg.num_classes,
+         ignore_index, embeddings.shape[1], _DTYPE_CODES[embeddings.dtype], class_offset, local_classes,
+         float(bad_labels.any()), embeddings.shape[0]],
+        dtype=torch.float64, device=embeddings.device)
+    parts = [torch.empty_like(fingerprint) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, fingerprint, group=group)
+    table = torch.stack(parts).cpu()
+    names = ("scale", "sub_centers", "easy_margin", "margin_grad", "label_smoothing", "num_classes",
+             "ignore_index", "embedding size D", "dtype")
+    for col, name in enumerate(names):
+        if not torch.all(table[:, col] == table[0, col]):
+            raise ValueError(f"ranks disagree on {name}: {table[:, col].tolist()}")
+    offsets, counts = table[:, 9].long().tolist(), table[:, 10].long().tolist()
+    expected = [sum(counts[:r]) for r in range(len(counts))]
+    if offsets != expected or sum(counts) != cfg.num_classes:
+        raise ValueError(
+            f"class shards must be contiguous in rank order and cover num_classes={cfg.num_classes}: "
+            f"offsets {offsets}, sizes {counts}")
+    if table[:, 11].any():
+        bad_ranks = torch.nonzero(table[:, 11]).flatten().tolist()
+        raise ValueError(f"labels must lie in [0, {cfg.num_classes}) or equal ignore_index={ignore_index}; "
+                         f"ranks {bad_ranks} have labels outside")
+    return table[:, 12].long().tolist()
+
+
+def _merge_stats(stats: PartialStats, class_offset, group):
+    """Global statistics of every row from each shard's partials (DESIGN.md section 3)."""
+    global_max = _all_reduce(stats.row_max.clone(), dist.ReduceOp.MAX, group)
+    sum_exp = _all_reduce(stats.sum_exp * torch.exp(stats.row_max - global_max), dist.ReduceOp.SUM, group)
+    sums = torch.stack([stats.target_logit, stats.logit_sum, stats.target_cos])
+    target_logit, logit_sum, target_cos = _all_reduce(sums, dist.ReduceOp.SUM, group)
+    world = dist.get_world_size(group)
+    best_cos = [torch.empty_like(stats.best_cos) for _ in range(world)]
+    best_class = [torch.empty_like(stats.best_class) for _ in range(world)]
+    dist.all_gather(best_cos, stats.best_cos.contiguous(), group=group)
+    dist.all_gather(best_class, (stats.best_class + class_offset).contiguous(), group=group)
+    # argmax returns the first maximum: the lowest rank, so the lowest class on ties.
+    winner = torch.stack(best_cos).argmax(dim=0)
+    top1 = torch.stack(best_class).gather(0, winner[None])[0]
+    return PartialStats(global_max, sum_exp, target_logit, logit_sum, target_cos,
+                        torch.stack(best_cos).max(dim=0).values, top1)
+
+
+class _ShardedMarginSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, embeddings, weight_shard, labels, m1, m2, m3, cfg, class_offset, sizes, backend, group):
+        rank = dist.get_rank(group)
+        rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+        all_x = _gather_rows(embeddings.detach(), sizes, group)
+        all_labels = _gather_rows(labels, sizes, group)         # -1 on ignored rows
+        margins = [_gather_rows(m, sizes, group) for m in (m1, m2, m3)]
+        local_classes = weight_shard.shape[0] // cfg.sub_centers
+        owned = (all_labels >= class_offset) & (all_labels < class_offset + local_classes)
+        shard_labels = torch.where(owned, all_labels - class_offset, -1)
+        fused = get_backend(backend)
+        stats = _merge_stats(fused.forward(all_x, weight_shard.detach(), shard_labels, *margins, cfg),
+                             class_offset, group)
+        loss, lse = op.finalize(stats, all_labels >= 0, cfg.label_smoothing, cfg.num_classes)
+        ctx.save_for_backward(all_x, weight_shard, shard_labels, all_labels, *margins, lse)
+        ctx.settings = (cfg, sizes, rows, backend, group, embeddings.dtype)
+        outputs = (loss[rows], lse[rows].clone(), stats.target_cos[rows].clone(), stats.best_class[rows].clone())
+        ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        all_x, weight_shard, shard_labels, all_labels, m1, m2, m3, lse = ctx.saved_tensors
+        cfg, sizes, rows, backend, group, x_dtype = ctx.settings
+        grad_all = _gather_rows(grad_loss.to(lse.dtype).contiguous(), sizes, group)
+        grad_all = torch.where(all_labels >= 0, grad_all, 0.0)
+        dx_all, dw = get_backend(backend).backward(grad_all, all_x, weight_shard, shard_labels,
+                                                   m1, m2, m3, lse, cfg)
+        dx_all = _all_reduce(dx_all.contiguous(), dist.ReduceOp.SUM, group)
+        return (saturating_cast(dx_all[rows], x_dtype), dw) + (None,) * 9
+
+
+def sharded_margin_softmax_loss(embeddings, weight_shard, labels, *, class_offset, num_classes,
+                                scale=64.0, m1=1.0, m2=0.5, m3=0.0, sub_centers=1, easy_margin=False,
+                                margin_grad="exact", label_smoothing=0.0, ignore_index=-100,
+                                reduction="mean", return_stats=False, process_group=None, backend="auto"):
+    """The margin-softmax loss of this rank's rows against classes sharded over the group.
+
+    weight_shard holds the rows of classes [class_offset, class_offset + shard classes); labels
+    are global class indices. Reductions: "mean" divides this rank's sum by the number of
+    non-ignored rows over all ranks, so that the sum over ranks of the returned losses (and of
+    their gradients) equals the single-process loss on the concatenated batch; "sum" returns this
+    rank's sum; "none" its rows. Every rank must call it (it runs collectives).
+    """
+    _check_inputs(embeddings, weight_shard, labels, sub_centers, reduction, margin_grad, label_smoothing, scale)
+    group = process_group if process_group is not None else dist.group.WORLD
+    n = embeddings.shape[0]
+    margins = [_row_margin(name, v, n, embeddings.device) for name, v in (("m1", m1), ("m2", m2), ("m3", m3))]
+    cfg = MarginConfig(float(scale), sub_centers, bool(easy_margin), margin_grad == "straight_through",
+                       float(label_smoothing), int(num_classes))
+    labels = labels.long()
+    sizes = _check_agreement(embeddings, weight_shard, labels, cfg, int(class_offset), ignore_index, group)
+    name = resolve_backend(backend, embeddings.device)
+    if name == "reference":
+        name = "torch"  # the reference materializes N x C; the sharded path needs partial statistics
+    targets = torch.where(labels == ignore_index, -1, labels)
+    rows, lse, target_cos, top1 = _ShardedMarginSoftmax.apply(
+        embeddings.contiguous(), weight_shard.contiguous(), targets, *margins, cfg, int(class_offset),
+        sizes, name, group)
+    if reduction == "none":
+        loss = rows
+    elif reduction == "sum":
+        loss = rows.sum()
+    else:
+        active = _all_reduce((targets >= 0).sum().to(rows.dtype), dist.ReduceOp.SUM, group)
+        loss = rows.sum() / active.clamp_min(1)
+    if return_stats:
+        from .api import MarginLossStats
+
+        return loss, MarginLossStats(lse, target_cos, top1)
+    return loss
+
+
+class ShardedMarginLoss(nn.Module):
+    """A margin-softmax head whose class centres are sharded over a process group.
+
+    This rank's `weight` holds the rows of classes [class_start, class_stop) (shard_bounds).
+    `loss = head(embeddings, labels)` with this rank's rows and global labels; with
+    sample_rate < 1 each step uses Partial FC sampling (module docstring).
+    """
+
+    def __init__(self, num_classes, embedding_size, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0, sub_centers=1,
+                 process_group=None, sample_rate=1.0, seed=0, device=None, dtype=None, **loss_options):
+        super().__init__()
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}")
+        self.group = process_group if process_group is not None else dist.group.WORLD
+        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        self.class_start, self.class_stop = shard_bounds(num_classes, world, rank)
+        self.num_classes, self.sub_centers, self.sample_rate = num_classes, sub_centers, sample_rate
+        self.margins = dict(scale=scale, m1=m1, m2=m2, m3=m3)
+        self.loss_options = loss_options
+        local_rows = (self.class_stop - self.class_start) * sub_centers
+        self.weight = nn.Parameter(torch.empty(local_rows, embedding_size, device=device, dtype=dtype))
+        nn.init.normal_(self.weight, std=0.01)
+        # Distinct, reproducible negative samples per rank and step.
+        self.generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
+        self.sampled_classes = None  # global indices of the classes used by the last step
+
+    def forward(self, embeddings, labels):
+        options = {**self.margins, **self.loss_options}
+        if self.sample_rate >= 1.0:
+            return sharded_margin_softmax_loss(
+                embeddings, self.weight, labels, class_offset=self.class_start, num_classes=self.num_classes,
+                sub_centers=self.sub_centers, process_group=self.group, **options)
+        classes, remapped, counts = self._sample(labels, options.get("ignore_index", -100))
+        k = self.sub_centers
+        rows = (classes[:, None] * k + torch.arange(k, device=classes.device)).flatten()
+        rank = dist.get_rank(self.group)
+        self.sampled_classes = classes + self.class_start
+        # Renumbered labels are >= 0, so -1 can mark the ignored rows whatever ignore_index was.
+        options["ignore_index"] = -1
+        return sharded_margin_softmax_loss(
+            embeddings, self.weight[rows], remapped, class_offset=sum(counts[:rank]),
+            num_classes=sum(counts), sub_centers=k, process_group=self.group, **options)
+
+    def _sample(self, labels, ignore_index):
+        """This shard's sampled classes (local indices, sorted), this rank's labels renumbered into
+        the concatenation of every rank's sampled classes (-1 where ignored), and every rank's
+        number of sampled classes."""
+        device = labels.device
+        sizes = _gather_counts(labels.shape[0], device, self.group)
+        all_labels = _gather_rows(labels.long(), sizes, self.group)
+        ignored = all_labels == ignore_index
+        if torch.any(~ignored & ((all_labels < 0) | (all_labels >= self.num_classes))):
+            # every rank sees the same gathered labels, so every rank raises
+            raise ValueError(f"labels must lie in [0, {self.num_classes}) or equal ignore_index={ignore_index}")
+        local = self.class_stop - self.class_start
+        mine = ~ignored & (all_labels >= self.class_start) & (all_labels < self.class_stop)
+        positives = torch.unique(all_labels[mine] - self.class_start).cpu()
+        keep = max(math.ceil(self.sample_rate * local), len(positives))
+        is_positive = torch.zeros(local, dtype=torch.bool)
+        is_positive[positives] = True
+        negatives = torch.nonzero(~is_positive).flatten()
+        picked = negatives[torch.randperm(len(negatives), generator=self.generator)[: keep - len(positives)]]
+        classes = torch.sort(torch.cat([positives, picked])).values.to(device)
+        counts = _gather_counts(len(classes), device, self.group)
+        rank = dist.get_rank(self.group)
+        # The owner of each label knows its new index; the other ranks add 0.
+        position = torch.searchsorted(classes, (all_labels - self.class_start).clamp(0, local - 1))
+        new_index = torch.where(mine, position + sum(counts[:rank]), 0)
+        new_index = _all_reduce(new_index, dist.ReduceOp.SUM, self.group)
+        new_index = torch.where(ignored, -1, new_index)
+        start = sum(sizes[:rank])
+        return classes, new_index[start : start + labels.shape[0]], counts

@@ -1,0 +1,175 @@
+"""The sharded loss on 1, 2 and 3 CPU processes (gloo) equals the single-process reference on
+the concatenated inputs: loss, every rank's embedding gradient, every shard's weight gradient."""
+
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import arcface_kernels as ak
+from arcface_kernels.distributed import ShardedMarginLoss, shard_bounds, sharded_margin_softmax_loss
+
+# rows per rank (uneven) for each world size
+BATCH_SIZES = {1: [7], 2: [5, 2], 3: [3, 6, 1]}
+N_CLASSES, DIM = 11, 6
+
+
+def _problem(k, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    n = 10
+    x = torch.randn(n, DIM, generator=g, dtype=torch.float64)
+    w = torch.randn(N_CLASSES * k, DIM, generator=g, dtype=torch.float64)
+    y = torch.randint(0, N_CLASSES, (n,), generator=g)
+    y[1] = -100
+    return x.to(dtype), w.to(dtype), y
+
+
+def _reference(x, w, y, weights, **options):
+    x = x.detach().double().clone().requires_grad_(True)
+    w = w.detach().double().clone().requires_grad_(True)
+    loss, stats = ak.margin_softmax_loss(x, w, y, backend="reference", return_stats=True, **options)
+    (loss * weights).sum().backward() if loss.dim() else loss.backward()
+    return loss.detach(), x.grad, w.grad, stats.top1
+
+
+def _close(a, b, tol, what):
+    err = float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+    assert err <= tol, f"{what}: relative error {err:.2e}"
+
+
+def _check_matches_reference(rank, world, k, dtype, reduction, options):
+    sizes = BATCH_SIZES[world]
+    n = sum(sizes)
+    x, w, y = _problem(k, dtype, seed=k + world)
+    x, y = x[:n], y[:n]
+    rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    start, stop = shard_bounds(N_CLASSES, world, rank)
+    weights = torch.linspace(0.5, 1.5, n, dtype=torch.float64)
+    ref_loss, ref_dx, ref_dw, ref_top1 = _reference(x, w, y, weights, sub_centers=k, reduction=reduction, **options)
+    margins = {m: (v[rows] if isinstance(v, torch.Tensor) else v) for m, v in options.items()}
+    x_local = x[rows].clone().requires_grad_(True)
+    w_shard = w[start * k : stop * k].clone().requires_grad_(True)
+    loss, stats = sharded_margin_softmax_loss(x_local, w_shard, y[rows], class_offset=start, num_classes=N_CLASSES,
+                                              sub_centers=k, reduction=reduction, return_stats=True,
+                                              backend="torch", **margins)
+    (loss * weights[rows].to(loss.dtype)).sum().backward() if loss.dim() else loss.backward()
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    if reduction == "none":
+        _close(loss, ref_loss[rows], tol, "loss rows")
+    else:
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        _close(total, ref_loss, tol, "summed loss")
+    _close(x_local.grad, ref_dx[rows], tol, "dX")
+    _close(w_shard.grad, ref_dw[start * k : stop * k], tol, "dW")
+    assert torch.equal(stats.top1, ref_top1[rows])
+
+
+def _check_sampling(rank, world):
+    sizes = BATCH_SIZES[world]
+    x, w, y = _problem(1, torch.float64, seed=3)
+    n = sum(sizes)
+    x, y = x[:n], y[:n]
+    rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    head = ShardedMarginLoss(N_CLASSES, DIM, scale=16.0, sample_rate=0.4, seed=1, dtype=torch.float64,
+                             backend="torch")
+    with torch.no_grad():
+        head.weight.copy_(w[head.class_start : head.class_stop])
+    x_local = x[rows].clone().requires_grad_(True)
+    loss = head(x_local, y[rows])
+    loss.backward()
+    sampled = [None] * world
+    dist.all_gather_object(sampled, head.sampled_classes.tolist())
+    classes = torch.tensor(sorted(sum(sampled, [])))
+    positives = set(y[y >= 0].tolist())
+    assert positives <= set(classes.tolist()), "every positive class is kept"
+    for r in range(world):
+        lo, hi = shard_bounds(N_CLASSES, world, r)
+        assert len(sampled[r]) >= min(hi - lo, -(-(hi - lo) * 4 // 10))
+    # Single process restricted to the same classes, labels renumbered.
+    remapped = torch.where(y >= 0, torch.searchsorted(classes, y.clamp_min(0)), -100)
+    ref_loss, ref_dx, ref_dw, _ = _reference(x, w[classes], remapped, None, scale=16.0)
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    _close(total, ref_loss, 1e-10, "sampled loss")
+    _close(x_local.grad, ref_dx[rows], 1e-10, "sampled dX")
+    full_dw = torch.zeros_like(w)
+    full_dw[classes] = ref_dw
+    _close(head.weight.grad, full_dw[head.class_start : head.class_stop], 1e-10, "sampled dW")
+    unsampled = torch.ones(head.class_stop - head.class_start, dtype=torch.bool)
+    unsampled[head.sampled_classes - head.class_start] = False
+    assert torch.all(head.weight.grad[unsampled] == 0)
+
+
+def _check_errors(rank, world):
+    x = torch.randn(2, DIM)
+    start, stop = shard_bounds(N_CLASSES, world, rank)
+    w = torch.randn(stop - start, DIM)
+    y = torch.tensor([start, start])
+    if world > 1:
+        with pytest.raises(ValueError, match="ranks disagree on scale"):
+            sharded_margin_softmax_loss(x, w, y, class_offset=start, num_classes=N_CLASSES, scale=10.0 + rank)
+        with pytest.raises(ValueError, match="contiguous"):
+            sharded_margin_softmax_loss(x, w, y, class_offset=0, num_classes=N_CLASSES)
+    bad = torch.tensor([start, N_CLASSES + 5]) if rank == world - 1 else y
+    with pytest.raises(ValueError, match=r"ranks \[%d\] have labels outside" % (world - 1)):
+        sharded_margin_softmax_loss(x, w, bad, class_offset=start, num_classes=N_CLASSES)
+
+
+def _worker(rank, world, port, failures):
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        torch.set_num_threads(1)
+        per_row = torch.linspace(0.2, 0.6, sum(BATCH_SIZES[world]), dtype=torch.float64)
+        cases = [
+            (1, torch.float64, "mean", dict(m2=0.5)),
+            (2, torch.float64, "sum", dict(m1=1.2, m2=0.2, m3=0.1, label_smoothing=0.1)),
+            (3, torch.float64, "none", dict(m2=per_row, scale=8.0)),
+            (1, torch.float32, "mean", dict(m3=0.35, label_smoothing=0.2)),
+        ]
+        for k, dtype, reduction, options in cases:
+            _check_matches_reference(rank, world, k, dtype, reduction, options)
+        _check_sampling(rank, world)
+        _check_errors(rank, world)
+        dist.destroy_process_group()
+    except BaseException:
+        failures.put(f"rank {rank}: {traceback.format_exc()}")
+        raise
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sharded_loss_equals_single_process(world):
+    ctx = mp.get_context("spawn")
+    failures = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, failures)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    messages = []
+    while not failures.empty():
+        messages.append(failures.get())
+    assert not messages, "\n".join(messages)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
+def test_shard_bounds_tile_the_classes():
+    for c, w in [(11, 3), (10, 5), (7, 7), (100, 8)]:
+        bounds = [shard_bounds(c, w, r) for r in range(w)]
+        assert bounds[0][0] == 0 and bounds[-1][1] == c
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        assert max(b - a for a, b in bounds) - min(b - a for a, b in bounds) <= 1
+    with pytest.raises(ValueError, match="at least the world size"):
+        shard_bounds(2, 3, 0)
