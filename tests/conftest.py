@@ -1,4 +1,7 @@
-"""Where the backend suite runs: on the GPU when there is one, else on the CPU."""
+"""Where the backend suite runs: on the GPU when there is one, else on the CPU (where the
+triton backend joins under TRITON_INTERPRET=1, see test_triton_interpreter.py)."""
+
+import os
 
 import pytest
 import torch
@@ -11,8 +14,14 @@ DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cp
 BACKENDS = [name for name in FUSED_BACKEND_NAMES if ak.backend_status(name, DEVICE)[0]]
 
 
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request):
+    dtype = request.node.callspec.params.get("dtype") if hasattr(request.node, "callspec") else None
+    if request.param == "triton" and INTERPRETED and dtype == torch.bfloat16:
+        pytest.skip("bf16 tl.dot gives wrong results under the Triton interpreter; bf16 is checked on a GPU")
     return request.param
 
 

@@ -1,0 +1,73 @@
+"""Tile helpers shared by the forward and backward kernels.
+
+Tiles are loaded raw (input dtype) and the inverse norms r = 1 / max(|v|, eps) scale the dot
+product afterwards: cos = (X W^T) * rx * rw^T (DESIGN.md section 3). Scaling after the float32
+accumulation keeps cosines near +-1 accurate, where dphi/dc amplifies errors.
+"""
+
+import triton
+import triton.language as tl
+
+from .math import dphi_dcos, expm1, phi
+
+
+@triton.jit
+def load_rows(ptr, rows, row_mask, stride, first_col, D, BLOCK: tl.constexpr):
+    """Columns [first_col, first_col + BLOCK) of rows `rows` of a (R, D) matrix, 0 past its ends."""
+    cols = first_col + tl.arange(0, BLOCK)
+    mask = row_mask[:, None] & (cols[None, :] < D)
+    return tl.load(ptr + rows[:, None].to(tl.int64) * stride + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def cosine(x_ptr, rows, row_mask, rx, stride_x, w_ptr, w_rows, w_mask, rw, stride_w, D,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) float32 cosines of rows of X and rows of W, walking D in BLOCK_K steps."""
+    dots = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for first in range(0, D, BLOCK_K):
+        x = load_rows(x_ptr, rows, row_mask, stride_x, first, D, BLOCK_K)
+        w = load_rows(w_ptr, w_rows, w_mask, stride_w, first, D, BLOCK_K)
+        dots = tl.dot(x, tl.trans(w), dots, input_precision=DOT_PRECISION)
+    return dots * rx[:, None] * rw[None, :]
+
+
+@triton.jit
+def class_cosines(x_ptr, rows, row_mask, rx, stride_x, w_ptr, rw_ptr, classes, class_mask, stride_w, D,
+                  K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """Cosine of each row to each class, the max over its K sub-centre rows c*K + k, and the
+    winning k (the lowest on ties)."""
+    rw = tl.load(rw_ptr + classes * K, mask=class_mask, other=0.0)
+    best = cosine(x_ptr, rows, row_mask, rx, stride_x, w_ptr, classes * K, class_mask, rw, stride_w, D,
+                  BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+    pick = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in tl.static_range(1, K):
+        rw = tl.load(rw_ptr + classes * K + k, mask=class_mask, other=0.0)
+        cos_k = cosine(x_ptr, rows, row_mask, rx, stride_x, w_ptr, classes * K + k, class_mask, rw, stride_w, D,
+                       BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+        pick = tl.where(cos_k > best, k, pick)
+        best = tl.maximum(best, cos_k)
+    return best, pick
+
+
+@triton.jit
+def target_terms(cos, classes, labels, m1, m2, m3, scale, EASY_MARGIN: tl.constexpr):
+    """Which entries are targets, each row's target cosine and margined target logit s*phi."""
+    is_target = classes[None, :] == labels[:, None]
+    target_cos = tl.sum(tl.where(is_target, cos, 0.0), axis=1)
+    target_logit = scale * phi(target_cos, m1, m2, m3, EASY_MARGIN)
+    return is_target, target_cos, target_logit
+
+
+@triton.jit
+def cosine_gradient(cos, classes, class_mask, labels, m1, m2, m3, lse, grad_rows, scale,
+                    smoothing, smoothing_per_class,
+                    EASY_MARGIN: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr):
+    """dloss/dcos of a tile (DESIGN.md section 3): s * g * (p - (1-eps)[j=y] - eps/C), the
+    target term through expm1 and times dphi/dc; 0 outside the valid classes."""
+    is_target, target_cos, target_logit = target_terms(cos, classes, labels, m1, m2, m3, scale, EASY_MARGIN)
+    p = tl.exp(scale * cos - lse[:, None])
+    dz_target = expm1(target_logit - lse) + smoothing - smoothing_per_class
+    slope = dphi_dcos(target_cos, m1, m2, m3, EASY_MARGIN, STRAIGHT_THROUGH)
+    dz = tl.where(is_target, (dz_target * slope)[:, None], p - smoothing_per_class)
+    return tl.where(class_mask[None, :], dz * (scale * grad_rows)[:, None], 0.0)

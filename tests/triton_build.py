@@ -1,0 +1,67 @@
+"""Compile the triton backend's kernels for a GPU that is not here (triton.compile with a
+GPUTarget) and read their resource usage from the cubin."""
+
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from arcface_kernels.triton_backend.backward import grad_w_kernel, grad_x_kernel
+from arcface_kernels.triton_backend.forward import partial_stats_kernel
+
+KERNELS = {"forward": partial_stats_kernel, "grad_x": grad_x_kernel, "grad_w": grad_w_kernel}
+_INPUTS = ("x_ptr", "w_ptr", "dw_ptr")
+_INTS = ("labels_ptr", "best_class_ptr")
+_FLOATS = ("scale", "smoothing", "smoothing_per_class", "grad_limit")
+
+
+def _signature(fn, dtype):
+    sig = {}
+    for name, param in zip(fn.arg_names, fn.params):
+        if param.is_constexpr:
+            sig[name] = "constexpr"
+        elif name in _INPUTS:
+            sig[name] = f"*{dtype}"
+        elif name in _INTS:
+            sig[name] = "*i64"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        elif name in _FLOATS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_kernel(kernel, config, arch, dtype="bf16", sub_centers=1):
+    fn = KERNELS[kernel]
+    constants = dict(K=sub_centers, EASY_MARGIN=False, STRAIGHT_THROUGH=False, DOT_PRECISION="ieee",
+                     GRAD_DOT_FP32=dtype != "bf16", GRAD_PRECISION="tf32" if dtype != "bf16" else "ieee",
+                     BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                     BLOCK_DOUT=config.block_dout)
+    constants = {name: value for name, value in constants.items() if name in fn.arg_names}
+    src = ASTSource(fn, _signature(fn, dtype), constexprs={(fn.arg_names.index(n),): v for n, v in constants.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+
+
+def resource_usage(compiled, arch):
+    """ptxas's report for the kernel's PTX: registers, stack frame, spill store and load bytes."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(compiled.asm["ptx"])
+        f.flush()
+        gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        out = subprocess.run([tool, "-v", "--gpu-name", gpu, f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True)
+    report = out.stderr
+    return dict(
+        registers=int(re.search(r"Used (\d+) registers", report).group(1)),
+        stack=int(re.search(r"(\d+) bytes stack frame", report).group(1)),
+        spill_stores=int(re.search(r"(\d+) bytes spill stores", report).group(1)),
+        spill_loads=int(re.search(r"(\d+) bytes spill loads", report).group(1)),
+    )
