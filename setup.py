@@ -1,7 +1,82 @@
-"""Build script. The CUDA extension (csrc/) is added by `_cuda_extension()` when a CUDA
-toolchain and a CUDA build of torch are present; otherwise a pure Python (+ Triton) package
-is built and the `cuda` backend reports itself unavailable."""
+"""Build script: the Python package, plus the CUDA extension `arcface_kernels._C` (csrc/) when a
+CUDA toolchain and a CUDA build of torch are present.
+
+ARCFACE_KERNELS_BUILD_CUDA=0 skips the extension, =1 requires it (the build fails without a
+toolchain); unset, it is built when possible and skipped with a message otherwise. Without it
+the package still works: the `cuda` backend then reports "extension not built".
+"""
+
+import os
+import re
+import shutil
+import sys
 
 from setuptools import setup
 
-setup()
+ARCHS = "8.0;9.0"
+
+
+def _log(message):
+    print(f"arcface_kernels setup: {message}", file=sys.stderr)
+
+
+def _cuda_home():
+    """The CUDA toolkit root: CUDA_HOME / CUDA_PATH, else found through nvcc on PATH (which may be
+    a wrapper script that execs the real nvcc: read the path out of it)."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    real = os.path.realpath(nvcc)
+    try:
+        with open(real, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        head = b""
+    if head.startswith(b"#!"):  # a wrapper script
+        match = re.search(rb"(/\S+)/bin/nvcc\b", head)
+        if match and os.path.isdir(match.group(1)):
+            return match.group(1).decode()
+    return os.path.dirname(os.path.dirname(real))
+
+
+def _cuda_extension():
+    wanted = os.environ.get("ARCFACE_KERNELS_BUILD_CUDA")
+    if wanted == "0":
+        _log("ARCFACE_KERNELS_BUILD_CUDA=0: skipping the CUDA extension")
+        return None, {}
+    try:
+        import torch
+    except ImportError:
+        reason = "torch is not importable at build time (use pip install --no-build-isolation)"
+    else:
+        home = _cuda_home()
+        if torch.version.cuda is None:
+            reason = "this torch build has no CUDA"
+        elif home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
+            reason = "no CUDA toolkit found (nvcc / CUDA_HOME)"
+        else:
+            os.environ["CUDA_HOME"] = home
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ARCHS)
+            os.environ.setdefault("MAX_JOBS", "2")
+            from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+            _log(f"building the CUDA extension with {home} for sm {os.environ['TORCH_CUDA_ARCH_LIST']}")
+            extension = CUDAExtension(
+                "arcface_kernels._C",
+                ["csrc/module.cpp", "csrc/margin_softmax.cu"],
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+                py_limited_api=False,
+            )
+            return extension, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    if wanted == "1":
+        raise RuntimeError(f"ARCFACE_KERNELS_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
+    _log(f"skipping the CUDA extension: {reason}")
+    return None, {}
+
+
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import _cuda_home
+    extension, cmdclass = _cuda_extension()
+    setup(ext_modules=[extension] if extension else [], cmdclass=cmdclass)

@@ -1,0 +1,46 @@
+// The target-angle margin phi(c) and d phi / d c: the same rules and constants as
+// arcface_kernels/margins.py (DESIGN.md section 2).
+#pragma once
+
+#include <cmath>
+
+namespace arcface_kernels {
+
+constexpr float kPi = 3.14159265358979323846f;
+constexpr float kSinFloor = 1e-4f;  // margins.SIN_FLOOR
+constexpr float kNormEps = 1e-12f;  // margins.NORM_EPS
+
+struct AngleTerms {
+  float c, angle, k, sign;
+};
+
+__device__ __forceinline__ AngleTerms angle_terms(float cos_value, float m1, float m2) {
+  AngleTerms t;
+  t.c = fminf(fmaxf(cos_value, -1.f), 1.f);
+  t.angle = m1 * acosf(t.c) + m2;
+  // k = floor(angle / pi) >= 1 only past pi: SphereFace's monotone extension
+  t.k = fmaxf(floorf(t.angle / kPi), 0.f);
+  t.sign = 1.f - 2.f * (t.k - 2.f * floorf(0.5f * t.k));
+  return t;
+}
+
+__device__ __forceinline__ float phi(float cos_value, float m1, float m2, float m3, bool easy_margin) {
+  const AngleTerms t = angle_terms(cos_value, m1, m2);
+  float value = (m1 == 1.f && t.k >= 1.f) ? t.c - m3 - m2 * sinf(m2)  // m1 == 1 past pi
+                                          : t.sign * cosf(t.angle) - 2.f * t.k - m3;
+  if (easy_margin && !(t.c > 0.f)) value = t.c;
+  return value;
+}
+
+__device__ __forceinline__ float dphi_dcos(float cos_value, float m1, float m2, bool easy_margin,
+                                           bool straight_through) {
+  if (straight_through) return 1.f;
+  const AngleTerms t = angle_terms(cos_value, m1, m2);
+  const float sin_theta = fmaxf(sqrtf(fmaxf(1.f - t.c * t.c, 0.f)), kSinFloor);
+  // d/dc cos(m1 * acos(c) + m2) = m1 * sin(m1 * theta + m2) / sin(theta)
+  float grad = (m1 == 1.f && t.k >= 1.f) ? 1.f : t.sign * m1 * sinf(t.angle) / sin_theta;
+  if (easy_margin && !(t.c > 0.f)) grad = 1.f;
+  return grad;
+}
+
+}  // namespace arcface_kernels

@@ -1,0 +1,73 @@
+"""The CUDA extension builds into a wheel that installs into a fresh environment, imports, and
+registers its ops with the dispatcher; without a GPU the `cuda` backend says so clearly.
+(Its numerics run in tests/test_backends.py on a GPU.)"""
+
+import glob
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from setup import _cuda_home  # noqa: E402
+
+HOME = _cuda_home()
+pytestmark = pytest.mark.skipif(
+    torch.version.cuda is None or HOME is None or not os.path.exists(os.path.join(HOME, "bin", "nvcc")),
+    reason="needs a CUDA toolkit and a CUDA build of torch",
+)
+
+CHECK = """
+import os, sys, torch, arcface_kernels as ak
+assert os.path.realpath(ak.__file__).startswith(os.path.realpath(sys.prefix)), ak.__file__
+for op in ("partial_stats", "backward"):
+    schemas = torch._C._jit_get_schemas_for_operator("arcface_kernels_cuda::" + op)
+    assert schemas, op
+    print(schemas[0])
+if not torch.cuda.is_available():
+    ok, reason = ak.backend_status("cuda", torch.device("cpu"))
+    assert not ok and reason == "needs a CUDA device", reason
+    try:
+        ak.margin_softmax_loss(torch.randn(2, 3), torch.randn(4, 3), torch.tensor([0, 1]), backend="cuda")
+    except RuntimeError as err:
+        assert "backend='cuda' is not available on cpu: needs a CUDA device" in str(err), err
+    else:
+        raise AssertionError("no error without a GPU")
+print("extension ok")
+"""
+
+
+def _sass_architectures(shared_object):
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    out = subprocess.run([tool, "--list-elf", shared_object], capture_output=True, text=True, check=True)
+    return out.stdout
+
+
+def test_wheel_builds_installs_and_registers_ops(tmp_path):
+    env = dict(os.environ, ARCFACE_KERNELS_BUILD_CUDA="1")
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w",
+                            str(tmp_path / "dist"), ROOT], env=env, capture_output=True, text=True, timeout=1500)
+    assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
+    (wheel,) = glob.glob(str(tmp_path / "dist" / "arcface_kernels-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        (shared,) = [n for n in archive.namelist() if n.startswith("arcface_kernels/_C") and n.endswith(".so")]
+        archive.extract(shared, tmp_path / "unpacked")
+    elves = _sass_architectures(str(tmp_path / "unpacked" / shared))
+    assert "sm_80" in elves and "sm_90" in elves, elves
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    # the fresh environment sees the system's torch, not this checkout or an editable install of it
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    install = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", wheel],
+                             capture_output=True, text=True, timeout=600, env=clean, cwd=tmp_path)
+    assert install.returncode == 0, install.stderr[-3000:]
+    run = subprocess.run([python, "-c", CHECK], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=clean)
+    assert run.returncode == 0 and "extension ok" in run.stdout, run.stdout + run.stderr[-3000:]
