@@ -158,11 +158,8 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_rows_in, cons
     row_sum += dots.sum(1);
     const auto col_sum = dots.sum(0);
     const auto w_operand = bf16 ? w_rows : w_rows.to(at::kFloat);
-    if (bf16) {
-      at::addmm_out(dx, dx, grad_tile, w_operand, at::kFloat);  // dX += G W_chunk, float32 accumulation
-    } else {
-      dx.addmm_(grad_tile, w_operand);
-    }
+    // dX += G W_chunk with float32 accumulation across chunks
+    dx += bf16 ? at::mm(grad_tile, w_operand, at::kFloat) : at::mm(grad_tile, w_operand);
     auto dw_rows = bf16 ? at::mm(grad_tile.t(), x_operand, at::kFloat) : at::mm(grad_tile.t(), x_operand);
     dw_rows -= (w_term.narrow(0, start * sub_centers, width) * col_sum).unsqueeze(1) * w_rows.to(at::kFloat);
     dw.narrow(0, start * sub_centers, width).copy_(saturating_cast(dw_rows, w.scalar_type()));
