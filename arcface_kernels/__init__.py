@@ -1,7 +1,7 @@
 """arcface_kernels: fused margin-softmax losses (ArcFace, CosFace, SphereFace) that never
 materialize the N x C logits."""
 
-from . import torch_chunked  # registers the `torch` backend
+from . import torch_chunked  # noqa: F401  (registers the `torch` backend)
 from ._optional_backends import load_optional_backends
 from .api import MarginLossStats, arcface_loss, cosface_loss, margin_softmax_loss, sphereface_loss
 from .heads import ArcFaceLoss, CombinedMarginLoss, CosFaceLoss, SphereFaceLoss

@@ -1,6 +1,6 @@
 """The public functional API: margin_softmax_loss and its named forms (DESIGN.md section 2)."""
 
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Union
 
 import torch
 from torch import Tensor
@@ -32,7 +32,7 @@ def _resolve(backend: str, device: torch.device) -> str:
     return resolve_backend(backend, device)
 
 
-def _check_inputs(embeddings, weight, labels, sub_centers, reduction, margin_grad, label_smoothing, scale):
+def check_inputs(embeddings, weight, labels, sub_centers, reduction, margin_grad, label_smoothing, scale):
     for name, t in (("embeddings", embeddings), ("weight", weight), ("labels", labels)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -81,7 +81,7 @@ def _check_inputs(embeddings, weight, labels, sub_centers, reduction, margin_gra
         raise ValueError(f"scale must be a positive float, got {scale!r}")
 
 
-def _row_margin(name, value, n, device):
+def row_margin(name, value, n, device):
     """A margin as a float32 (N,) tensor; a float is broadcast."""
     if isinstance(value, Tensor):
         if value.dim() != 1 or value.shape[0] != n:
@@ -122,13 +122,13 @@ def margin_softmax_loss(
 
     Returns the loss (float32; float64 for float64 inputs), and with return_stats=True a (loss, MarginLossStats) pair.
     """
-    _check_inputs(embeddings, weight, labels, sub_centers, reduction, margin_grad, label_smoothing, scale)
+    check_inputs(embeddings, weight, labels, sub_centers, reduction, margin_grad, label_smoothing, scale)
     device = embeddings.device
     if torch.is_autocast_enabled(device.type):
         dtype = torch.get_autocast_dtype(device.type)
         embeddings, weight = embeddings.to(dtype), weight.to(dtype)
     n = embeddings.shape[0]
-    margins = [_row_margin(name, v, n, device) for name, v in (("m1", m1), ("m2", m2), ("m3", m3))]
+    margins = [row_margin(name, v, n, device) for name, v in (("m1", m1), ("m2", m2), ("m3", m3))]
     labels = labels.long()
     name = _resolve(backend, device)
     flags = dict(scale=float(scale), sub_centers=sub_centers, easy_margin=bool(easy_margin),

@@ -8,7 +8,7 @@ Importing this module never fails: without the extension the backend reports why
 import torch
 
 from . import torch_chunked
-from .registry import Backend, PartialStats, register_backend
+from .registry import KERNEL_DTYPES, Backend, PartialStats, register_backend
 
 try:
     from . import _C  # noqa: F401  (loading it registers the ops)
@@ -26,13 +26,8 @@ def _available(device):
     return True, ""
 
 
-def _handled_by_kernels(x):
-    """float64 goes through the torch backend's code (the kernels take fp32/fp16/bf16)."""
-    return x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-
-
 def forward(x, w, labels, m1, m2, m3, cfg):
-    if not _handled_by_kernels(x):
+    if x.dtype not in KERNEL_DTYPES:
         return torch_chunked.forward(x, w, labels, m1, m2, m3, cfg)
     stats = torch.ops.arcface_kernels_cuda.partial_stats(x, w, labels, m1, m2, m3, cfg.scale, cfg.sub_centers,
                                                           cfg.easy_margin)
@@ -40,7 +35,7 @@ def forward(x, w, labels, m1, m2, m3, cfg):
 
 
 def backward(grad_rows, x, w, labels, m1, m2, m3, lse, cfg):
-    if not _handled_by_kernels(x):
+    if x.dtype not in KERNEL_DTYPES:
         return torch_chunked.backward(grad_rows, x, w, labels, m1, m2, m3, lse, cfg)
     return torch.ops.arcface_kernels_cuda.backward(grad_rows, x, w, labels, m1, m2, m3, lse, cfg.scale,
                                                    cfg.sub_centers, cfg.easy_margin, cfg.straight_through,

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import op
-from .api import _check_inputs, _row_margin
+from .api import check_inputs, row_margin
 from .margins import saturating_cast
 from .registry import MarginConfig, PartialStats, get_backend, resolve_backend
 
@@ -166,10 +166,10 @@ def sharded_margin_softmax_loss(embeddings, weight_shard, labels, *, class_offse
     their gradients) equals the single-process loss on the concatenated batch; "sum" returns this
     rank's sum; "none" its rows. Every rank must call it (it runs collectives).
     """
-    _check_inputs(embeddings, weight_shard, labels, sub_centers, reduction, margin_grad, label_smoothing, scale)
+    check_inputs(embeddings, weight_shard, labels, sub_centers, reduction, margin_grad, label_smoothing, scale)
     group = process_group if process_group is not None else dist.group.WORLD
     n = embeddings.shape[0]
-    margins = [_row_margin(name, v, n, embeddings.device) for name, v in (("m1", m1), ("m2", m2), ("m3", m3))]
+    margins = [row_margin(name, v, n, embeddings.device) for name, v in (("m1", m1), ("m2", m2), ("m3", m3))]
     cfg = MarginConfig(float(scale), sub_centers, bool(easy_margin), margin_grad == "straight_through",
                        float(label_smoothing), int(num_classes))
     labels = labels.long()

@@ -2,7 +2,7 @@
 
 import torch
 
-from .torch_chunked import _ChunkCosines, _classes_per_chunk, inverse_norms
+from .torch_chunked import ChunkCosines, classes_per_chunk, inverse_norms
 
 
 @torch.no_grad()
@@ -29,10 +29,10 @@ def topk_classes(embeddings, weight, k=1, sub_centers=1):
     n = embeddings.shape[0]
     best_cos = torch.empty(n, 0, dtype=cdt, device=x.device)
     best_cls = torch.empty(n, 0, dtype=torch.int64, device=x.device)
-    step = max(k, _classes_per_chunk(n, sub_centers, embeddings.shape[1]))
+    step = max(k, classes_per_chunk(n, sub_centers, embeddings.shape[1]))
     for start in range(0, n_classes, step):
         stop = min(start + step, n_classes)
-        cos = _ChunkCosines(x, rx, weight, rw, start, stop, sub_centers).cos
+        cos = ChunkCosines(x, rx, weight, rw, start, stop, sub_centers).cos
         chunk_cos, chunk_idx = cos.topk(min(k, stop - start), dim=1)
         # Earlier candidates first so that a stable sort keeps lower class indices on ties.
         merged_cos = torch.cat([best_cos, chunk_cos], dim=1)

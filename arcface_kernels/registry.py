@@ -70,6 +70,9 @@ class Backend:
     priority: Callable[[torch.device], int]
 
 
+# Input dtypes the compiled (triton, cuda) kernels take; they hand float64 to the torch backend's code.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 _BACKENDS: dict = {}
 # Backends whose import failed, with the reason, so that errors can say why.
 _UNREGISTERED: dict = {}

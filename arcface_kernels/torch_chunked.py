@@ -39,7 +39,7 @@ def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _classes_per_chunk(n_rows, sub_centers, dim):
+def classes_per_chunk(n_rows, sub_centers, dim):
     per_class = (_TILES_PER_CHUNK * max(n_rows, 1) + 2 * dim) * sub_centers * 4
     return max(1, _workspace_budget // per_class)
 
@@ -50,7 +50,7 @@ def inverse_norms(v, compute_dtype):
     return 1.0 / norms.clamp_min(NORM_EPS), norms > NORM_EPS
 
 
-class _ChunkCosines:
+class ChunkCosines:
     """Cosines of all rows against one class chunk, max over sub-centers."""
 
     def __init__(self, x, rx, w, rw, start, stop, sub_centers):
@@ -86,10 +86,10 @@ def forward(x, w, labels, m1, m2, m3, cfg):
     target_logit, target_cos, best_cos = stat(0.0), stat(0.0), stat(-float("inf"))
     best_class = torch.zeros(n, dtype=torch.int64, device=x.device)
     rows = torch.arange(n, device=x.device)
-    step = _classes_per_chunk(n, cfg.sub_centers, dim)
+    step = classes_per_chunk(n, cfg.sub_centers, dim)
     for start in range(0, n_classes, step):
         stop = min(start + step, n_classes)
-        tile = _ChunkCosines(xc, rx, w, rw, start, stop, cfg.sub_centers)
+        tile = ChunkCosines(xc, rx, w, rw, start, stop, cfg.sub_centers)
         cos = tile.cos
         inside, local = _target_in_chunk(labels, start, stop)
         cos_y = cos[rows, local]
@@ -128,10 +128,10 @@ def backward(grad_rows, x, w, labels, m1, m2, m3, lse, cfg):
     rows = torch.arange(n, device=x.device)
     dx = torch.zeros(n, dim, dtype=cdt, device=x.device)
     dw = torch.empty_like(w)
-    step = _classes_per_chunk(n, k, dim)
+    step = classes_per_chunk(n, k, dim)
     for start in range(0, n_classes, step):
         stop = min(start + step, n_classes)
-        tile = _ChunkCosines(xc, rx, w, rw, start, stop, k)
+        tile = ChunkCosines(xc, rx, w, rw, start, stop, k)
         cos = tile.cos
         inside, local = _target_in_chunk(labels, start, stop)
         cos_y = cos[rows, local]

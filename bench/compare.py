@@ -12,7 +12,6 @@ rate measured in the same run) and speedups against the eager reference and torc
 
 import argparse
 import datetime
-import math
 import os
 import platform
 
@@ -27,6 +26,9 @@ HEADLINE_SHAPES = [(512, 93431, 512), (1024, 360232, 512), (4096, 262144, 512), 
 QUICK_SHAPES = [(16, 300, 32), (16, 1200, 32)]
 MARGINS = {"arcface": dict(m1=1.0, m2=0.5, m3=0.0), "cosface": dict(m1=1.0, m2=0.0, m3=0.35),
            "softmax": dict(m1=1.0, m2=0.0, m3=0.0)}
+TABLE_NOTE = ("Relative error is the worst of loss, dX and dW against the `torch` backend on float32 "
+              "copies, with the exact margin gradient; the insightface-style head uses a straight-through "
+              "margin gradient by design, so its error is large. Backward = total - forward.")
 CPU_NOTICE = ("**This is a CPU smoke run, not the GPU report.** The GPU report at the headline shapes "
               "has not been produced yet; on a GPU machine run `python -m bench.compare --write-results` "
               "(and `--margin softmax` for the fused linear-cross-entropy peers). CPU times say nothing "
@@ -224,7 +226,7 @@ def main(argv=None):
     table = format_table(rows)
     os.makedirs(args.out, exist_ok=True)
     header = f"# arcface_kernels comparison ({args.dtype if device.type == 'cuda' else 'fp32'}, {device.type})\n\n"
-    report = header + environment(device, meta) + "\n\n" + table + "\n"
+    report = header + environment(device, meta) + "\n\n" + table + "\n\n" + TABLE_NOTE + "\n"
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(report)
     plot(rows, os.path.join(args.out, "report.png"))

@@ -1,7 +1,6 @@
 """The demo runs end to end, and its verification metrics are right."""
 
 import math
-import os
 
 import pytest
 import torch

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import arcface_kernels as ak
 from conftest import BACKENDS
 from helpers import loss_and_grads, make_problem, rel_err
 

@@ -1,7 +1,6 @@
 """Proof that the fused backends never build an N x C tensor, forward or backward."""
 
 import pytest
-import torch
 
 import arcface_kernels as ak
 from alloc_probe import LargestAllocation

@@ -11,7 +11,7 @@ import torch
 import triton
 
 from .. import torch_chunked
-from ..registry import Backend, register_backend
+from ..registry import KERNEL_DTYPES, Backend, register_backend
 from ..torch_chunked import inverse_norms
 from .backward import grad_w_kernel, grad_x_kernel
 from .configs import column_chunks, tile_config
@@ -35,11 +35,6 @@ def _available(device):
     if _interpreted():
         return True, ""
     return False, "needs a CUDA device (or TRITON_INTERPRET=1 for tests on the CPU)"
-
-
-def _handled_by_kernels(x):
-    """float64 goes through the torch backend's code (the kernels take fp32/fp16/bf16)."""
-    return x.dtype in (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _dot_precision(dtype):
@@ -77,7 +72,7 @@ def _launch_options(config, backward=False):
 
 
 def forward(x, w, labels, m1, m2, m3, cfg):
-    if not _handled_by_kernels(x):
+    if x.dtype not in KERNEL_DTYPES:
         return torch_chunked.forward(x, w, labels, m1, m2, m3, cfg)
     n, dim = x.shape
     k = cfg.sub_centers
@@ -98,7 +93,7 @@ def forward(x, w, labels, m1, m2, m3, cfg):
 
 
 def backward(grad_rows, x, w, labels, m1, m2, m3, lse, cfg):
-    if not _handled_by_kernels(x):
+    if x.dtype not in KERNEL_DTYPES:
         return torch_chunked.backward(grad_rows, x, w, labels, m1, m2, m3, lse, cfg)
     n, dim = x.shape
     k = cfg.sub_centers
