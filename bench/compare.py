@@ -5,7 +5,7 @@
     python -m bench.compare --shapes 1024,360232,512 --margin arcface --write-results
 
 Per implementation and shape: relative error against an oracle (the `torch` backend on float32
-copies), forward and forward+backward medians (backward = their difference), peak extra memory
+copies), forward, backward and forward+backward medians (each timed on its own), peak extra memory
 beyond inputs and gradients, efficiency against the floor (4 x 2NCD flops at the bf16 matmul
 rate measured in the same run) and speedups against the eager reference and torch.compile.
 """
@@ -28,7 +28,7 @@ MARGINS = {"arcface": dict(m1=1.0, m2=0.5, m3=0.0), "cosface": dict(m1=1.0, m2=0
            "softmax": dict(m1=1.0, m2=0.0, m3=0.0)}
 TABLE_NOTE = ("Relative error is the worst of loss, dX and dW against the `torch` backend on float32 "
               "copies, with the exact margin gradient; the insightface-style head uses a straight-through "
-              "margin gradient by design, so its error is large. Backward = total - forward.")
+              "margin gradient by design, so its error is large. Forward, backward and total are separate medians.")
 CPU_NOTICE = ("**This is a CPU smoke run, not the GPU report.** The GPU report at the headline shapes "
               "has not been produced yet; on a GPU machine run `python -m bench.compare --write-results` "
               "(and `--margin softmax` for the fused linear-cross-entropy peers). CPU times say nothing "
@@ -66,12 +66,18 @@ def measure(loss_fn, x, w, y, spec, oracle, device, iters):
     loss = forward()
     loss.backward()
     error = max(_rel(loss.detach(), oracle[0]), _rel(xg.grad, oracle[1]), _rel(wg.grad, oracle[2]))
-    fwd = median_ms(lambda: forward(), device, iters=iters)
+    fwd = median_ms(forward, device, iters=iters)
+
+    def fresh_loss():
+        xg.grad = wg.grad = None
+        return forward()
+
+    bwd = median_ms(lambda loss: loss.backward(), device, iters=iters, setup=fresh_loss)
     total = median_ms(step, device, iters=iters)
     grads = xg.numel() * xg.element_size() + wg.numel() * wg.element_size()
     xg.grad = wg.grad = None
     extra = peak_extra_bytes(step, device, grads)
-    return dict(error=error, fwd=fwd, bwd=total - fwd, total=total, extra=extra)
+    return dict(error=error, fwd=fwd, bwd=bwd, total=total, extra=extra)
 
 
 def run(shapes, dtype, margin, device, iters, progress=True):
@@ -180,7 +186,7 @@ def environment(device, meta):
         lines.append(f"- triton {triton.__version__}")
     except ImportError:
         pass
-    lines.append(f"- floor rate: {meta['tflops']:.1f} TFLOP/s measured on a {meta['mm_size']}^3 "
+    lines.append(f"- floor rate: {meta['tflops']:.3g} TFLOP/s measured on a {meta['mm_size']}^3 "
                  f"{meta['mm_dtype']} matmul in this run")
     lines.append(f"- loss: scale {meta['spec']['scale']}, m = ({meta['spec']['m1']}, {meta['spec']['m2']}, "
                  f"{meta['spec']['m3']})")
@@ -221,7 +227,7 @@ def main(argv=None):
     device = torch.device(args.device)
     shapes = args.shapes or (QUICK_SHAPES if args.quick else HEADLINE_SHAPES)
     dtype = DTYPES[args.dtype] if device.type == "cuda" else torch.float32
-    iters = args.iters or (3 if args.quick else 20)
+    iters = args.iters or (5 if args.quick else 20)
     rows, meta = run(shapes, dtype, args.margin, device, iters)
     table = format_table(rows)
     os.makedirs(args.out, exist_ok=True)

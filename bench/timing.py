@@ -11,23 +11,31 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def median_ms(fn, device, warmup=2, iters=10):
-    """Median wall time of fn() in milliseconds (CUDA events on a GPU, after warm-up)."""
+def median_ms(fn, device, warmup=2, iters=10, setup=None):
+    """Median wall time of fn() in milliseconds (CUDA events on a GPU, after warm-up). With
+    `setup`, each timed call is fn(setup()) and setup itself is not timed."""
+
+    def call():
+        args = (setup(),) if setup is not None else ()
+        synchronize(device)
+        return args
+
     for _ in range(warmup):
-        fn()
+        fn(*call())
     synchronize(device)
     times = []
     for _ in range(iters):
+        args = call()
         if device.type == "cuda":
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            fn(*args)
             stop.record()
             stop.synchronize()
             times.append(start.elapsed_time(stop))
         else:
             t0 = time.perf_counter()
-            fn()
+            fn(*args)
             times.append(1e3 * (time.perf_counter() - t0))
     return statistics.median(times)
 
