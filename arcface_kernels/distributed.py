@@ -253,10 +253,11 @@ class ShardedMarginLoss(nn.Module):
         mine = ~ignored & (all_labels >= self.class_start) & (all_labels < self.class_stop)
         positives = torch.unique(all_labels[mine] - self.class_start).cpu()
         keep = max(math.ceil(self.sample_rate * local), len(positives))
-        is_positive = torch.zeros(local, dtype=torch.bool)
+        is_positive = torch.zeros(local, dtype=torch.bool, device="cpu")
         is_positive[positives] = True
         negatives = torch.nonzero(~is_positive).flatten()
-        picked = negatives[torch.randperm(len(negatives), generator=self.generator)[: keep - len(positives)]]
+        order = torch.randperm(len(negatives), generator=self.generator, device="cpu")
+        picked = negatives[order[: keep - len(positives)]]
         classes = torch.sort(torch.cat([positives, picked])).values.to(device)
         counts = _gather_counts(len(classes), device, self.group)
         rank = dist.get_rank(self.group)

@@ -1,5 +1,6 @@
-"""The sharded loss on 1, 2 and 3 CPU processes (gloo) equals the single-process reference on
-the concatenated inputs: loss, every rank's embedding gradient, every shard's weight gradient."""
+"""The sharded loss on 1, 2 and 3 processes equals the single-process reference on the
+concatenated inputs: loss, every rank's embedding gradient, every shard's weight gradient.
+CPU processes with gloo everywhere; one GPU per process with NCCL where there are enough GPUs."""
 
 import os
 import socket
@@ -21,11 +22,12 @@ N_CLASSES, DIM = 11, 6
 def _problem(k, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     n = 10
-    x = torch.randn(n, DIM, generator=g, dtype=torch.float64)
-    w = torch.randn(N_CLASSES * k, DIM, generator=g, dtype=torch.float64)
-    y = torch.randint(0, N_CLASSES, (n,), generator=g)
+    x = torch.randn(n, DIM, generator=g, dtype=torch.float64, device="cpu")
+    w = torch.randn(N_CLASSES * k, DIM, generator=g, dtype=torch.float64, device="cpu")
+    y = torch.randint(0, N_CLASSES, (n,), generator=g, device="cpu")
     y[1] = -100
-    return x.to(dtype), w.to(dtype), y
+    device = torch.get_default_device()  # the worker's GPU under NCCL
+    return x.to(device, dtype), w.to(device, dtype), y.to(device)
 
 
 def _reference(x, w, y, weights, **options):
@@ -120,10 +122,13 @@ def _check_errors(rank, world):
         sharded_margin_softmax_loss(x, w, bad, class_offset=start, num_classes=N_CLASSES)
 
 
-def _worker(rank, world, port, failures):
+def _worker(rank, world, port, failures, comm):
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        if comm == "nccl":
+            torch.cuda.set_device(rank)
+            torch.set_default_device(f"cuda:{rank}")
+        dist.init_process_group(comm, rank=rank, world_size=world)
         torch.set_num_threads(1)
         per_row = torch.linspace(0.2, 0.6, sum(BATCH_SIZES[world]), dtype=torch.float64)
         cases = [
@@ -148,12 +153,19 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _enough_gpus(world):
+    return torch.cuda.is_available() and dist.is_nccl_available() and torch.cuda.device_count() >= world
+
+
+@pytest.mark.parametrize("comm", ["gloo", "nccl"])
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_sharded_loss_equals_single_process(world):
+def test_sharded_loss_equals_single_process(world, comm):
+    if comm == "nccl" and not _enough_gpus(world):
+        pytest.skip(f"NCCL needs {world} GPU(s)")
     ctx = mp.get_context("spawn")
     failures = ctx.SimpleQueue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, failures)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, failures, comm)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
