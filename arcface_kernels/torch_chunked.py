@@ -44,9 +44,17 @@ def classes_per_chunk(n_rows, sub_centers, dim):
     return max(1, _workspace_budget // per_class)
 
 
+# Rows are upcast for their norms a slice at a time: a float32 copy of a bf16 weight with
+# millions of rows would be larger than the whole workspace.
+_NORM_SLICE_BYTES = 16 * 2**20
+
+
 def inverse_norms(v, compute_dtype):
     """1 / max(|v_i|, eps) per row, and the mask of rows whose norm exceeds eps."""
-    norms = torch.linalg.vector_norm(v.to(compute_dtype), dim=1)
+    norms = torch.empty(v.shape[0], dtype=compute_dtype, device=v.device)
+    step = max(1, _NORM_SLICE_BYTES // (max(v.shape[1], 1) * 8))
+    for start in range(0, v.shape[0], step):
+        norms[start : start + step] = torch.linalg.vector_norm(v[start : start + step].to(compute_dtype), dim=1)
     return 1.0 / norms.clamp_min(NORM_EPS), norms > NORM_EPS
 
 

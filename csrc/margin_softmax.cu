@@ -30,8 +30,17 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& la
   TORCH_CHECK(labels.scalar_type() == at::kLong && labels.numel() == x.size(0), "cuda backend: labels (N,) int64");
 }
 
+// 1 / max(|v_i|, eps), upcasting a slice of rows at a time: a float32 copy of a bf16 weight with
+// millions of rows would be larger than the whole workspace.
 at::Tensor inverse_norms(const at::Tensor& v) {
-  return at::linalg_vector_norm(v.to(at::kFloat), 2, {1}).clamp_min(kNormEps).reciprocal();
+  constexpr int64_t kSliceBytes = 16ll << 20;
+  auto norms = at::empty({v.size(0)}, v.options().dtype(at::kFloat));
+  const int64_t step = std::max<int64_t>(1, kSliceBytes / std::max<int64_t>(v.size(1) * 4, 1));
+  for (int64_t start = 0; start < v.size(0); start += step) {
+    const int64_t count = std::min(step, v.size(0) - start);
+    norms.narrow(0, start, count).copy_(at::linalg_vector_norm(v.narrow(0, start, count).to(at::kFloat), 2, {1}));
+  }
+  return norms.clamp_min_(kNormEps).reciprocal_();
 }
 
 int64_t classes_per_chunk(int64_t rows, int64_t sub_centers, int64_t n_classes) {
