@@ -66,7 +66,7 @@ def _cuda_extension():
             _log(f"building the CUDA extension with {home} for sm {os.environ['TORCH_CUDA_ARCH_LIST']}")
             extension = CUDAExtension(
                 "arcface_kernels._C",
-                ["csrc/module.cpp", "csrc/margin_softmax.cu"],
+                ["csrc/binding.cpp", "csrc/forward.cu", "csrc/backward.cu"],
                 extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
                 py_limited_api=False,
             )

@@ -1,25 +1,23 @@
-"""The public functional API: margin_softmax_loss and its named forms (DESIGN.md section 2)."""
+"""The public functional API: margin_softmax_loss and its named forms (docs/design.md section 2)."""
 
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import op
-from .reference import reference_loss
-from .registry import resolve_backend
-
-Margin = Union[float, Tensor]
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_REDUCTIONS = ("mean", "sum", "none")
-_MARGIN_GRADS = ("exact", "straight_through")
+from .backends import resolve_backend
+from .backends.reference import reference_loss
+from .dtypes import compute_dtype
+from .options import LossOptions, Margin
+from .validation import check_tensors, target_labels
 
 
 class MarginLossStats(NamedTuple):
     """Per-row statistics of `return_stats=True` (none of them carries a gradient).
 
-    lse: float32 log-sum-exp of the margined logits. target_cos: float32 cosine to the
-    target class (0 on ignored rows). top1: int64 class with the largest plain cosine.
+    lse: log-sum-exp of the margined logits (compute dtype). target_cos: cosine to the target
+    class (0 on ignored rows). top1: int64 class with the largest plain cosine.
     """
 
     lse: Tensor
@@ -28,72 +26,47 @@ class MarginLossStats(NamedTuple):
 
 
 @torch.compiler.assume_constant_result
-def _resolve(backend: str, device: torch.device) -> str:
-    return resolve_backend(backend, device)
+def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    return resolve_backend(backend, device, dtype)
 
 
-def check_inputs(embeddings, weight, labels, sub_centers, reduction, margin_grad, label_smoothing, scale):
-    for name, t in (("embeddings", embeddings), ("weight", weight), ("labels", labels)):
+def _autocast(embeddings, weight):
+    """Under torch.autocast, embeddings and weight in the autocast dtype (float64 is left alone,
+    as autocast does); autograd casts each gradient back to its input's dtype."""
+    device_type = embeddings.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return embeddings, weight
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = [t if t.dtype == torch.float64 else t.to(dtype) for t in (embeddings, weight)]
+    return tuple(cast)
+
+
+def loss_from_options(embeddings, weight, labels, options: LossOptions, *, return_stats=False, backend="auto"):
+    """margin_softmax_loss with its settings in a LossOptions (what the heads call)."""
+    for name, t in (("embeddings", embeddings), ("weight", weight)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if embeddings.dim() != 2:
-        raise ValueError(f"embeddings must be 2-D (N, D), got shape {tuple(embeddings.shape)}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (C * sub_centers, D), got shape {tuple(weight.shape)}")
-    if embeddings.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"embeddings and weight must share D: embeddings {tuple(embeddings.shape)}, weight {tuple(weight.shape)}"
-        )
-    if embeddings.shape[1] == 0:
-        raise ValueError("embeddings and weight must have D >= 1")
-    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(
-            f"labels must be 1-D with N={embeddings.shape[0]} entries, got shape {tuple(labels.shape)}"
-        )
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"labels must be int64 (or int32), got {labels.dtype}")
-    for name, t in (("embeddings", embeddings), ("weight", weight)):
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if embeddings.dtype != weight.dtype:
-        raise TypeError(
-            f"embeddings ({embeddings.dtype}) and weight ({weight.dtype}) must have the same dtype "
-            "(or run under torch.autocast)"
-        )
-    if not (embeddings.device == weight.device == labels.device):
-        raise ValueError(
-            f"embeddings, weight and labels must be on one device, got "
-            f"{embeddings.device}, {weight.device}, {labels.device}"
-        )
-    if isinstance(sub_centers, bool) or not isinstance(sub_centers, int) or sub_centers < 1:
-        raise ValueError(f"sub_centers must be a positive int, got {sub_centers!r}")
-    if weight.shape[0] == 0 or weight.shape[0] % sub_centers:
-        raise ValueError(
-            f"weight has {weight.shape[0]} rows, which is not a positive multiple of sub_centers={sub_centers}"
-        )
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if margin_grad not in _MARGIN_GRADS:
-        raise ValueError(f"margin_grad must be one of {_MARGIN_GRADS}, got {margin_grad!r}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
-    if isinstance(scale, Tensor) or not float(scale) > 0:
-        raise ValueError(f"scale must be a positive float, got {scale!r}")
-
-
-def row_margin(name, value, n, device):
-    """A margin as a float32 (N,) tensor; a float is broadcast."""
-    if isinstance(value, Tensor):
-        if value.dim() != 1 or value.shape[0] != n:
-            raise ValueError(f"{name} as a tensor must have shape ({n},), got {tuple(value.shape)}")
-        if not value.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-        if value.device != device:
-            raise ValueError(f"{name} must be on {device}, got {value.device}")
-        return value.detach().float().contiguous()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float or an (N,) tensor, got {type(value).__name__}")
-    return torch.full((n,), float(value), dtype=torch.float32, device=device)
+    embeddings, weight = _autocast(embeddings, weight)
+    check_tensors(embeddings, weight, labels, options.sub_centers)
+    device, dtype = embeddings.device, embeddings.dtype
+    rows_options = options.for_rows(embeddings.shape[0], device, compute_dtype(dtype))
+    name = _resolve(backend, device, dtype)
+    if name == "reference":
+        num_classes = weight.shape[0] // options.sub_centers
+        if torch.compiler.is_compiling():
+            targets = torch.where(labels == options.ignore_index, -1, labels.long())
+        else:
+            targets = target_labels(labels, options.ignore_index, num_classes)
+        rows, lse, target_cos, top1 = reference_loss(embeddings, weight, targets, rows_options)
+        rows = rows.to(compute_dtype(dtype))
+    else:
+        with torch.autocast(device.type, enabled=False):
+            rows, lse, target_cos, top1 = op.fused_loss_rows(
+                embeddings.contiguous(), weight.contiguous(), labels.contiguous(), rows_options, name)
+    loss = _reduce(rows, labels != options.ignore_index, options.reduction)
+    if return_stats:
+        return loss, MarginLossStats(lse, target_cos, top1)
+    return loss
 
 
 def margin_softmax_loss(
@@ -118,36 +91,14 @@ def margin_softmax_loss(
 
     cos_ij = <x_i, w_j> / (|x_i| |w_j|), the target logit is s * phi(cos_iy) with
     phi(c) = cos(m1 * acos(c) + m2) - m3, the others s * cos_ij; the loss is the cross
-    entropy of those logits. See DESIGN.md section 2 for every argument.
+    entropy of those logits. See docs/design.md section 2 for every argument.
 
     Returns the loss (float32; float64 for float64 inputs), and with return_stats=True a (loss, MarginLossStats) pair.
     """
-    check_inputs(embeddings, weight, labels, sub_centers, reduction, margin_grad, label_smoothing, scale)
-    device = embeddings.device
-    if torch.is_autocast_enabled(device.type):
-        dtype = torch.get_autocast_dtype(device.type)
-        embeddings, weight = embeddings.to(dtype), weight.to(dtype)
-    n = embeddings.shape[0]
-    margins = [row_margin(name, v, n, device) for name, v in (("m1", m1), ("m2", m2), ("m3", m3))]
-    labels = labels.long()
-    name = _resolve(backend, device)
-    flags = dict(scale=float(scale), sub_centers=sub_centers, easy_margin=bool(easy_margin),
-                 straight_through=margin_grad == "straight_through",
-                 label_smoothing=float(label_smoothing), ignore_index=int(ignore_index))
-    if name == "reference":
-        if not torch.compiler.is_compiling():
-            op.target_labels(labels, ignore_index, weight.shape[0] // sub_centers)
-        rows, lse, target_cos, top1 = reference_loss(embeddings, weight, labels, *margins, **flags)
-        rows = rows.to(op.stats_dtype(embeddings.dtype))
-    else:
-        with torch.autocast(device.type, enabled=False):
-            rows, lse, target_cos, top1 = op.margin_softmax_fwd(
-                embeddings.contiguous(), weight.contiguous(), labels.contiguous(), *margins,
-                *flags.values(), name)
-    loss = _reduce(rows, labels != ignore_index, reduction)
-    if return_stats:
-        return loss, MarginLossStats(lse, target_cos, top1)
-    return loss
+    options = LossOptions(scale=scale, m1=m1, m2=m2, m3=m3, sub_centers=sub_centers, easy_margin=easy_margin,
+                          margin_grad=margin_grad, label_smoothing=label_smoothing, ignore_index=ignore_index,
+                          reduction=reduction)
+    return loss_from_options(embeddings, weight, labels, options, return_stats=return_stats, backend=backend)
 
 
 def _reduce(rows, active, reduction):

@@ -32,9 +32,11 @@ import torch.distributed as dist
 from torch import nn
 
 from . import op
-from .api import check_inputs, row_margin
-from .margins import saturating_cast
-from .registry import MarginConfig, PartialStats, get_backend, resolve_backend
+from .api import MarginLossStats
+from .backends import PartialStats, get_backend, resolve_backend
+from .dtypes import compute_dtype, saturating_cast
+from .options import MARGIN_NAMES, LossOptions
+from .validation import check_tensors, invalid_labels, label_error
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 
@@ -71,14 +73,14 @@ def _all_reduce(tensor, op_, group):
     return tensor
 
 
-def _check_agreement(embeddings, weight_shard, labels, cfg, class_offset, ignore_index, group):
+def _check_agreement(embeddings, weight_shard, labels, options, num_classes, class_offset, group):
     """Every rank must use the same settings and the shards must tile [0, C); labels in range.
     Raises the same ValueError on every rank (never a hang in a later collective)."""
-    k = cfg.sub_centers
+    k, ignore_index = options.sub_centers, options.ignore_index
     local_classes = weight_shard.shape[0] // k
-    bad_labels = (labels != ignore_index) & ((labels < 0) | (labels >= cfg.num_classes))
+    bad_labels = invalid_labels(labels, ignore_index, num_classes)
     fingerprint = torch.tensor(
-        [cfg.scale, k, cfg.easy_margin, cfg.straight_through, cfg.label_smoothing, cfg.num_classes,
+        [options.scale, k, options.easy_margin, options.straight_through, options.label_smoothing, num_classes,
          ignore_index, embeddings.shape[1], _DTYPE_CODES[embeddings.dtype], class_offset, local_classes,
          float(bad_labels.any()), embeddings.shape[0]],
         dtype=torch.float64, device=embeddings.device)
@@ -92,19 +94,18 @@ def _check_agreement(embeddings, weight_shard, labels, cfg, class_offset, ignore
             raise ValueError(f"ranks disagree on {name}: {table[:, col].tolist()}")
     offsets, counts = table[:, 9].long().tolist(), table[:, 10].long().tolist()
     expected = [sum(counts[:r]) for r in range(len(counts))]
-    if offsets != expected or sum(counts) != cfg.num_classes:
+    if offsets != expected or sum(counts) != num_classes:
         raise ValueError(
-            f"class shards must be contiguous in rank order and cover num_classes={cfg.num_classes}: "
+            f"class shards must be contiguous in rank order and cover num_classes={num_classes}: "
             f"offsets {offsets}, sizes {counts}")
     if table[:, 11].any():
         bad_ranks = torch.nonzero(table[:, 11]).flatten().tolist()
-        raise ValueError(f"labels must lie in [0, {cfg.num_classes}) or equal ignore_index={ignore_index}; "
-                         f"ranks {bad_ranks} have labels outside")
+        raise label_error(ignore_index, num_classes, f"ranks {bad_ranks} have labels outside")
     return table[:, 12].long().tolist()
 
 
 def _merge_stats(stats: PartialStats, class_offset, group):
-    """Global statistics of every row from each shard's partials (DESIGN.md section 3)."""
+    """Global statistics of every row from each shard's partials (docs/design.md section 4)."""
     global_max = _all_reduce(stats.row_max.clone(), dist.ReduceOp.MAX, group)
     sum_exp = _all_reduce(stats.sum_exp * torch.exp(stats.row_max - global_max), dist.ReduceOp.SUM, group)
     sums = torch.stack([stats.target_logit, stats.logit_sum, stats.target_cos])
@@ -123,35 +124,34 @@ def _merge_stats(stats: PartialStats, class_offset, group):
 
 class _ShardedMarginSoftmax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, embeddings, weight_shard, labels, m1, m2, m3, cfg, class_offset, sizes, backend, group):
+    def forward(ctx, embeddings, weight_shard, labels, options, num_classes, class_offset, sizes, backend, group):
         rank = dist.get_rank(group)
         rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
         all_x = _gather_rows(embeddings.detach(), sizes, group)
         all_labels = _gather_rows(labels, sizes, group)         # -1 on ignored rows
-        margins = [_gather_rows(m, sizes, group) for m in (m1, m2, m3)]
-        local_classes = weight_shard.shape[0] // cfg.sub_centers
+        options = options.replace(**{m: _gather_rows(getattr(options, m), sizes, group) for m in MARGIN_NAMES})
+        local_classes = weight_shard.shape[0] // options.sub_centers
         owned = (all_labels >= class_offset) & (all_labels < class_offset + local_classes)
         shard_labels = torch.where(owned, all_labels - class_offset, -1)
         fused = get_backend(backend)
-        stats = _merge_stats(fused.forward(all_x, weight_shard.detach(), shard_labels, *margins, cfg),
-                             class_offset, group)
-        loss, lse = op.finalize(stats, all_labels >= 0, cfg.label_smoothing, cfg.num_classes)
-        ctx.save_for_backward(all_x, weight_shard, shard_labels, all_labels, *margins, lse)
-        ctx.settings = (cfg, sizes, rows, backend, group, embeddings.dtype)
+        stats = _merge_stats(fused.forward(all_x, weight_shard.detach(), shard_labels, options), class_offset, group)
+        loss, lse = op.finalize(stats, all_labels >= 0, options.label_smoothing, num_classes)
+        ctx.save_for_backward(all_x, weight_shard, shard_labels, all_labels, lse)
+        ctx.settings = (options, num_classes, sizes, rows, backend, group, embeddings.dtype)
         outputs = (loss[rows], lse[rows].clone(), stats.target_cos[rows].clone(), stats.best_class[rows].clone())
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        all_x, weight_shard, shard_labels, all_labels, m1, m2, m3, lse = ctx.saved_tensors
-        cfg, sizes, rows, backend, group, x_dtype = ctx.settings
+        all_x, weight_shard, shard_labels, all_labels, lse = ctx.saved_tensors
+        options, num_classes, sizes, rows, backend, group, x_dtype = ctx.settings
         grad_all = _gather_rows(grad_loss.to(lse.dtype).contiguous(), sizes, group)
         grad_all = torch.where(all_labels >= 0, grad_all, 0.0)
-        dx_all, dw = get_backend(backend).backward(grad_all, all_x, weight_shard, shard_labels,
-                                                   m1, m2, m3, lse, cfg)
+        dx_all, dw = get_backend(backend).backward(grad_all, all_x, weight_shard, shard_labels, lse, options,
+                                                   num_classes)
         dx_all = _all_reduce(dx_all.contiguous(), dist.ReduceOp.SUM, group)
-        return (saturating_cast(dx_all[rows], x_dtype), dw) + (None,) * 9
+        return (saturating_cast(dx_all[rows], x_dtype), dw) + (None,) * 7
 
 
 def sharded_margin_softmax_loss(embeddings, weight_shard, labels, *, class_offset, num_classes,
@@ -166,20 +166,29 @@ def sharded_margin_softmax_loss(embeddings, weight_shard, labels, *, class_offse
     their gradients) equals the single-process loss on the concatenated batch; "sum" returns this
     rank's sum; "none" its rows. Every rank must call it (it runs collectives).
     """
-    check_inputs(embeddings, weight_shard, labels, sub_centers, reduction, margin_grad, label_smoothing, scale)
+    options = LossOptions(scale=scale, m1=m1, m2=m2, m3=m3, sub_centers=sub_centers, easy_margin=easy_margin,
+                          margin_grad=margin_grad, label_smoothing=label_smoothing, ignore_index=ignore_index,
+                          reduction=reduction)
+    return sharded_loss_from_options(embeddings, weight_shard, labels, options, class_offset=class_offset,
+                                     num_classes=num_classes, return_stats=return_stats,
+                                     process_group=process_group, backend=backend)
+
+
+def sharded_loss_from_options(embeddings, weight_shard, labels, options: LossOptions, *, class_offset, num_classes,
+                              return_stats=False, process_group=None, backend="auto"):
+    """sharded_margin_softmax_loss with its settings in a LossOptions."""
+    check_tensors(embeddings, weight_shard, labels, options.sub_centers)
+    ignore_index, reduction = options.ignore_index, options.reduction
     group = process_group if process_group is not None else dist.group.WORLD
-    n = embeddings.shape[0]
-    margins = [row_margin(name, v, n, embeddings.device) for name, v in (("m1", m1), ("m2", m2), ("m3", m3))]
-    cfg = MarginConfig(float(scale), sub_centers, bool(easy_margin), margin_grad == "straight_through",
-                       float(label_smoothing), int(num_classes))
+    options = options.for_rows(embeddings.shape[0], embeddings.device, compute_dtype(embeddings.dtype))
     labels = labels.long()
-    sizes = _check_agreement(embeddings, weight_shard, labels, cfg, int(class_offset), ignore_index, group)
-    name = resolve_backend(backend, embeddings.device)
+    sizes = _check_agreement(embeddings, weight_shard, labels, options, int(num_classes), int(class_offset), group)
+    name = resolve_backend(backend, embeddings.device, embeddings.dtype)
     if name == "reference":
         name = "torch"  # the reference materializes N x C; the sharded path needs partial statistics
     targets = torch.where(labels == ignore_index, -1, labels)
     rows, lse, target_cos, top1 = _ShardedMarginSoftmax.apply(
-        embeddings.contiguous(), weight_shard.contiguous(), targets, *margins, cfg, int(class_offset),
+        embeddings.contiguous(), weight_shard.contiguous(), targets, options, int(num_classes), int(class_offset),
         sizes, name, group)
     if reduction == "none":
         loss = rows
@@ -189,8 +198,6 @@ def sharded_margin_softmax_loss(embeddings, weight_shard, labels, *, class_offse
         active = _all_reduce((targets >= 0).sum().to(rows.dtype), dist.ReduceOp.SUM, group)
         loss = rows.sum() / active.clamp_min(1)
     if return_stats:
-        from .api import MarginLossStats
-
         return loss, MarginLossStats(lse, target_cos, top1)
     return loss
 
@@ -204,16 +211,17 @@ class ShardedMarginLoss(nn.Module):
     """
 
     def __init__(self, num_classes, embedding_size, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0, sub_centers=1,
-                 process_group=None, sample_rate=1.0, seed=0, device=None, dtype=None, **loss_options):
+                 process_group=None, sample_rate=1.0, seed=0, backend="auto", device=None, dtype=None,
+                 **loss_options):
         super().__init__()
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}")
+        self.options = LossOptions(scale=scale, m1=m1, m2=m2, m3=m3, sub_centers=sub_centers, **loss_options)
         self.group = process_group if process_group is not None else dist.group.WORLD
         rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.class_start, self.class_stop = shard_bounds(num_classes, world, rank)
         self.num_classes, self.sub_centers, self.sample_rate = num_classes, sub_centers, sample_rate
-        self.margins = dict(scale=scale, m1=m1, m2=m2, m3=m3)
-        self.loss_options = loss_options
+        self.backend = backend
         local_rows = (self.class_stop - self.class_start) * sub_centers
         self.weight = nn.Parameter(torch.empty(local_rows, embedding_size, device=device, dtype=dtype))
         nn.init.normal_(self.weight, std=0.01)
@@ -221,22 +229,19 @@ class ShardedMarginLoss(nn.Module):
         self.generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
         self.sampled_classes = None  # global indices of the classes used by the last step
 
-    def forward(self, embeddings, labels):
-        options = {**self.margins, **self.loss_options}
+    def forward(self, embeddings, labels, *, return_stats=False):
+        common = dict(return_stats=return_stats, process_group=self.group, backend=self.backend)
         if self.sample_rate >= 1.0:
-            return sharded_margin_softmax_loss(
-                embeddings, self.weight, labels, class_offset=self.class_start, num_classes=self.num_classes,
-                sub_centers=self.sub_centers, process_group=self.group, **options)
-        classes, remapped, counts = self._sample(labels, options.get("ignore_index", -100))
+            return sharded_loss_from_options(embeddings, self.weight, labels, self.options,
+                                             class_offset=self.class_start, num_classes=self.num_classes, **common)
+        classes, remapped, counts = self._sample(labels, self.options.ignore_index)
         k = self.sub_centers
         rows = (classes[:, None] * k + torch.arange(k, device=classes.device)).flatten()
         rank = dist.get_rank(self.group)
         self.sampled_classes = classes + self.class_start
         # Renumbered labels are >= 0, so -1 can mark the ignored rows whatever ignore_index was.
-        options["ignore_index"] = -1
-        return sharded_margin_softmax_loss(
-            embeddings, self.weight[rows], remapped, class_offset=sum(counts[:rank]),
-            num_classes=sum(counts), sub_centers=k, process_group=self.group, **options)
+        return sharded_loss_from_options(embeddings, self.weight[rows], remapped, self.options.replace(ignore_index=-1),
+                                         class_offset=sum(counts[:rank]), num_classes=sum(counts), **common)
 
     def _sample(self, labels, ignore_index):
         """This shard's sampled classes (local indices, sorted), this rank's labels renumbered into
@@ -246,9 +251,9 @@ class ShardedMarginLoss(nn.Module):
         sizes = _gather_counts(labels.shape[0], device, self.group)
         all_labels = _gather_rows(labels.long(), sizes, self.group)
         ignored = all_labels == ignore_index
-        if torch.any(~ignored & ((all_labels < 0) | (all_labels >= self.num_classes))):
+        if torch.any(invalid_labels(all_labels, ignore_index, self.num_classes)):
             # every rank sees the same gathered labels, so every rank raises
-            raise ValueError(f"labels must lie in [0, {self.num_classes}) or equal ignore_index={ignore_index}")
+            raise label_error(ignore_index, self.num_classes, "some rank has labels outside")
         local = self.class_stop - self.class_start
         mine = ~ignored & (all_labels >= self.class_start) & (all_labels < self.class_stop)
         positives = torch.unique(all_labels[mine] - self.class_start).cpu()

@@ -4,7 +4,8 @@
 import torch
 from torch import nn
 
-from .api import margin_softmax_loss
+from .api import loss_from_options
+from .options import LossOptions
 from .predict import topk_classes
 
 
@@ -13,17 +14,18 @@ class CombinedMarginLoss(nn.Module):
 
     `loss = head(embeddings, labels)`; weight has shape (num_classes * sub_centers, embedding_size).
     Extra keyword arguments (easy_margin, margin_grad, label_smoothing, ignore_index,
-    reduction, backend) go to margin_softmax_loss.
+    reduction) are the other LossOptions; `backend` picks the backend. Options are validated
+    here, at construction; `head(embeddings, labels, **overrides)` may change some per call.
     """
 
     def __init__(self, num_classes, embedding_size, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0,
-                 sub_centers=1, device=None, dtype=None, **loss_options):
+                 sub_centers=1, backend="auto", device=None, dtype=None, **loss_options):
         super().__init__()
-        if num_classes < 1 or embedding_size < 1 or sub_centers < 1:
-            raise ValueError("num_classes, embedding_size and sub_centers must be positive")
+        self.options = LossOptions(scale=scale, m1=m1, m2=m2, m3=m3, sub_centers=sub_centers, **loss_options)
+        if num_classes < 1 or embedding_size < 1:
+            raise ValueError(f"num_classes and embedding_size must be positive, got {num_classes}, {embedding_size}")
         self.num_classes, self.embedding_size, self.sub_centers = num_classes, embedding_size, sub_centers
-        self.scale, self.m1, self.m2, self.m3 = scale, m1, m2, m3
-        self.loss_options = loss_options
+        self.backend = backend
         self.weight = nn.Parameter(torch.empty(num_classes * sub_centers, embedding_size, device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -31,18 +33,19 @@ class CombinedMarginLoss(nn.Module):
         # Direction is all that matters: a small normal like insightface's heads.
         nn.init.normal_(self.weight, std=0.01)
 
-    def forward(self, embeddings, labels, **overrides):
-        options = {**self.loss_options, **overrides}
-        return margin_softmax_loss(embeddings, self.weight, labels, scale=self.scale, m1=self.m1,
-                                   m2=self.m2, m3=self.m3, sub_centers=self.sub_centers, **options)
+    def forward(self, embeddings, labels, *, return_stats=False, backend=None, **overrides):
+        options = self.options.replace(**overrides) if overrides else self.options
+        return loss_from_options(embeddings, self.weight, labels, options, return_stats=return_stats,
+                                 backend=self.backend if backend is None else backend)
 
     def predict(self, embeddings, k=1):
         """Top-k classes and their cosines, (N, k) each, without building N x C."""
         return topk_classes(embeddings, self.weight, k=k, sub_centers=self.sub_centers)
 
     def extra_repr(self):
+        o = self.options
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
-                f"sub_centers={self.sub_centers}, scale={self.scale}, m=({self.m1}, {self.m2}, {self.m3})")
+                f"sub_centers={self.sub_centers}, scale={o.scale}, m=({o.m1}, {o.m2}, {o.m3})")
 
 
 class ArcFaceLoss(CombinedMarginLoss):

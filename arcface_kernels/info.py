@@ -6,7 +6,7 @@ import sys
 import torch
 
 from .api import margin_softmax_loss
-from .registry import FUSED_BACKEND_NAMES, backend_status
+from .backends import FUSED_BACKEND_NAMES, backend_status, resolve
 
 
 def _versions():
@@ -71,6 +71,7 @@ def main(argv=None):
                 print(f"  {name:<9} unavailable: {reason}")
                 continue
             dtypes = [torch.float32] + ([torch.bfloat16, torch.float16] if device.type == "cuda" else [])
+            dtypes = [d for d in dtypes if backend_status(name, device, d)[0]]
             for dtype in dtypes:
                 try:
                     errors = self_check(name, device, dtype)
@@ -83,6 +84,9 @@ def main(argv=None):
                 status = "ok" if good else "MISMATCH"
                 print(f"  {name:<9} {str(dtype):<15} {status}  rel. error loss {errors[0]:.1e}, "
                       f"dX {errors[1]:.1e}, dW {errors[2]:.1e}")
+        for dtype in (torch.bfloat16, torch.float32, torch.float64):
+            choice = resolve("auto", device, dtype)
+            print(f"  auto      {str(dtype):<15} -> {choice.name} ({choice.reason})")
     print("\nall available backends healthy" if healthy else "\nSOME BACKENDS FAILED THEIR SELF-CHECK")
     return 0 if healthy else 1
 

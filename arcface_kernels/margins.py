@@ -1,5 +1,5 @@
 """The target-angle margin phi(c), its derivative dphi/dc, and the numeric rules every
-backend shares (DESIGN.md sections 2-3).
+backend shares (docs/design.md sections 3-5).
 
 phi(c) = cos(m1 * theta + m2) - m3 with theta = acos(c), plus the contract's rules
 past the point where cos(m1 * theta + m2) stops decreasing. Every backend uses
@@ -49,15 +49,3 @@ def dphi_dcos(cos, m1, m2, m3, easy_margin=False, straight_through=False):
     if easy_margin:
         grad = torch.where(c > 0, grad, torch.ones_like(c))
     return grad
-
-
-def saturating_cast(grad, dtype):
-    """Cast a gradient, saturating at the dtype's largest value instead of overflowing to inf.
-
-    A zero vector's gradient is scaled by 1 / NORM_EPS (as through F.normalize), which
-    float16 cannot hold.
-    """
-    if grad.dtype == dtype:
-        return grad
-    limit = torch.finfo(dtype).max
-    return grad.clamp(-limit, limit).to(dtype)

@@ -2,7 +2,9 @@
 
 import torch
 
-from .torch_chunked import ChunkCosines, classes_per_chunk, inverse_norms
+from .backends.chunked import ChunkCosines, chunk_classes
+from .backends.common import inverse_norms
+from .dtypes import compute_dtype
 
 
 @torch.no_grad()
@@ -22,14 +24,14 @@ def topk_classes(embeddings, weight, k=1, sub_centers=1):
     n_classes = n_rows_w // sub_centers
     if not 1 <= k <= n_classes:
         raise ValueError(f"k must lie in [1, {n_classes}], got {k}")
-    cdt = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(embeddings.dtype)
     x = embeddings.to(cdt)
     rx, _ = inverse_norms(embeddings, cdt)
     rw, _ = inverse_norms(weight, cdt)
     n = embeddings.shape[0]
     best_cos = torch.empty(n, 0, dtype=cdt, device=x.device)
     best_cls = torch.empty(n, 0, dtype=torch.int64, device=x.device)
-    step = max(k, classes_per_chunk(n, sub_centers, embeddings.shape[1]))
+    step = max(k, chunk_classes(n, sub_centers, embeddings.shape[1], cdt))
     for start in range(0, n_classes, step):
         stop = min(start + step, n_classes)
         cos = ChunkCosines(x, rx, weight, rw, start, stop, sub_centers).cos

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import arcface_kernels as ak
-from arcface_kernels.registry import FUSED_BACKEND_NAMES, backend_status
+from arcface_kernels.backends import FUSED_BACKEND_NAMES, backend_status
 from bench.compare import make_inputs
 from bench.timing import synchronize
 

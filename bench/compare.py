@@ -1,6 +1,6 @@
 """One command, one process: every implementation at every shape, against the floor.
 
-    python -m bench.compare                 # DESIGN.md section 5 headline shapes (GPU)
+    python -m bench.compare                 # docs/design.md section 8 headline shapes (GPU)
     python -m bench.compare --quick         # tiny shapes, CPU smoke run
     python -m bench.compare --shapes 1024,360232,512 --margin arcface --write-results
 

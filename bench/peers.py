@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import arcface_kernels as ak
-from arcface_kernels.registry import FUSED_BACKEND_NAMES, backend_status
+from arcface_kernels.backends import FUSED_BACKEND_NAMES, backend_status
 
 
 def ours(backend):

@@ -1,5 +1,5 @@
 // The target-angle margin phi(c) and d phi / d c: the same rules and constants as
-// arcface_kernels/margins.py (DESIGN.md section 2).
+// arcface_kernels/margins.py (docs/design.md section 3).
 #pragma once
 
 #include <cmath>

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import arcface_kernels as ak
-from arcface_kernels.registry import FUSED_BACKEND_NAMES
+from arcface_kernels.backends import FUSED_BACKEND_NAMES
 
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 # Every fused backend that runs on DEVICE; backends added later join the suite unchanged.

@@ -1,6 +1,6 @@
 """Every fused backend available on the test device (conftest.py) against the float64
 reference: loss and both gradients on every contract option, odd sizes and extreme angles
-(DESIGN.md section 2). A small torch-backend workspace makes it walk several class chunks."""
+(docs/design.md sections 2-3). A small torch-backend workspace makes it walk several class chunks."""
 
 import pytest
 import torch

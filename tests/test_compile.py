@@ -35,7 +35,7 @@ def test_fake_kernel_matches_real_outputs():
     x = torch.randn(5, 4)
     w = torch.randn(9, 4)
     y = torch.tensor([0, 1, 2, -100, 8])
-    margins = [torch.full((5,), v) for v in (1.0, 0.5, 0.0)]
-    args = (x, w, y, *margins, 64.0, 1, False, False, 0.0, -100, "torch")
+    options = ak.LossOptions(label_smoothing=0.1).for_rows(5, x.device, torch.float32)
+    args = (x, w, y, options.m1, options.m2, options.m3, options.flatten(), "torch")
     torch.library.opcheck(torch.ops.arcface_kernels.margin_softmax_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))

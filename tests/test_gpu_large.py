@@ -8,7 +8,7 @@ from helpers import loss_and_grads, make_problem, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-# Peak memory beyond inputs and their gradients that each backend promises (DESIGN.md / issues).
+# Peak memory beyond inputs and their gradients that each backend promises (docs/design.md section 7).
 EXTRA_MEMORY_LIMIT = {"triton": 64 * 2**20, "cuda": 256 * 2**20, "torch": 512 * 2**20}
 
 

@@ -18,7 +18,7 @@ def test_info_command_reports_healthy_torch_backend():
 
 
 def test_self_check_detects_a_wrong_gradient(monkeypatch):
-    from arcface_kernels import registry
+    from arcface_kernels.backends import registry
 
     good = registry.get_backend("torch")
 

@@ -10,7 +10,7 @@ from helpers import make_problem, rel_err
 
 
 def phi_scalar(c, m1, m2, m3):
-    """DESIGN.md section 2, one cosine at a time, in Python floats."""
+    """docs/design.md section 3, one cosine at a time, in Python floats."""
     theta = math.acos(max(-1.0, min(1.0, c)))
     angle = m1 * theta + m2
     if angle <= math.pi:

@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from arcface_kernels.triton_backend.configs import CONFIGS  # noqa: E402
+from arcface_kernels.backends.triton.configs import CONFIGS  # noqa: E402
 from triton_build import compile_kernel, resource_usage  # noqa: E402
 
 

@@ -10,8 +10,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from arcface_kernels.triton_backend.backward import grad_w_kernel, grad_x_kernel
-from arcface_kernels.triton_backend.forward import partial_stats_kernel
+from arcface_kernels.backends.triton.backward import grad_w_kernel, grad_x_kernel
+from arcface_kernels.backends.triton.forward import partial_stats_kernel
 
 KERNELS = {"forward": partial_stats_kernel, "grad_x": grad_x_kernel, "grad_w": grad_w_kernel}
 _INPUTS = ("x_ptr", "w_ptr", "dw_ptr")

@@ -16,7 +16,7 @@ class HeadSpec:
     m3: float
 
 
-# The four heads of the demo (DESIGN.md section 1: phi(c) = cos(m1*theta + m2) - m3).
+# The four heads of the demo (docs/design.md section 3: phi(c) = cos(m1*theta + m2) - m3).
 HEADS = (
     HeadSpec("softmax", 1.0, 0.0, 0.0),     # normalized softmax, no margin
     HeadSpec("ArcFace", 1.0, 0.5, 0.0),

@@ -1,61 +1,27 @@
 """The `torch` backend: the fused op in plain PyTorch, walking the classes in chunks.
 
-Runs on any device. Each chunk holds a few (N x chunk) float32 tiles; the chunk is
-sized so that they fit in the workspace budget, so no N x C tensor ever exists.
-Math: DESIGN.md section 3 (online log-sum-exp forward, recompute in backward).
+Runs on any device and dtype. Each chunk holds a few (N x chunk) tiles in the compute dtype,
+sized so that they fit in the workspace budget (common.workspace_budget): no N x C tensor
+ever exists. Math: docs/design.md sections 3-4 (online log-sum-exp forward, recompute in
+backward).
 """
-
-import contextlib
 
 import torch
 
-from .margins import NORM_EPS, dphi_dcos, phi, saturating_cast
-from .registry import Backend, PartialStats, register_backend
+from ..dtypes import FLOAT_DTYPES, compute_dtype, saturating_cast
+from ..margins import dphi_dcos, phi
+from .common import classes_per_chunk, inverse_norms
+from .contract import Backend, PartialStats
+from .registry import register_backend
 
-_DEFAULT_BUDGET = 64 * 2**20
-_workspace_budget = _DEFAULT_BUDGET
-# Live (N x chunk*K) float32 tiles in backward, the larger of the two passes.
+# Live (N x chunk*K) tiles in backward, the larger of the two passes.
 _TILES_PER_CHUNK = 6
 
 
-def get_workspace_budget() -> int:
-    return _workspace_budget
-
-
-@contextlib.contextmanager
-def workspace_budget(nbytes: int):
-    """Temporarily bound the torch backend's per-chunk workspace to `nbytes`."""
-    global _workspace_budget
-    if int(nbytes) <= 0:
-        raise ValueError(f"workspace budget must be positive, got {nbytes}")
-    previous, _workspace_budget = _workspace_budget, int(nbytes)
-    try:
-        yield
-    finally:
-        _workspace_budget = previous
-
-
-def _compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def classes_per_chunk(n_rows, sub_centers, dim):
-    per_class = (_TILES_PER_CHUNK * max(n_rows, 1) + 2 * dim) * sub_centers * 4
-    return max(1, _workspace_budget // per_class)
-
-
-# Rows are upcast for their norms a slice at a time: a float32 copy of a bf16 weight with
-# millions of rows would be larger than the whole workspace.
-_NORM_SLICE_BYTES = 16 * 2**20
-
-
-def inverse_norms(v, compute_dtype):
-    """1 / max(|v_i|, eps) per row, and the mask of rows whose norm exceeds eps."""
-    norms = torch.empty(v.shape[0], dtype=compute_dtype, device=v.device)
-    step = max(1, _NORM_SLICE_BYTES // (max(v.shape[1], 1) * 8))
-    for start in range(0, v.shape[0], step):
-        norms[start : start + step] = torch.linalg.vector_norm(v[start : start + step].to(compute_dtype), dim=1)
-    return 1.0 / norms.clamp_min(NORM_EPS), norms > NORM_EPS
+def chunk_classes(n_rows, sub_centers, dim, dtype):
+    """Classes per chunk so that the chunk's tiles and weight rows fit in the workspace budget."""
+    itemsize = torch.finfo(dtype).bits // 8
+    return classes_per_chunk((_TILES_PER_CHUNK * max(n_rows, 1) + 2 * dim) * sub_centers * itemsize)
 
 
 class ChunkCosines:
@@ -78,14 +44,15 @@ def _target_in_chunk(labels, start, stop):
     return inside, torch.where(inside, labels - start, 0)
 
 
-def forward(x, w, labels, m1, m2, m3, cfg):
-    cdt = _compute_dtype(x.dtype)
+def forward(x, w, labels, options):
+    cdt = compute_dtype(x.dtype)
     n, dim = x.shape
-    n_classes = w.shape[0] // cfg.sub_centers
+    n_classes = w.shape[0] // options.sub_centers
+    m1, m2, m3 = options.m1, options.m2, options.m3
     xc = x.to(cdt)
     rx, _ = inverse_norms(x, cdt)
     rw, _ = inverse_norms(w, cdt)
-    s = cfg.scale
+    s = options.scale
 
     def stat(value):
         return torch.full((n,), value, dtype=cdt, device=x.device)
@@ -94,14 +61,14 @@ def forward(x, w, labels, m1, m2, m3, cfg):
     target_logit, target_cos, best_cos = stat(0.0), stat(0.0), stat(-float("inf"))
     best_class = torch.zeros(n, dtype=torch.int64, device=x.device)
     rows = torch.arange(n, device=x.device)
-    step = classes_per_chunk(n, cfg.sub_centers, dim)
+    step = chunk_classes(n, options.sub_centers, dim, cdt)
     for start in range(0, n_classes, step):
         stop = min(start + step, n_classes)
-        tile = ChunkCosines(xc, rx, w, rw, start, stop, cfg.sub_centers)
+        tile = ChunkCosines(xc, rx, w, rw, start, stop, options.sub_centers)
         cos = tile.cos
         inside, local = _target_in_chunk(labels, start, stop)
         cos_y = cos[rows, local]
-        margined = s * phi(cos_y, m1, m2, m3, cfg.easy_margin)
+        margined = s * phi(cos_y, m1, m2, m3, options.easy_margin)
         z = s * cos
         z[rows, local] = torch.where(inside, margined, z[rows, local])
         target_logit = torch.where(inside, margined, target_logit)
@@ -118,10 +85,11 @@ def forward(x, w, labels, m1, m2, m3, cfg):
     return PartialStats(row_max, sum_exp, target_logit, logit_sum, target_cos, best_cos, best_class)
 
 
-def backward(grad_rows, x, w, labels, m1, m2, m3, lse, cfg):
-    cdt = _compute_dtype(x.dtype)
+def backward(grad_rows, x, w, labels, lse, options, num_classes):
+    cdt = compute_dtype(x.dtype)
     n, dim = x.shape
-    k = cfg.sub_centers
+    k = options.sub_centers
+    m1, m2, m3 = options.m1, options.m2, options.m3
     n_classes = w.shape[0] // k
     xc = x.to(cdt)
     rx, x_active = inverse_norms(x, cdt)
@@ -131,12 +99,12 @@ def backward(grad_rows, x, w, labels, m1, m2, m3, lse, cfg):
     rw2 = torch.where(w_active, rw * rw, 0.0)
     g = grad_rows.to(cdt)
     lse = lse.to(cdt)
-    s, eps = cfg.scale, cfg.label_smoothing
-    smooth = eps / cfg.num_classes
+    s, eps = options.scale, options.label_smoothing
+    smooth = eps / num_classes
     rows = torch.arange(n, device=x.device)
     dx = torch.zeros(n, dim, dtype=cdt, device=x.device)
     dw = torch.empty_like(w)
-    step = classes_per_chunk(n, k, dim)
+    step = chunk_classes(n, k, dim, cdt)
     for start in range(0, n_classes, step):
         stop = min(start + step, n_classes)
         tile = ChunkCosines(xc, rx, w, rw, start, stop, k)
@@ -144,13 +112,13 @@ def backward(grad_rows, x, w, labels, m1, m2, m3, lse, cfg):
         inside, local = _target_in_chunk(labels, start, stop)
         cos_y = cos[rows, local]
         z = s * cos
-        z_y = s * phi(cos_y, m1, m2, m3, cfg.easy_margin)
-        # dz = g * (p - (1 - eps) [j = y] - eps / C); target via expm1 (DESIGN.md 3)
+        z_y = s * phi(cos_y, m1, m2, m3, options.easy_margin)
+        # dz = g * (p - (1 - eps) [j = y] - eps / C); target via expm1 (docs/design.md section 5)
         dz = torch.exp(z - lse[:, None]) - smooth
         dz_y = torch.expm1(z_y - lse) + eps - smooth
         dz[rows, local] = torch.where(inside, dz_y, dz[rows, local])
         dcos = dz * (s * g[:, None])
-        slope = dphi_dcos(cos_y, m1, m2, m3, cfg.easy_margin, cfg.straight_through)
+        slope = dphi_dcos(cos_y, m1, m2, m3, options.easy_margin, options.straight_through)
         dcos[rows, local] = torch.where(inside, dcos[rows, local] * slope, dcos[rows, local])
         if k > 1:  # route each class's gradient to its winning sub-center
             dcos = torch.zeros_like(tile.raw).view(n, -1, k).scatter_(2, tile.pick[:, :, None], dcos[:, :, None]).view(n, -1)
@@ -171,6 +139,7 @@ register_backend(
         forward=forward,
         backward=backward,
         available=lambda device: (True, ""),
+        dtypes=FLOAT_DTYPES,
         priority=lambda device: 0,
     )
 )

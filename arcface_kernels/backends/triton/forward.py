@@ -1,7 +1,7 @@
 """Forward: per-split partial statistics of the margined logits, then a deterministic combine.
 
 Program (row block, class split) walks its classes tile by tile with an online (max, sum-exp)
-per row (DESIGN.md section 3), and writes its partial PartialStats; splitting the classes lets a
+per row (docs/design.md section 4), and writes its partial PartialStats; splitting the classes lets a
 small batch fill the GPU. The combine over splits is a handful of O(N * splits) torch ops in a
 fixed order: no locks, no atomics.
 """
@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..registry import PartialStats
+from ..contract import PartialStats
 from .tiles import class_cosines, target_terms
 
 

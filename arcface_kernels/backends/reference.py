@@ -9,7 +9,8 @@ It computes in float32 (float64 for float64 inputs) and returns the input dtype.
 import torch
 import torch.nn.functional as F
 
-from .margins import NORM_EPS, dphi_dcos, phi
+from ..dtypes import compute_dtype
+from ..margins import NORM_EPS, dphi_dcos, phi
 
 
 class _Margin(torch.autograd.Function):
@@ -28,7 +29,7 @@ class _Margin(torch.autograd.Function):
 def reference_logits(embeddings, weight, labels, m1, m2, m3, *, scale, sub_centers,
                      easy_margin=False, straight_through=False):
     """The full N x C margined logits (target margin only where label >= 0) and the cosines."""
-    cdt = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(embeddings.dtype)
     x = F.normalize(embeddings.to(cdt), dim=1, eps=NORM_EPS)
     w = F.normalize(weight.to(cdt), dim=1, eps=NORM_EPS)
     cos = x @ w.T
@@ -43,19 +44,21 @@ def reference_logits(embeddings, weight, labels, m1, m2, m3, *, scale, sub_cente
     return logits, cos
 
 
-def reference_loss(embeddings, weight, labels, m1, m2, m3, *, scale, sub_centers, easy_margin,
-                   straight_through, label_smoothing, ignore_index):
-    """Per-row loss (0 on ignored rows), lse, target cosine and top-1 class."""
-    active = labels != ignore_index
-    targets = torch.where(active, labels, -1)
-    logits, cos = reference_logits(embeddings, weight, targets, m1, m2, m3, scale=scale,
-                                   sub_centers=sub_centers, easy_margin=easy_margin,
-                                   straight_through=straight_through)
-    loss = F.cross_entropy(logits, torch.where(active, labels, -100), ignore_index=-100,
-                           label_smoothing=label_smoothing, reduction="none")
+def reference_loss(embeddings, weight, targets, options):
+    """Per-row loss (0 on ignored rows), lse, target cosine and top-1 class.
+
+    targets: int64 labels with -1 on ignored rows (validation.target_labels); options with
+    (N,) margins (LossOptions.for_rows)."""
+    active = targets >= 0
+    labels = torch.where(active, targets, 0)
+    logits, cos = reference_logits(embeddings, weight, targets, options.m1, options.m2, options.m3,
+                                   scale=options.scale, sub_centers=options.sub_centers,
+                                   easy_margin=options.easy_margin, straight_through=options.straight_through)
+    loss = F.cross_entropy(logits, torch.where(active, targets, -100), ignore_index=-100,
+                           label_smoothing=options.label_smoothing, reduction="none")
     with torch.no_grad():
         lse = torch.logsumexp(logits, dim=1)
-        cos_y = cos.gather(1, torch.where(active, labels, 0)[:, None])[:, 0]
+        cos_y = cos.gather(1, labels[:, None])[:, 0]
         target_cos = torch.where(active, cos_y, 0.0)
         top1 = cos.argmax(dim=1)
     return loss, lse, target_cos, top1

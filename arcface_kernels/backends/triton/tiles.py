@@ -1,7 +1,7 @@
 """Tile helpers shared by the forward and backward kernels.
 
 Tiles are loaded raw (input dtype) and the inverse norms r = 1 / max(|v|, eps) scale the dot
-product afterwards: cos = (X W^T) * rx * rw^T (DESIGN.md section 3). Scaling after the float32
+product afterwards: cos = (X W^T) * rx * rw^T (docs/design.md section 4). Scaling after the float32
 accumulation keeps cosines near +-1 accurate, where dphi/dc amplifies errors.
 """
 
@@ -63,7 +63,7 @@ def target_terms(cos, classes, labels, m1, m2, m3, scale, EASY_MARGIN: tl.conste
 def cosine_gradient(cos, classes, class_mask, labels, m1, m2, m3, lse, grad_rows, scale,
                     smoothing, smoothing_per_class,
                     EASY_MARGIN: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr):
-    """dloss/dcos of a tile (DESIGN.md section 3): s * g * (p - (1-eps)[j=y] - eps/C), the
+    """dloss/dcos of a tile (docs/design.md section 5): s * g * (p - (1-eps)[j=y] - eps/C), the
     target term through expm1 and times dphi/dc; 0 outside the valid classes."""
     is_target, target_cos, target_logit = target_terms(cos, classes, labels, m1, m2, m3, scale, EASY_MARGIN)
     p = tl.exp(scale * cos - lse[:, None])

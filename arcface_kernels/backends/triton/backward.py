@@ -1,4 +1,4 @@
-"""Backward: two deterministic passes that recompute the cosine tiles (DESIGN.md section 3).
+"""Backward: two deterministic passes that recompute the cosine tiles (docs/design.md section 5).
 
 With rx, rw the inverse norms, dcos the loss gradient per cosine and a_i, b_j equal to 1 where
 the norm exceeds eps (else 0, as through F.normalize):

@@ -10,9 +10,10 @@ import os
 import torch
 import triton
 
-from .. import torch_chunked
-from ..registry import KERNEL_DTYPES, Backend, register_backend
-from ..torch_chunked import inverse_norms
+from ...dtypes import KERNEL_DTYPES
+from ..common import inverse_norms
+from ..contract import Backend
+from ..registry import register_backend
 from .backward import grad_w_kernel, grad_x_kernel
 from .configs import column_chunks, tile_config
 from .forward import combine_splits, partial_stats_kernel
@@ -71,11 +72,9 @@ def _launch_options(config, backward=False):
     return options
 
 
-def forward(x, w, labels, m1, m2, m3, cfg):
-    if x.dtype not in KERNEL_DTYPES:
-        return torch_chunked.forward(x, w, labels, m1, m2, m3, cfg)
+def forward(x, w, labels, options):
     n, dim = x.shape
-    k = cfg.sub_centers
+    k = options.sub_centers
     n_classes = w.shape[0] // k
     rx, _ = inverse_norms(x, torch.float32)
     rw, _ = inverse_norms(w, torch.float32)
@@ -85,24 +84,23 @@ def forward(x, w, labels, m1, m2, m3, cfg):
     stats = torch.empty(6, splits, n, dtype=torch.float32, device=x.device)
     best_class = torch.empty(splits, n, dtype=torch.int64, device=x.device)
     partial_stats_kernel[(row_blocks, splits)](
-        x, w, rx, rw, labels, m1, m2, m3, stats, best_class,
-        n, n_classes, dim, x.stride(0), w.stride(0), per_split, cfg.scale,
-        K=k, EASY_MARGIN=cfg.easy_margin, DOT_PRECISION=_dot_precision(x.dtype), **_launch_options(config),
+        x, w, rx, rw, labels, options.m1, options.m2, options.m3, stats, best_class,
+        n, n_classes, dim, x.stride(0), w.stride(0), per_split, options.scale,
+        K=k, EASY_MARGIN=options.easy_margin, DOT_PRECISION=_dot_precision(x.dtype), **_launch_options(config),
     )
     return combine_splits(stats, best_class)
 
 
-def backward(grad_rows, x, w, labels, m1, m2, m3, lse, cfg):
-    if x.dtype not in KERNEL_DTYPES:
-        return torch_chunked.backward(grad_rows, x, w, labels, m1, m2, m3, lse, cfg)
+def backward(grad_rows, x, w, labels, lse, options, num_classes):
     n, dim = x.shape
-    k = cfg.sub_centers
+    k = options.sub_centers
+    m1, m2, m3 = options.m1, options.m2, options.m3
     n_classes = w.shape[0] // k
     rx, x_active = inverse_norms(x, torch.float32)
     rw, w_active = inverse_norms(w, torch.float32)
     grad_rows, lse = grad_rows.float().contiguous(), lse.float().contiguous()
-    smoothing, per_class = cfg.label_smoothing, cfg.label_smoothing / cfg.num_classes
-    common = dict(K=k, EASY_MARGIN=cfg.easy_margin, STRAIGHT_THROUGH=cfg.straight_through,
+    smoothing, per_class = options.label_smoothing, options.label_smoothing / num_classes
+    common = dict(K=k, EASY_MARGIN=options.easy_margin, STRAIGHT_THROUGH=options.straight_through,
                   DOT_PRECISION=_dot_precision(x.dtype), **_grad_dot_options(x.dtype))
     interpreted = _interpreted()
 
@@ -114,7 +112,7 @@ def backward(grad_rows, x, w, labels, m1, m2, m3, lse, cfg):
     dx_partial = torch.empty(splits, n, dim, dtype=torch.float32, device=x.device)
     grad_x_kernel[(row_blocks, splits, column_chunks(dim, config))](
         x, w, rx, rw, x_active.float(), labels, m1, m2, m3, lse, grad_rows, dx_partial,
-        n, n_classes, dim, x.stride(0), w.stride(0), per_split, cfg.scale, smoothing, per_class,
+        n, n_classes, dim, x.stride(0), w.stride(0), per_split, options.scale, smoothing, per_class,
         **common, **_launch_options(config, backward=True),
     )
     dx = dx_partial.sum(dim=0)  # fixed order: deterministic
@@ -123,7 +121,7 @@ def backward(grad_rows, x, w, labels, m1, m2, m3, lse, cfg):
     dw = torch.empty_like(w)
     grad_w_kernel[(triton.cdiv(n_classes, config.block_n), k, column_chunks(dim, config))](
         x, w, rx, rw, w_active.float(), labels, m1, m2, m3, lse, grad_rows, dw,
-        n, n_classes, dim, x.stride(0), w.stride(0), dw.stride(0), cfg.scale, smoothing, per_class,
+        n, n_classes, dim, x.stride(0), w.stride(0), dw.stride(0), options.scale, smoothing, per_class,
         torch.finfo(w.dtype).max,
         **common, **_launch_options(config, backward=True),
     )
@@ -135,6 +133,7 @@ register_backend(Backend(
     forward=forward,
     backward=backward,
     available=_available,
+    dtypes=KERNEL_DTYPES,
     # on a GPU above the torch backend; on the CPU the interpreter is for tests only
     priority=lambda device: 10 if device.type == "cuda" else -1,
 ))

@@ -1,11 +1,11 @@
 """Scalar math of the margin as @triton.jit helpers: the same rules and constants as
-arcface_kernels/margins.py (DESIGN.md section 2), written with what both Triton's compiler
+arcface_kernels/margins.py (docs/design.md section 3), written with what both Triton's compiler
 and its CPU interpreter provide (no libdevice)."""
 
 import triton
 import triton.language as tl
 
-from ..margins import SIN_FLOOR as _SIN_FLOOR
+from ...margins import SIN_FLOOR as _SIN_FLOOR
 
 PI: tl.constexpr = tl.constexpr(3.141592653589793)
 SIN_FLOOR: tl.constexpr = tl.constexpr(_SIN_FLOOR)

@@ -1,0 +1,62 @@
+"""What a backend computes (docs/design.md sections 3-4).
+
+A backend sees raw embeddings x (N, D) and raw class rows w (C_local * K, D) in one of the
+dtypes it declares, and
+
+forward(x, w, labels, options) -> PartialStats
+    per-row *partial* statistics over the classes it is given: the op turns them into the
+    loss (op.finalize); the distributed module merges the partials of several class shards
+    with the same rule before finalizing.
+backward(grad_rows, x, w, labels, lse, options, num_classes) -> (dx, dw)
+    the gradients given the final log-sum-exp of every row. dx is float32 (float64 for
+    float64 inputs) and is this call's contribution only (shards sum theirs); dw has w's
+    dtype and covers exactly the rows of w.
+
+labels: int64 (N,), local class indices, -1 where the row has no target among these classes
+(ignored, or owned by another shard): backends never see ignore_index. grad_rows: (N,) in the
+compute dtype, 0 on ignored rows. options: a LossOptions whose m1, m2, m3 are (N,) tensors in
+the compute dtype (LossOptions.for_rows). num_classes: C of the whole problem, over which label
+smoothing spreads its mass.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+
+
+class PartialStats(NamedTuple):
+    """Per-row statistics of z = s * cos (target margined) over a set of classes, in the
+    compute dtype (dtypes.compute_dtype).
+
+    row_max:      max_j z_ij
+    sum_exp:      sum_j exp(z_ij - row_max)
+    target_logit: s * phi(cos_iy) where label_i >= 0, else 0
+    logit_sum:    sum_j z_ij (label smoothing needs it)
+    target_cos:   cos_iy where label_i >= 0, else 0
+    best_cos:     max_j cos_ij (plain cosine, no margin)
+    best_class:   int64 argmax_j cos_ij, the lowest index on ties
+    """
+
+    row_max: torch.Tensor
+    sum_exp: torch.Tensor
+    target_logit: torch.Tensor
+    logit_sum: torch.Tensor
+    target_cos: torch.Tensor
+    best_cos: torch.Tensor
+    best_class: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A fused backend as the registry knows it."""
+
+    name: str
+    forward: Callable[..., PartialStats]
+    backward: Callable[..., tuple]
+    # available(device) -> (ok, reason when not ok)
+    available: Callable[[torch.device], tuple]
+    # the input dtypes it takes; "auto" skips it for others, an explicit request gets an error
+    dtypes: tuple
+    # "auto" picks the highest priority among the backends that take the device and dtype
+    priority: Callable[[torch.device], int]

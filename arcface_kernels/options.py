@@ -1,0 +1,91 @@
+"""LossOptions: every setting of the loss except the tensors, in one frozen object.
+
+It is built once by the public API (or a head, at construction), validated there
+(validation.check_options), carried through the op to every backend, and flattened only at
+the torch.library boundary (`flatten` / `unflatten`), whose schemas cannot take a Python
+object. Adding an option means a field here, its rule in validation.py, and the code that
+uses it.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from . import validation
+
+Margin = Union[float, Tensor]
+REDUCTIONS = ("mean", "sum", "none")
+MARGIN_GRADS = ("exact", "straight_through")
+MARGIN_NAMES = ("m1", "m2", "m3")
+
+
+def _choice(*choices):
+    return dict(choices=choices)
+
+
+@dataclass(frozen=True, eq=False)
+class LossOptions:
+    """The loss settings of docs/design.md section 2.
+
+    m1, m2, m3 are floats or per-row (N,) tensors as the caller gave them; `for_rows` turns
+    them into the (N,) tensors the backends read.
+    """
+
+    scale: float = 64.0
+    m1: Margin = 1.0
+    m2: Margin = 0.5
+    m3: Margin = 0.0
+    sub_centers: int = 1
+    easy_margin: bool = False
+    margin_grad: str = field(default="exact", metadata=_choice(*MARGIN_GRADS))
+    label_smoothing: float = 0.0
+    ignore_index: int = -100
+    reduction: str = field(default="mean", metadata=_choice(*REDUCTIONS))
+
+    def __post_init__(self):
+        for name, value in validation.check_options(self).items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def straight_through(self) -> bool:
+        """margin_grad == "straight_through": dphi/dc is taken as 1."""
+        return self.margin_grad == "straight_through"
+
+    def replace(self, **changes) -> "LossOptions":
+        """A copy with some settings changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def for_rows(self, n: int, device: torch.device, dtype: torch.dtype) -> "LossOptions":
+        """The same options with m1, m2, m3 as (N,) tensors of `dtype` on `device` (floats
+        broadcast; tensors detached: margins carry no gradient)."""
+        margins = {name: validation.row_margin(name, getattr(self, name), n, device, dtype) for name in MARGIN_NAMES}
+        return dataclasses.replace(self, **margins)
+
+    # -- the torch.library boundary ------------------------------------------------------------
+
+    def flatten(self) -> list:
+        """The scalar settings as floats, in field order (choices by index, bools as 0/1)."""
+        return [_encode(f, getattr(self, f.name)) for f in _SCALAR_FIELDS]
+
+    @classmethod
+    def unflatten(cls, values, m1: Tensor, m2: Tensor, m3: Tensor) -> "LossOptions":
+        scalars = {f.name: _decode(f, v) for f, v in zip(_SCALAR_FIELDS, values)}
+        return cls(m1=m1, m2=m2, m3=m3, **scalars)
+
+
+_SCALAR_FIELDS = tuple(f for f in dataclasses.fields(LossOptions) if f.name not in MARGIN_NAMES)
+
+
+def _encode(f, value):
+    if "choices" in f.metadata:
+        return float(f.metadata["choices"].index(value))
+    return float(value)
+
+
+def _decode(f, value):
+    if "choices" in f.metadata:
+        return f.metadata["choices"][int(value)]
+    return f.type(value) if f.type in (int, bool) else float(value)

@@ -1,0 +1,160 @@
+"""Every input rule of the op, in one place: options, tensors and labels.
+
+Bad input gets a ValueError or TypeError naming the argument before any kernel runs
+(docs/design.md section 2), never a device assert or a silent wrong answer.
+"""
+
+import math
+import numbers
+import operator
+
+import torch
+from torch import Tensor
+
+from .dtypes import FLOAT_DTYPES
+
+LABEL_DTYPES = (torch.int64, torch.int32)
+
+
+def _real(name, value):
+    """A finite Python float from a Python / numpy number or a 0-d tensor."""
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or value.is_complex():
+            raise TypeError(f"{name} must be a float, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _integer(name, value):
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point():
+        value = value.item()
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+
+
+def _boolean(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _margin(name, value):
+    """A float margin, or a per-row tensor (its shape is checked against N later)."""
+    if isinstance(value, Tensor) and value.dim() > 0:
+        if not value.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+        return value
+    return _real(name, value)
+
+
+def check_options(options) -> dict:
+    """Validated, normalized values of a LossOptions' fields (numbers as Python floats / ints)."""
+    from .options import MARGIN_GRADS, REDUCTIONS
+
+    values = {
+        "scale": _real("scale", options.scale),
+        "m1": _margin("m1", options.m1),
+        "m2": _margin("m2", options.m2),
+        "m3": _margin("m3", options.m3),
+        "sub_centers": _integer("sub_centers", options.sub_centers),
+        "easy_margin": _boolean("easy_margin", options.easy_margin),
+        "margin_grad": _choice("margin_grad", options.margin_grad, MARGIN_GRADS),
+        "label_smoothing": _real("label_smoothing", options.label_smoothing),
+        "ignore_index": _integer("ignore_index", options.ignore_index),
+        "reduction": _choice("reduction", options.reduction, REDUCTIONS),
+    }
+    if values["scale"] <= 0:
+        raise ValueError(f"scale must be a positive float, got {values['scale']}")
+    if isinstance(values["m1"], float) and values["m1"] <= 0:
+        raise ValueError(f"m1 (the multiplicative angular margin) must be positive, got {values['m1']}")
+    if values["sub_centers"] < 1:
+        raise ValueError(f"sub_centers must be a positive int, got {values['sub_centers']}")
+    if not 0.0 <= values["label_smoothing"] <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {values['label_smoothing']}")
+    return values
+
+
+def row_margin(name, value, n, device, dtype):
+    """A margin as an (N,) tensor of `dtype` on `device`; a float is broadcast. Margins carry no
+    gradient (docs/design.md section 2)."""
+    if isinstance(value, Tensor):
+        if value.dim() != 1 or value.shape[0] != n:
+            raise ValueError(f"{name} as a tensor must have shape ({n},), got {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{name} must be on {device}, got {value.device}")
+        return value.detach().to(dtype).contiguous()
+    return torch.full((n,), float(value), dtype=dtype, device=device)
+
+
+def check_tensors(embeddings, weight, labels, sub_centers):
+    """Shapes, dtypes and devices of the op's tensors."""
+    for name, t in (("embeddings", embeddings), ("weight", weight), ("labels", labels)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be 2-D (N, D), got shape {tuple(embeddings.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (C * sub_centers, D), got shape {tuple(weight.shape)}")
+    if embeddings.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"embeddings and weight must share D: embeddings {tuple(embeddings.shape)}, weight {tuple(weight.shape)}"
+        )
+    if embeddings.shape[1] == 0:
+        raise ValueError("embeddings and weight must have D >= 1")
+    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(
+            f"labels must be 1-D with N={embeddings.shape[0]} entries, got shape {tuple(labels.shape)}"
+        )
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"labels must be int64 (or int32), got {labels.dtype}")
+    for name, t in (("embeddings", embeddings), ("weight", weight)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    if embeddings.dtype != weight.dtype:
+        raise TypeError(
+            f"embeddings ({embeddings.dtype}) and weight ({weight.dtype}) must have the same dtype "
+            "(or run under torch.autocast)"
+        )
+    if not (embeddings.device == weight.device == labels.device):
+        raise ValueError(
+            f"embeddings, weight and labels must be on one device, got "
+            f"{embeddings.device}, {weight.device}, {labels.device}"
+        )
+    if weight.shape[0] == 0 or weight.shape[0] % sub_centers:
+        raise ValueError(
+            f"weight has {weight.shape[0]} rows, which is not a positive multiple of sub_centers={sub_centers}"
+        )
+
+
+def invalid_labels(labels: Tensor, ignore_index: int, num_classes: int) -> Tensor:
+    """Mask of the labels outside [0, num_classes) that are not ignore_index."""
+    return (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+
+
+def label_error(ignore_index: int, num_classes: int, detail: str) -> ValueError:
+    return ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; {detail}")
+
+
+def target_labels(labels: Tensor, ignore_index: int, num_classes: int) -> Tensor:
+    """Labels as backends take them: int64, -1 on ignored rows. ValueError on a label outside
+    [0, num_classes) other than ignore_index. (It reads the labels: one host sync.)"""
+    labels = labels.long()
+    bad = invalid_labels(labels, ignore_index, num_classes)
+    if bool(bad.any()):
+        raise label_error(ignore_index, num_classes, f"got {int(labels[bad][0])}")
+    return torch.where(labels == ignore_index, -1, labels)
