@@ -8,7 +8,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from ..registry import resolve_backend
+from ..backends import resolve_backend
 from .data import load_digit_splits
 from .metrics import pair_scores, roc_auc, tar_at_far
 from .plot import plot_embeddings
