@@ -68,7 +68,7 @@ def main(argv=None):
     for spec in HEADS:
         bar = tqdm(total=epochs, desc=f"{spec.name:<10}", leave=True, file=sys.stdout)
 
-        def progress(loss):
+        def progress(loss, bar=bar):
             bar.set_postfix(loss=f"{loss:.3f}")
             bar.update()
 

@@ -1,6 +1,12 @@
-"""Verification metrics from similarity scores: ROC AUC and TAR at a fixed FAR."""
+"""Verification metrics from similarity scores: ROC AUC and TAR at a fixed FAR.
 
+Thin wrappers over `sklearn.metrics` (roc_auc_score, roc_curve) that take the torch tensors the
+demo produces: `scores` (one similarity per pair, higher means more alike) and `genuine` (bool,
+True where the pair shares a class)."""
+
+import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score, roc_curve
 
 
 def pair_scores(embeddings, labels):
@@ -10,32 +16,29 @@ def pair_scores(embeddings, labels):
     return (unit[i] * unit[j]).sum(1), labels[i] == labels[j]
 
 
+def _as_numpy(scores, genuine, metric):
+    scores = scores.detach().double().cpu().numpy()
+    genuine = genuine.detach().cpu().numpy().astype(bool)
+    if genuine.all() or not genuine.any():
+        raise ValueError(f"{metric} needs both genuine and impostor pairs")
+    return scores, genuine
+
+
 def roc_auc(scores, genuine):
-    """Probability that a genuine pair scores above an impostor pair (ties count half):
-    the Mann-Whitney U statistic over the product of the class sizes."""
-    scores = scores.double()
-    n_pos, n_neg = int(genuine.sum()), int((~genuine).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("ROC AUC needs both genuine and impostor pairs")
-    order = torch.argsort(scores)
-    sorted_scores = scores[order]
-    ranks = torch.empty_like(scores)
-    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
-    # Average ranks over runs of tied scores.
-    unique, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
-    ends = torch.cumsum(counts, 0).double()
-    average = ends - (counts.double() - 1) / 2
-    ranks[order] = average[inverse]
-    rank_sum = ranks[genuine].sum()
-    return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    """Area under the ROC curve: the probability that a genuine pair scores above an impostor
+    pair, ties counting half (`sklearn.metrics.roc_auc_score`)."""
+    return float(roc_auc_score(*_as_numpy(scores, genuine, "ROC AUC")[::-1]))
 
 
 def tar_at_far(scores, genuine, far=1e-2):
-    """True accept rate at the smallest threshold whose false accept rate is at most `far`
-    (a pair is accepted when its score is strictly above the threshold)."""
-    impostor = torch.sort(scores[~genuine].double(), descending=True).values
-    if len(impostor) == 0 or not genuine.any():
-        raise ValueError("TAR@FAR needs both genuine and impostor pairs")
-    allowed = int(far * len(impostor))  # impostors that may score above the threshold
-    threshold = impostor[allowed] if allowed < len(impostor) else impostor[-1] - 1.0
-    return float((scores[genuine].double() > threshold).double().mean())
+    """True accept rate at a false accept rate of at most `far`.
+
+    Convention: the largest TAR among the points of `sklearn.metrics.roc_curve` whose FAR is
+    <= `far`. A pair is accepted when its score is >= the point's threshold, and the curve has a
+    point at every distinct score, so this is the lowest threshold that accepts at most
+    floor(far x impostors) impostor pairs. A genuine pair tied with the first impostor that
+    threshold must reject is rejected with it; when nothing can be accepted (the curve's first
+    point, threshold +inf) the TAR is 0."""
+    scores, genuine = _as_numpy(scores, genuine, "TAR@FAR")
+    fpr, tpr, _ = roc_curve(genuine, scores, drop_intermediate=False)
+    return float(np.max(tpr[fpr <= far]))
