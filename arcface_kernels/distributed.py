@@ -33,7 +33,7 @@ from torch import nn
 
 from . import op
 from .api import MarginLossStats
-from .backends import PartialStats, get_backend, resolve_backend
+from .backends import PartialStats, get_backend, resolve_backend, row_norms
 from .dtypes import compute_dtype, saturating_cast
 from .options import MARGIN_NAMES, LossOptions
 from .validation import check_tensors, invalid_labels, label_error
@@ -134,10 +134,12 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         owned = (all_labels >= class_offset) & (all_labels < class_offset + local_classes)
         shard_labels = torch.where(owned, all_labels - class_offset, -1)
         fused = get_backend(backend)
-        stats = _merge_stats(fused.forward(all_x, weight_shard.detach(), shard_labels, options), class_offset, group)
+        norms = row_norms(all_x, weight_shard.detach())
+        stats = _merge_stats(fused.forward(all_x, weight_shard.detach(), shard_labels, options, norms),
+                             class_offset, group)
         loss, lse = op.finalize(stats, all_labels >= 0, options.label_smoothing, num_classes)
         ctx.save_for_backward(all_x, weight_shard, shard_labels, all_labels, lse)
-        ctx.settings = (options, num_classes, sizes, rows, backend, group, embeddings.dtype)
+        ctx.settings = (options, num_classes, norms, sizes, rows, backend, group, embeddings.dtype)
         outputs = (loss[rows], lse[rows].clone(), stats.target_cos[rows].clone(), stats.best_class[rows].clone())
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
@@ -145,11 +147,11 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         all_x, weight_shard, shard_labels, all_labels, lse = ctx.saved_tensors
-        options, num_classes, sizes, rows, backend, group, x_dtype = ctx.settings
+        options, num_classes, norms, sizes, rows, backend, group, x_dtype = ctx.settings
         grad_all = _gather_rows(grad_loss.to(lse.dtype).contiguous(), sizes, group)
         grad_all = torch.where(all_labels >= 0, grad_all, 0.0)
         dx_all, dw = get_backend(backend).backward(grad_all, all_x, weight_shard, shard_labels, lse, options,
-                                                   num_classes)
+                                                   num_classes, norms)
         dx_all = _all_reduce(dx_all.contiguous(), dist.ReduceOp.SUM, group)
         return (saturating_cast(dx_all[rows], x_dtype), dw) + (None,) * 7
 

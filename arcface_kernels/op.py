@@ -3,14 +3,15 @@
 `arcface_kernels::margin_softmax_fwd` returns per-row loss and stats;
 `arcface_kernels::margin_softmax_bwd` returns (dX, dW). Both dispatch by name to a fused
 backend from the registry. The LossOptions travel flattened (`LossOptions.flatten`): the
-schemas take tensors and plain scalars only. Only O(N) numbers (the log-sum-exp) are saved
-for backward, which recomputes the cosines (docs/design.md section 5).
+schemas take tensors and plain scalars only. Only O(N + C) numbers (the log-sum-exp and the
+inverse norms, computed once per call) are saved for backward, which recomputes the cosines
+(docs/design.md section 5).
 """
 
 import torch
 from torch import Tensor
 
-from .backends import PartialStats, get_backend
+from .backends import PartialStats, RowNorms, get_backend, row_norms
 from .dtypes import compute_dtype, saturating_cast
 from .options import LossOptions
 from .validation import target_labels
@@ -29,60 +30,66 @@ def finalize(stats: PartialStats, active: Tensor, label_smoothing: float, num_cl
 def margin_softmax_fwd(
     embeddings: Tensor, weight: Tensor, labels: Tensor, m1: Tensor, m2: Tensor, m3: Tensor,
     options: list[float], backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns loss_rows (0 on ignored rows), lse, target_cos (compute dtype) and int64 top-1 class."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns loss_rows (0 on ignored rows), lse, target_cos (compute dtype), int64 top-1 class,
+    and the inverse norms rx, rw (for backward)."""
     opts = LossOptions.unflatten(options, m1, m2, m3)
     num_classes = weight.shape[0] // opts.sub_centers
     labels = target_labels(labels, opts.ignore_index, num_classes)
-    stats = get_backend(backend).forward(embeddings, weight, labels, opts)
+    norms = row_norms(embeddings, weight)
+    stats = get_backend(backend).forward(embeddings, weight, labels, opts, norms)
     loss, lse = finalize(stats, labels >= 0, opts.label_smoothing, num_classes)
-    return loss, lse, stats.target_cos.clone(), stats.best_class.clone()
+    return loss, lse, stats.target_cos.clone(), stats.best_class.clone(), norms.rx, norms.rw
 
 
 @margin_softmax_fwd.register_fake
 def _(embeddings, weight, labels, m1, m2, m3, options, backend):
-    n = embeddings.shape[0]
-    row = embeddings.new_empty((n,), dtype=compute_dtype(embeddings.dtype))
-    return row, row.clone(), row.clone(), embeddings.new_empty((n,), dtype=torch.int64)
+    n, dtype = embeddings.shape[0], compute_dtype(embeddings.dtype)
+    row = embeddings.new_empty((n,), dtype=dtype)
+    return (row, row.clone(), row.clone(), embeddings.new_empty((n,), dtype=torch.int64), row.clone(),
+            weight.new_empty((weight.shape[0],), dtype=dtype))
 
 
 @torch.library.custom_op("arcface_kernels::margin_softmax_bwd", mutates_args=())
 def margin_softmax_bwd(
     grad_rows: Tensor, embeddings: Tensor, weight: Tensor, labels: Tensor,
-    m1: Tensor, m2: Tensor, m3: Tensor, lse: Tensor, options: list[float], backend: str,
+    m1: Tensor, m2: Tensor, m3: Tensor, lse: Tensor, rx: Tensor, rw: Tensor, options: list[float], backend: str,
 ) -> tuple[Tensor, Tensor]:
     opts = LossOptions.unflatten(options, m1, m2, m3)
     num_classes = weight.shape[0] // opts.sub_centers
     labels = torch.where(labels == opts.ignore_index, -1, labels.long())
     grad_rows = torch.where(labels >= 0, grad_rows.to(compute_dtype(embeddings.dtype)), 0.0)
-    dx, dw = get_backend(backend).backward(grad_rows, embeddings, weight, labels, lse, opts, num_classes)
+    dx, dw = get_backend(backend).backward(grad_rows, embeddings, weight, labels, lse, opts, num_classes,
+                                           RowNorms(rx, rw))
     return saturating_cast(dx, embeddings.dtype), saturating_cast(dw, weight.dtype)
 
 
 @margin_softmax_bwd.register_fake
-def _(grad_rows, embeddings, weight, labels, m1, m2, m3, lse, options, backend):
+def _(grad_rows, embeddings, weight, labels, m1, m2, m3, lse, rx, rw, options, backend):
     return torch.empty_like(embeddings), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
     embeddings, weight, labels, m1, m2, m3, options, backend = inputs
     ctx.settings = (options, backend)
-    ctx.save_for_backward(embeddings, weight, labels, m1, m2, m3, output[1])
+    loss, lse, target_cos, top1, rx, rw = output
+    ctx.save_for_backward(embeddings, weight, labels, m1, m2, m3, lse, rx, rw)
 
 
-def _backward(ctx, grad_loss, grad_lse, grad_target_cos, grad_top1):
-    embeddings, weight, labels, m1, m2, m3, lse = ctx.saved_tensors
+def _backward(ctx, grad_loss, grad_lse, grad_target_cos, grad_top1, grad_rx, grad_rw):
+    embeddings, weight, labels, m1, m2, m3, lse, rx, rw = ctx.saved_tensors
     if grad_loss is None:
         grad_loss = torch.zeros_like(lse)
-    dx, dw = margin_softmax_bwd(grad_loss, embeddings, weight, labels, m1, m2, m3, lse, *ctx.settings)
+    dx, dw = margin_softmax_bwd(grad_loss, embeddings, weight, labels, m1, m2, m3, lse, rx, rw, *ctx.settings)
     return dx, dw, None, None, None, None, None, None
 
 
-# The stats outputs (lse, target cosine, top-1) are reported, not differentiated.
+# The stats outputs (lse, target cosine, top-1) and the norms are reported, not differentiated.
 torch.library.register_autograd("arcface_kernels::margin_softmax_fwd", _backward, setup_context=_setup_context)
 
 
 def fused_loss_rows(embeddings: Tensor, weight: Tensor, labels: Tensor, options: LossOptions, backend: str):
     """The op on validated inputs whose margins are (N,) tensors: (loss_rows, lse, target_cos, top1)."""
-    return margin_softmax_fwd(embeddings, weight, labels, options.m1, options.m2, options.m3,
-                              options.flatten(), backend)
+    outputs = margin_softmax_fwd(embeddings, weight, labels, options.m1, options.m2, options.m3,
+                                 options.flatten(), backend)
+    return outputs[:4]

@@ -26,8 +26,7 @@ def topk_classes(embeddings, weight, k=1, sub_centers=1):
         raise ValueError(f"k must lie in [1, {n_classes}], got {k}")
     cdt = compute_dtype(embeddings.dtype)
     x = embeddings.to(cdt)
-    rx, _ = inverse_norms(embeddings, cdt)
-    rw, _ = inverse_norms(weight, cdt)
+    rx, rw = inverse_norms(embeddings, cdt), inverse_norms(weight, cdt)
     n = embeddings.shape[0]
     best_cos = torch.empty(n, 0, dtype=cdt, device=x.device)
     best_cls = torch.empty(n, 0, dtype=torch.int64, device=x.device)

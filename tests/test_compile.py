@@ -1,6 +1,7 @@
 """torch.compile(fullgraph=True) of a training step with the loss: no graph break."""
 
 import torch
+from torch._inductor.utils import fresh_inductor_cache
 
 import arcface_kernels as ak
 
@@ -23,9 +24,11 @@ def test_compiled_training_step_fullgraph_matches_eager():
         p.grad = None
     torch._dynamo.reset()
     # fullgraph=True raises on any graph break; the backward graph is compiled by AOTAutograd.
-    compiled = torch.compile(forward, fullgraph=True)
-    got = compiled(x, y)
-    got.backward()
+    # A fresh cache: a graph cached on disk by an older version of the op must not be reused.
+    with fresh_inductor_cache():
+        compiled = torch.compile(forward, fullgraph=True)
+        got = compiled(x, y)
+        got.backward()
     torch.testing.assert_close(got, eager)
     for p, g in zip(list(model.parameters()) + [head.weight], eager_grads):
         torch.testing.assert_close(p.grad, g)

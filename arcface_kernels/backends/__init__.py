@@ -7,8 +7,8 @@ triton     fused Triton kernels (triton/)
 cuda       cuBLAS GEMMs with fused CUDA epilogues, the compiled extension (cuda.py, csrc/)
 """
 
-from .common import get_workspace_budget, workspace_budget
-from .contract import Backend, PartialStats
+from .common import get_workspace_budget, row_norms, workspace_budget
+from .contract import Backend, PartialStats, RowNorms
 from .registry import (
     ALL_BACKEND_NAMES,
     FUSED_BACKEND_NAMES,
@@ -23,6 +23,6 @@ from .registry import (
 load_backends()
 
 __all__ = [
-    "ALL_BACKEND_NAMES", "FUSED_BACKEND_NAMES", "Backend", "PartialStats", "backend_status", "get_backend",
+    "ALL_BACKEND_NAMES", "FUSED_BACKEND_NAMES", "Backend", "PartialStats", "RowNorms", "row_norms", "backend_status", "get_backend",
     "get_workspace_budget", "load_backends", "register_backend", "resolve", "resolve_backend", "workspace_budget",
 ]

@@ -10,7 +10,7 @@ import torch
 
 from ..dtypes import FLOAT_DTYPES, compute_dtype, saturating_cast
 from ..margins import dphi_dcos, phi
-from .common import classes_per_chunk, inverse_norms
+from .common import classes_per_chunk, projection_scale
 from .contract import Backend, PartialStats
 from .registry import register_backend
 
@@ -44,14 +44,13 @@ def _target_in_chunk(labels, start, stop):
     return inside, torch.where(inside, labels - start, 0)
 
 
-def forward(x, w, labels, options):
+def forward(x, w, labels, options, norms):
     cdt = compute_dtype(x.dtype)
     n, dim = x.shape
     n_classes = w.shape[0] // options.sub_centers
     m1, m2, m3 = options.m1, options.m2, options.m3
     xc = x.to(cdt)
-    rx, _ = inverse_norms(x, cdt)
-    rw, _ = inverse_norms(w, cdt)
+    rx, rw = norms
     s = options.scale
 
     def stat(value):
@@ -85,18 +84,15 @@ def forward(x, w, labels, options):
     return PartialStats(row_max, sum_exp, target_logit, logit_sum, target_cos, best_cos, best_class)
 
 
-def backward(grad_rows, x, w, labels, lse, options, num_classes):
+def backward(grad_rows, x, w, labels, lse, options, num_classes, norms):
     cdt = compute_dtype(x.dtype)
     n, dim = x.shape
     k = options.sub_centers
     m1, m2, m3 = options.m1, options.m2, options.m3
     n_classes = w.shape[0] // k
     xc = x.to(cdt)
-    rx, x_active = inverse_norms(x, cdt)
-    rw, w_active = inverse_norms(w, cdt)
-    # The normalization term of dX/dW exists only where the norm is above eps (F.normalize).
-    rx2 = torch.where(x_active, rx * rx, 0.0)
-    rw2 = torch.where(w_active, rw * rw, 0.0)
+    rx, rw = norms
+    rx2, rw2 = projection_scale(rx), projection_scale(rw)
     g = grad_rows.to(cdt)
     lse = lse.to(cdt)
     s, eps = options.scale, options.label_smoothing

@@ -5,7 +5,9 @@ import contextvars
 
 import torch
 
+from ..dtypes import compute_dtype
 from ..margins import NORM_EPS
+from .contract import RowNorms
 
 DEFAULT_WORKSPACE_BUDGET = 64 * 2**20
 # Per thread and per asyncio task: a budget set in one never leaks into another.
@@ -39,10 +41,22 @@ def classes_per_chunk(bytes_per_class: int) -> int:
 _NORM_SLICE_BYTES = 16 * 2**20
 
 
-def inverse_norms(v: torch.Tensor, dtype: torch.dtype):
-    """1 / max(|v_i|, eps) per row in `dtype`, and the mask of rows whose norm exceeds eps."""
+def inverse_norms(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """1 / max(|v_i|, eps) per row, in `dtype`."""
     norms = torch.empty(v.shape[0], dtype=dtype, device=v.device)
     step = max(1, _NORM_SLICE_BYTES // (max(v.shape[1], 1) * 8))
     for start in range(0, v.shape[0], step):
         norms[start : start + step] = torch.linalg.vector_norm(v[start : start + step].to(dtype), dim=1)
-    return 1.0 / norms.clamp_min(NORM_EPS), norms > NORM_EPS
+    return 1.0 / norms.clamp_min(NORM_EPS)
+
+
+def row_norms(x: torch.Tensor, w: torch.Tensor) -> RowNorms:
+    """The inverse norms of embeddings and class rows, once per call (contract.RowNorms)."""
+    dtype = compute_dtype(x.dtype)
+    return RowNorms(inverse_norms(x, dtype), inverse_norms(w, dtype))
+
+
+def projection_scale(r: torch.Tensor) -> torch.Tensor:
+    """r^2 where the row's norm exceeds eps, else 0: the weight of the normalization term of the
+    gradient (docs/design.md section 5), which F.normalize drops for rows clamped at eps."""
+    return torch.where(r < 1.0 / NORM_EPS, r * r, 0.0)

@@ -3,11 +3,11 @@
 A backend sees raw embeddings x (N, D) and raw class rows w (C_local * K, D) in one of the
 dtypes it declares, and
 
-forward(x, w, labels, options) -> PartialStats
+forward(x, w, labels, options, norms) -> PartialStats
     per-row *partial* statistics over the classes it is given: the op turns them into the
     loss (op.finalize); the distributed module merges the partials of several class shards
     with the same rule before finalizing.
-backward(grad_rows, x, w, labels, lse, options, num_classes) -> (dx, dw)
+backward(grad_rows, x, w, labels, lse, options, num_classes, norms) -> (dx, dw)
     the gradients given the final log-sum-exp of every row. dx is float32 (float64 for
     float64 inputs) and is this call's contribution only (shards sum theirs); dw has w's
     dtype and covers exactly the rows of w.
@@ -16,13 +16,23 @@ labels: int64 (N,), local class indices, -1 where the row has no target among th
 (ignored, or owned by another shard): backends never see ignore_index. grad_rows: (N,) in the
 compute dtype, 0 on ignored rows. options: a LossOptions whose m1, m2, m3 are (N,) tensors in
 the compute dtype (LossOptions.for_rows). num_classes: C of the whole problem, over which label
-smoothing spreads its mass.
+smoothing spreads its mass. norms: RowNorms, the inverse norms of x's and w's rows, computed once
+per call (common.row_norms) and saved by the op for backward: O(N + C) numbers.
 """
 
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
+
+
+class RowNorms(NamedTuple):
+    """Inverse norms 1 / max(|v|, eps) of every row, in the compute dtype. A row whose norm is at
+    most eps has rx = 1 / eps exactly: its normalization gradient term vanishes, as through
+    F.normalize (common.projection_scale)."""
+
+    rx: torch.Tensor  # (N,)
+    rw: torch.Tensor  # (C * K,)
 
 
 class PartialStats(NamedTuple):

@@ -11,7 +11,7 @@ import torch
 import triton
 
 from ...dtypes import KERNEL_DTYPES
-from ..common import inverse_norms
+from ..common import projection_scale
 from ..contract import Backend
 from ..registry import register_backend
 from .backward import grad_w_kernel, grad_x_kernel
@@ -72,12 +72,11 @@ def _launch_options(config, backward=False):
     return options
 
 
-def forward(x, w, labels, options):
+def forward(x, w, labels, options, norms):
     n, dim = x.shape
     k = options.sub_centers
     n_classes = w.shape[0] // k
-    rx, _ = inverse_norms(x, torch.float32)
-    rw, _ = inverse_norms(w, torch.float32)
+    rx, rw = norms
     config = tile_config("forward", _interpreted())
     row_blocks = triton.cdiv(n, config.block_m)
     per_split, splits = _class_splits(row_blocks, n_classes, config.block_n)
@@ -91,13 +90,12 @@ def forward(x, w, labels, options):
     return combine_splits(stats, best_class)
 
 
-def backward(grad_rows, x, w, labels, lse, options, num_classes):
+def backward(grad_rows, x, w, labels, lse, options, num_classes, norms):
     n, dim = x.shape
     k = options.sub_centers
     m1, m2, m3 = options.m1, options.m2, options.m3
     n_classes = w.shape[0] // k
-    rx, x_active = inverse_norms(x, torch.float32)
-    rw, w_active = inverse_norms(w, torch.float32)
+    rx, rw = norms
     grad_rows, lse = grad_rows.float().contiguous(), lse.float().contiguous()
     smoothing, per_class = options.label_smoothing, options.label_smoothing / num_classes
     common = dict(K=k, EASY_MARGIN=options.easy_margin, STRAIGHT_THROUGH=options.straight_through,
@@ -111,7 +109,7 @@ def backward(grad_rows, x, w, labels, lse, options, num_classes):
                                       max_splits)
     dx_partial = torch.empty(splits, n, dim, dtype=torch.float32, device=x.device)
     grad_x_kernel[(row_blocks, splits, column_chunks(dim, config))](
-        x, w, rx, rw, x_active.float(), labels, m1, m2, m3, lse, grad_rows, dx_partial,
+        x, w, rx, rw, projection_scale(rx), labels, m1, m2, m3, lse, grad_rows, dx_partial,
         n, n_classes, dim, x.stride(0), w.stride(0), per_split, options.scale, smoothing, per_class,
         **common, **_launch_options(config, backward=True),
     )
@@ -120,7 +118,7 @@ def backward(grad_rows, x, w, labels, lse, options, num_classes):
     config = tile_config("grad_w", interpreted)
     dw = torch.empty_like(w)
     grad_w_kernel[(triton.cdiv(n_classes, config.block_n), k, column_chunks(dim, config))](
-        x, w, rx, rw, w_active.float(), labels, m1, m2, m3, lse, grad_rows, dw,
+        x, w, rx, rw, projection_scale(rw), labels, m1, m2, m3, lse, grad_rows, dw,
         n, n_classes, dim, x.stride(0), w.stride(0), dw.stride(0), options.scale, smoothing, per_class,
         torch.finfo(w.dtype).max,
         **common, **_launch_options(config, backward=True),

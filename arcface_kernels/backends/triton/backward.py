@@ -1,10 +1,10 @@
 """Backward: two deterministic passes that recompute the cosine tiles (docs/design.md section 5).
 
-With rx, rw the inverse norms, dcos the loss gradient per cosine and a_i, b_j equal to 1 where
-the norm exceeds eps (else 0, as through F.normalize):
+With rx, rw the inverse norms, dcos the loss gradient per cosine and px_i, pw_j the projection
+scales (rx_i^2, rw_j^2 where the norm exceeds eps, else 0, as through F.normalize):
 
-    dX_i = rx_i * sum_j (dcos_ij rw_j) w_j - a_i rx_i^2 rowsum_i(dcos * cos) x_i
-    dW_j = rw_j * sum_i (dcos_ij rx_i) x_i - b_j rw_j^2 colsum_j(dcos * cos) w_j
+    dX_i = rx_i * sum_j (dcos_ij rw_j) w_j - px_i rowsum_i(dcos * cos) x_i
+    dW_j = rw_j * sum_i (dcos_ij rx_i) x_i - pw_j colsum_j(dcos * cos) w_j
 
 Decomposition: a row-parallel pass for dX (each program owns a row block, a class split and a
 column chunk of D, and writes its own float32 partial, summed over splits in a fixed order) and
@@ -46,7 +46,7 @@ def _row_terms(rows, row_mask, labels_ptr, m1_ptr, m2_ptr, m3_ptr, lse_ptr, grad
 
 @triton.jit
 def grad_x_kernel(
-    x_ptr, w_ptr, rx_ptr, rw_ptr, x_active_ptr, labels_ptr, m1_ptr, m2_ptr, m3_ptr, lse_ptr, grad_ptr,
+    x_ptr, w_ptr, rx_ptr, rw_ptr, x_proj_ptr, labels_ptr, m1_ptr, m2_ptr, m3_ptr, lse_ptr, grad_ptr,
     dx_partial_ptr,
     N, C, D, stride_x, stride_w, classes_per_split, scale, smoothing, smoothing_per_class,
     K: tl.constexpr, EASY_MARGIN: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -78,9 +78,9 @@ def grad_x_kernel(
             rw = tl.load(rw_ptr + w_rows, mask=class_mask, other=0.0)
             w = load_rows(w_ptr, w_rows, class_mask, stride_w, first_col, D, BLOCK_DOUT)
             acc = grad_dot(dcos_k * rw[None, :], w, acc, GRAD_DOT_FP32, GRAD_PRECISION)
-    active = tl.load(x_active_ptr + rows, mask=row_mask, other=0.0)
+    proj = tl.load(x_proj_ptr + rows, mask=row_mask, other=0.0)  # common.projection_scale
     x = load_rows(x_ptr, rows, row_mask, stride_x, first_col, D, BLOCK_DOUT).to(tl.float32)
-    dx = rx[:, None] * acc - (active * rx * rx * row_sum)[:, None] * x
+    dx = rx[:, None] * acc - (proj * row_sum)[:, None] * x
     cols = first_col + tl.arange(0, BLOCK_DOUT)
     out = dx_partial_ptr + (split * N + rows[:, None]).to(tl.int64) * D + cols[None, :]
     tl.store(out, dx, mask=row_mask[:, None] & (cols[None, :] < D))
@@ -88,7 +88,7 @@ def grad_x_kernel(
 
 @triton.jit
 def grad_w_kernel(
-    x_ptr, w_ptr, rx_ptr, rw_ptr, w_active_ptr, labels_ptr, m1_ptr, m2_ptr, m3_ptr, lse_ptr, grad_ptr,
+    x_ptr, w_ptr, rx_ptr, rw_ptr, w_proj_ptr, labels_ptr, m1_ptr, m2_ptr, m3_ptr, lse_ptr, grad_ptr,
     dw_ptr,
     N, C, D, stride_x, stride_w, stride_dw, scale, smoothing, smoothing_per_class, grad_limit,
     K: tl.constexpr, EASY_MARGIN: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -117,9 +117,9 @@ def grad_w_kernel(
         col_sum += tl.sum(dcos * cos, axis=0)
         x = load_rows(x_ptr, rows, row_mask, stride_x, first_col, D, BLOCK_DOUT)
         acc = grad_dot(tl.trans(dcos * rx[:, None]), x, acc, GRAD_DOT_FP32, GRAD_PRECISION)
-    active = tl.load(w_active_ptr + w_rows, mask=class_mask, other=0.0)
+    proj = tl.load(w_proj_ptr + w_rows, mask=class_mask, other=0.0)  # common.projection_scale
     w = load_rows(w_ptr, w_rows, class_mask, stride_w, first_col, D, BLOCK_DOUT).to(tl.float32)
-    dw = rw[:, None] * acc - (active * rw * rw * col_sum)[:, None] * w
+    dw = rw[:, None] * acc - (proj * col_sum)[:, None] * w
     dw = tl.minimum(tl.maximum(dw, -grad_limit), grad_limit)  # saturate, never overflow to inf
     cols = first_col + tl.arange(0, BLOCK_DOUT)
     out = dw_ptr + w_rows[:, None].to(tl.int64) * stride_dw + cols[None, :]
