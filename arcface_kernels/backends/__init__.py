@@ -23,6 +23,7 @@ from .registry import (
 load_backends()
 
 __all__ = [
-    "ALL_BACKEND_NAMES", "FUSED_BACKEND_NAMES", "Backend", "PartialStats", "RowNorms", "row_norms", "backend_status", "get_backend",
-    "get_workspace_budget", "load_backends", "register_backend", "resolve", "resolve_backend", "workspace_budget",
+    "ALL_BACKEND_NAMES", "FUSED_BACKEND_NAMES", "Backend", "PartialStats", "RowNorms", "row_norms",
+    "backend_status", "get_backend", "get_workspace_budget", "load_backends", "register_backend", "resolve",
+    "resolve_backend", "workspace_budget",
 ]

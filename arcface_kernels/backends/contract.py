@@ -20,8 +20,9 @@ smoothing spreads its mass. norms: RowNorms, the inverse norms of x's and w's ro
 per call (common.row_norms) and saved by the op for backward: O(N + C) numbers.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
