@@ -1,8 +1,15 @@
 // The target-angle margin phi(c) and d phi / d c: the same rules and constants as
-// arcface_kernels/margins.py (docs/design.md section 3).
+// arcface_kernels/margins.py (docs/design.md section 3). Host and device functions: the
+// host build is checked against margins.py in tests/test_cuda_math_host.py.
 #pragma once
 
 #include <cmath>
+
+#ifdef __CUDACC__
+#define ARCFACE_HD __host__ __device__ __forceinline__
+#else
+#define ARCFACE_HD inline
+#endif
 
 namespace arcface_kernels {
 
@@ -14,7 +21,7 @@ struct AngleTerms {
   float c, angle, k, sign;
 };
 
-__device__ __forceinline__ AngleTerms angle_terms(float cos_value, float m1, float m2) {
+ARCFACE_HD AngleTerms angle_terms(float cos_value, float m1, float m2) {
   AngleTerms t;
   t.c = fminf(fmaxf(cos_value, -1.f), 1.f);
   t.angle = m1 * acosf(t.c) + m2;
@@ -24,7 +31,7 @@ __device__ __forceinline__ AngleTerms angle_terms(float cos_value, float m1, flo
   return t;
 }
 
-__device__ __forceinline__ float phi(float cos_value, float m1, float m2, float m3, bool easy_margin) {
+ARCFACE_HD float phi(float cos_value, float m1, float m2, float m3, bool easy_margin) {
   const AngleTerms t = angle_terms(cos_value, m1, m2);
   float value = (m1 == 1.f && t.k >= 1.f) ? t.c - m3 - m2 * sinf(m2)  // m1 == 1 past pi
                                           : t.sign * cosf(t.angle) - 2.f * t.k - m3;
@@ -32,8 +39,7 @@ __device__ __forceinline__ float phi(float cos_value, float m1, float m2, float 
   return value;
 }
 
-__device__ __forceinline__ float dphi_dcos(float cos_value, float m1, float m2, bool easy_margin,
-                                           bool straight_through) {
+ARCFACE_HD float dphi_dcos(float cos_value, float m1, float m2, bool easy_margin, bool straight_through) {
   if (straight_through) return 1.f;
   const AngleTerms t = angle_terms(cos_value, m1, m2);
   const float sin_theta = fmaxf(sqrtf(fmaxf(1.f - t.c * t.c, 0.f)), kSinFloor);

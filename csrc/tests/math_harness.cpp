@@ -1,0 +1,85 @@
+// Host build of the epilogue math (margin_math.cuh, row_math.cuh) for
+// tests/test_cuda_math_host.py: reads float32 records from stdin, writes float32 results to stdout.
+//
+//   math_harness margin               records (c, m1, m2, m3, easy, straight) -> (phi, dphi/dc)
+//   math_harness gradient             records (c, is_target, m1, m2, m3, lse, grad, scale, smoothing,
+//                                     smoothing_per_class, easy, straight) -> (z, dcos)
+//   math_harness class_cosine K       records (rx, K dots, K rw) -> (cos, pick)
+//   math_harness stats W S T          rows of W (z, c) pairs; classes in S contiguous segments, each
+//                                     accumulated by T strided "threads" merged in order, segments
+//                                     merged in order -> (max, sum_exp, logit_sum, best_cos, best_class)
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "../row_math.cuh"
+
+using namespace arcface_kernels;
+
+namespace {
+
+bool read_record(std::vector<float>& record) {
+  return std::fread(record.data(), sizeof(float), record.size(), stdin) == record.size();
+}
+
+void write(std::initializer_list<float> values) {
+  for (float v : values) std::fwrite(&v, sizeof(float), 1, stdout);
+}
+
+RowPartial row_stats(const std::vector<float>& row, int64_t width, int64_t segments, int64_t threads) {
+  const int64_t per_segment = (width + segments - 1) / segments;
+  RowPartial total = empty_partial();
+  for (int64_t s = 0; s < segments; ++s) {
+    const int64_t first = s * per_segment, stop = std::min(first + per_segment, width);
+    RowPartial segment = empty_partial();
+    for (int64_t t = 0; t < threads; ++t) {
+      RowPartial thread = empty_partial();
+      for (int64_t j = first + t; j < stop; j += threads) add_entry(thread, row[2 * j], row[2 * j + 1], j);
+      segment = merge(segment, thread);
+    }
+    total = merge(total, segment);
+  }
+  return total;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) return 2;
+  const char* mode = argv[1];
+  if (!std::strcmp(mode, "margin")) {
+    std::vector<float> r(6);
+    while (read_record(r)) {
+      const bool easy = r[4] != 0.f, straight = r[5] != 0.f;
+      write({phi(r[0], r[1], r[2], r[3], easy), dphi_dcos(r[0], r[1], r[2], easy, straight)});
+    }
+  } else if (!std::strcmp(mode, "gradient")) {
+    std::vector<float> r(12);
+    while (read_record(r)) {
+      const RowTerms row{r[2], r[3], r[4], r[5], r[6]};
+      const LossSettings loss{r[7], r[8], r[9], r[10] != 0.f, r[11] != 0.f};
+      const bool is_target = r[1] != 0.f;
+      write({entry_logit(r[0], is_target, row, loss), entry_cosine_gradient(r[0], is_target, row, loss)});
+    }
+  } else if (!std::strcmp(mode, "class_cosine") && argc == 3) {
+    const int k = std::atoi(argv[2]);
+    std::vector<float> r(1 + 2 * k);
+    while (read_record(r)) {
+      int pick;
+      const float c = class_cosine(r.data() + 1, r.data() + 1 + k, r[0], 0, k, &pick);
+      write({c, static_cast<float>(pick)});
+    }
+  } else if (!std::strcmp(mode, "stats") && argc == 5) {
+    const int64_t width = std::atoll(argv[2]), segments = std::atoll(argv[3]), threads = std::atoll(argv[4]);
+    std::vector<float> row(2 * width);
+    while (read_record(row)) {
+      const RowPartial p = row_stats(row, width, segments, threads);
+      write({p.max, p.sum_exp, p.logit_sum, p.best_cos, static_cast<float>(p.best_class)});
+    }
+  } else {
+    return 2;
+  }
+  return 0;
+}
