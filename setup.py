@@ -13,7 +13,9 @@ import sys
 
 from setuptools import setup
 
-ARCHS = "8.0;9.0"
+# SASS for Turing, Ampere, Ada and Hopper, and PTX of the newest for later GPUs to JIT
+# (docs/backends/cuda.md); TORCH_CUDA_ARCH_LIST overrides it.
+ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
 
 
 def _log(message):
@@ -42,6 +44,14 @@ def _cuda_home():
     return os.path.dirname(os.path.dirname(real))
 
 
+def _ptx_arch(arch_list):
+    """The newest architecture of a TORCH_CUDA_ARCH_LIST that is also embedded as PTX (entries
+    like "9.0+PTX"), as 10 * major + minor; 0 if none. The extension reports it (_C.PTX_ARCH)."""
+    entries = re.split(r"[;\s]+", arch_list.strip())
+    ptx = [round(10 * float(e[: -len("+PTX")])) for e in entries if e.endswith("+PTX")]
+    return max(ptx, default=0)
+
+
 def _cuda_extension():
     wanted = os.environ.get("ARCFACE_KERNELS_BUILD_CUDA")
     if wanted == "0":
@@ -64,10 +74,11 @@ def _cuda_extension():
             from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
             _log(f"building the CUDA extension with {home} for sm {os.environ['TORCH_CUDA_ARCH_LIST']}")
+            ptx = _ptx_arch(os.environ["TORCH_CUDA_ARCH_LIST"])
             extension = CUDAExtension(
                 "arcface_kernels._C",
-                ["csrc/binding.cpp", "csrc/forward.cu", "csrc/backward.cu"],
-                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+                ["csrc/binding.cpp", "csrc/forward.cu", "csrc/backward.cu", "csrc/build_info.cu"],
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", f"-DARCFACE_KERNELS_PTX_ARCH={ptx}"]},
                 py_limited_api=False,
             )
             return extension, {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -1,13 +1,17 @@
-// Backward of the `cuda` backend: per class chunk, recompute the dot products, the backward
-// epilogue turns them into the gradient tile G, and two GEMMs accumulate dX and write dW
-// (docs/design.md section 5).
+// The `cuda` backend's part of the shared chunked backward (arcface_kernels/backends/chunk_plan.py,
+// docs/design.md section 5): `grad_chunk` writes one class chunk's gradient tile
+// G = dcos * rx * rw^T. A cuBLAS GEMM (through ATen) recomputes the chunk's raw dot products in
+// float32, then `gradient_tile` on a rows x class-segments grid turns each entry into dcos (the
+// target through expm1 and dphi/dc), routes it to the class's winning sub-centre column and
+// writes it in G's dtype. The driver then runs the dX / dW GEMMs on G.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
-#include <tuple>
 
 #include "chunking.h"
 #include "ops.h"
@@ -15,118 +19,78 @@
 namespace arcface_kernels {
 namespace {
 
-// Backward: for each entry of the chunk, dcos (docs/design.md section 5, the target through expm1
-// and dphi/dc), routed to the winning sub-centre column. Writes the GEMM operand
-// G = dcos * rx * rw (type GradT) and, over the raw dots in place, dcos * cos for the
-// normalization terms.
 template <typename GradT>
-__global__ void backward_epilogue(float* __restrict__ dots, GradT* __restrict__ grad_tile,
-                                  const float* __restrict__ rx, const float* __restrict__ rw_chunk,
-                                  GradientInputs in, int64_t chunk_start, int64_t chunk_classes, int k_count,
-                                  float scale, float smoothing, float smoothing_per_class, bool easy_margin,
-                                  bool straight_through) {
+__device__ __forceinline__ GradT to_grad(float value) {
+  return static_cast<GradT>(value);
+}
+
+// float16 saturates at its largest finite value instead of overflowing to inf.
+template <>
+__device__ __forceinline__ c10::Half to_grad<c10::Half>(float value) {
+  return static_cast<c10::Half>(fminf(fmaxf(value, -65504.f), 65504.f));
+}
+
+template <typename GradT>
+__global__ void gradient_tile(const float* __restrict__ dots, const float* __restrict__ rw_chunk, RowInputs in,
+                              GradT* __restrict__ grad, int64_t first_class, int64_t chunk_classes, int k_count,
+                              LossSettings loss) {
   const int64_t row = blockIdx.x;
   const int64_t width = chunk_classes * k_count;
-  float* row_dots = dots + row * width;
-  GradT* row_grad = grad_tile + row * width;
-  const float x_inv = rx[row];
-  const float lse = in.lse[row];
-  const float g = in.grad_rows[row];
-  const int64_t label = in.labels[row];
-  const int64_t target = label - chunk_start;
-  const bool has_target = label >= 0 && target >= 0 && target < chunk_classes;
-  const float m1 = in.margins.m1[row], m2 = in.margins.m2[row], m3 = in.margins.m3[row];
-  for (int64_t j = threadIdx.x; j < chunk_classes; j += kThreads) {
+  const float* row_dots = dots + row * width;
+  GradT* row_grad = grad + row * width;
+  const float rx = in.rx[row];
+  const RowTerms terms = load_row(in, row);
+  const int64_t target = chunk_target(in, row, first_class, chunk_classes);
+  const int64_t stride = static_cast<int64_t>(gridDim.y) * kThreads;
+  for (int64_t j = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x; j < chunk_classes; j += stride) {
     int pick;
-    const float c = class_cosine(row_dots, rw_chunk, x_inv, j, k_count, &pick);
-    float dz;
-    if (has_target && j == target) {
-      const float target_z = scale * phi(c, m1, m2, m3, easy_margin);
-      dz = (expm1f(target_z - lse) + smoothing - smoothing_per_class) *
-           dphi_dcos(c, m1, m2, easy_margin, straight_through);
-    } else {
-      dz = expf(scale * c - lse) - smoothing_per_class;
-    }
-    const float dcos = scale * g * dz;
+    const float c = class_cosine(row_dots, rw_chunk, rx, j, k_count, &pick);
+    const float dcos = entry_cosine_gradient(c, j == target, terms, loss);
     for (int k = 0; k < k_count; ++k) {
       const int64_t col = j * k_count + k;
-      const float routed = (k == pick) ? dcos : 0.f;
-      row_grad[col] = static_cast<GradT>(routed * x_inv * rw_chunk[col]);
-      row_dots[col] = routed * c;  // the winning column's cosine is c
+      row_grad[col] = to_grad<GradT>(k == pick ? dcos * rx * rw_chunk[col] : 0.f);
     }
   }
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_rows_in, const at::Tensor& x_in,
-                                            const at::Tensor& w_in, const at::Tensor& labels_in,
-                                            const at::Tensor& m1_in, const at::Tensor& m2_in,
-                                            const at::Tensor& m3_in, const at::Tensor& lse_in, double scale,
-                                            int64_t sub_centers, bool easy_margin, bool straight_through,
-                                            double label_smoothing, int64_t num_classes) {
-  check_inputs(x_in, w_in, labels_in, sub_centers);
+void grad_chunk(const at::Tensor& x_in, const at::Tensor& w_rows_in, const at::Tensor& labels_in,
+                const at::Tensor& m1_in, const at::Tensor& m2_in, const at::Tensor& m3_in, const at::Tensor& rx_in,
+                const at::Tensor& rw_rows_in, const at::Tensor& lse_in, const at::Tensor& grad_rows_in,
+                at::Tensor& out, int64_t first_class, double scale, int64_t sub_centers, bool easy_margin,
+                bool straight_through, double label_smoothing, int64_t num_classes) {
+  check_inputs(x_in, w_rows_in, labels_in, sub_centers);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto x = x_in.contiguous(), w = w_in.contiguous(), labels = labels_in.contiguous();
-  const auto m1 = m1_in.to(at::kFloat).contiguous(), m2 = m2_in.to(at::kFloat).contiguous(),
-             m3 = m3_in.to(at::kFloat).contiguous();
-  const auto grad_rows = grad_rows_in.to(at::kFloat).contiguous(), lse = lse_in.to(at::kFloat).contiguous();
-  const int64_t n = x.size(0), n_classes = w.size(0) / sub_centers;
-  const auto f32 = x.options().dtype(at::kFloat);
-  const auto rx = inverse_norms(x), rw = inverse_norms(w);
-  // the normalization terms exist only where the norm exceeds eps (as through F.normalize)
-  const auto x_term = at::where(rx < 1.f / kNormEps, rx * rx, at::zeros_like(rx));
-  const auto w_term = at::where(rw < 1.f / kNormEps, rw * rw, at::zeros_like(rw));
-  // bfloat16 gradient tiles feed the tensor cores; float16 could overflow (dphi/dc ~ 1/sin theta),
-  // so float16 and float32 inputs take float32 tiles and GEMMs (tf32 where torch allows it)
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
-  const auto grad_type = bf16 ? at::kBFloat16 : at::kFloat;
-  const auto x_operand = bf16 ? x : x.to(at::kFloat);
-  const auto x_float = x.to(at::kFloat);
-  auto dx = at::zeros({n, x.size(1)}, f32);
-  auto row_sum = at::zeros({n}, f32);
-  auto dw = at::empty_like(w);
-  const int64_t chunk = classes_per_chunk(n, sub_centers, n_classes);
-  auto buffer = at::empty({n * chunk * sub_centers}, f32);
-  auto grad_buffer = at::empty({n * chunk * sub_centers}, x.options().dtype(grad_type));
-  const GradientInputs inputs{lse.data_ptr<float>(), grad_rows.data_ptr<float>(), labels.data_ptr<int64_t>(),
-                              margins_of(m1, m2, m3)};
-  const float smoothing_per_class = static_cast<float>(label_smoothing / static_cast<double>(num_classes));
+  const auto x = x_in.contiguous(), w_rows = w_rows_in.contiguous(), labels = labels_in.contiguous();
+  const int64_t n = x.size(0), width = w_rows.size(0), chunk_classes = width / sub_centers;
+  TORCH_CHECK(out.is_cuda() && out.is_contiguous() && out.dim() == 2 && out.size(0) == n && out.size(1) == width,
+              "cuda backend: grad_chunk's out must be a contiguous (N, chunk * K) tensor");
+  const auto m1 = row_vector(m1_in, n, "m1"), m2 = row_vector(m2_in, n, "m2"), m3 = row_vector(m3_in, n, "m3");
+  const auto rx = row_vector(rx_in, n, "rx"), rw_rows = row_vector(rw_rows_in, width, "rw_rows");
+  const auto lse = row_vector(lse_in, n, "lse"), grad_rows = row_vector(grad_rows_in, n, "grad_rows");
+  if (n == 0 || width == 0) return;
+  auto dots = at::empty({n, width}, x.options().dtype(at::kFloat));
+  chunk_dots(x, w_rows, dots);
+  const RowInputs in{labels.data_ptr<int64_t>(), rx.data_ptr<float>(), m1.data_ptr<float>(), m2.data_ptr<float>(),
+                     m3.data_ptr<float>(), lse.data_ptr<float>(), grad_rows.data_ptr<float>()};
+  const LossSettings loss{static_cast<float>(scale), static_cast<float>(label_smoothing),
+                          static_cast<float>(label_smoothing / static_cast<double>(num_classes)), easy_margin,
+                          straight_through};
+  const int64_t blocks_per_row = std::min<int64_t>((chunk_classes + kThreads - 1) / kThreads, 65535);
+  const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(blocks_per_row));
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  for (int64_t start = 0; start < n_classes; start += chunk) {
-    const int64_t count = std::min(chunk, n_classes - start);
-    const int64_t width = count * sub_centers;
-    const auto w_rows = w.narrow(0, start * sub_centers, width);
-    auto dots = flat_view(buffer, n, width);
-    auto grad_tile = flat_view(grad_buffer, n, width);
-    chunk_dots(x, w_rows, dots);
-    if (n > 0) {
-      const float* rw_chunk = rw.data_ptr<float>() + start * sub_centers;
-      if (bf16) {
-        backward_epilogue<c10::BFloat16><<<n, kThreads, 0, stream>>>(
-            dots.data_ptr<float>(), grad_tile.data_ptr<c10::BFloat16>(), rx.data_ptr<float>(), rw_chunk, inputs,
-            start, count, static_cast<int>(sub_centers), static_cast<float>(scale),
-            static_cast<float>(label_smoothing), smoothing_per_class, easy_margin, straight_through);
-      } else {
-        backward_epilogue<float><<<n, kThreads, 0, stream>>>(
-            dots.data_ptr<float>(), grad_tile.data_ptr<float>(), rx.data_ptr<float>(), rw_chunk, inputs, start,
-            count, static_cast<int>(sub_centers), static_cast<float>(scale), static_cast<float>(label_smoothing),
-            smoothing_per_class, easy_margin, straight_through);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    // dots now hold dcos * cos: its row and column sums give the normalization terms
-    row_sum += dots.sum(1);
-    const auto col_sum = dots.sum(0);
-    const auto w_operand = bf16 ? w_rows : w_rows.to(at::kFloat);
-    // dX += G W_chunk with float32 accumulation across chunks
-    dx += bf16 ? at::mm(grad_tile, w_operand, at::kFloat) : at::mm(grad_tile, w_operand);
-    auto dw_rows = bf16 ? at::mm(grad_tile.t(), x_operand, at::kFloat) : at::mm(grad_tile.t(), x_operand);
-    dw_rows -= (w_term.narrow(0, start * sub_centers, width) * col_sum).unsqueeze(1) * w_rows.to(at::kFloat);
-    dw.narrow(0, start * sub_centers, width).copy_(saturating_cast(dw_rows, w.scalar_type()));
+  const auto launch = [&](auto* grad) {
+    gradient_tile<<<grid, kThreads, 0, stream>>>(dots.data_ptr<float>(), rw_rows.data_ptr<float>(), in, grad,
+                                                 first_class, chunk_classes, static_cast<int>(sub_centers), loss);
+  };
+  switch (out.scalar_type()) {
+    case at::kFloat: launch(out.data_ptr<float>()); break;
+    case at::kBFloat16: launch(out.data_ptr<c10::BFloat16>()); break;
+    case at::kHalf: launch(out.data_ptr<c10::Half>()); break;
+    default: TORCH_CHECK(false, "cuda backend: grad_chunk writes float32, bfloat16 or float16 tiles");
   }
-  dx -= (x_term * row_sum).unsqueeze(1) * x_float;
-  return {dx, dw};
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace arcface_kernels

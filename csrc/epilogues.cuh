@@ -1,79 +1,62 @@
-// Device helpers of the epilogue kernels (forward.cu, backward.cu), which run on a class chunk's
-// raw dot products (N x chunk*K, float32), one thread block per row. Reductions use a fixed
-// tree, so results are bit-reproducible.
+// Device side shared by the epilogue kernels (forward.cu, backward.cu). They run on a class
+// chunk's raw dot products (N x chunk * K, float32, written by a cuBLAS GEMM) on a 2-D grid:
+// blockIdx.x is the row, blockIdx.y a segment of the chunk's classes, so that a small N still
+// fills the GPU. Reductions use fixed trees and fixed merge orders: results are bit-reproducible.
 #pragma once
 
-#include <c10/util/BFloat16.h>
-
-#include <cfloat>
 #include <cstdint>
 
-#include "margin_math.cuh"
+#include "row_math.cuh"
 
 namespace arcface_kernels {
 
 constexpr int kThreads = 256;
 
-struct RowMargins {
+// Per-row inputs as device pointers; lse and grad_rows are null in forward.
+struct RowInputs {
+  const int64_t* labels;  // -1 where the row has no target among these classes
+  const float* rx;        // inverse norms (contract.RowNorms)
   const float* m1;
   const float* m2;
   const float* m3;
+  const float* lse;
+  const float* grad_rows;  // 0 on ignored rows
 };
 
-// (value, index) with the larger value winning, the lower index on ties.
-struct Best {
-  float value;
-  int64_t index;
-};
-
-__device__ __forceinline__ Best better(Best a, Best b) {
-  return (b.value > a.value || (b.value == a.value && b.index < a.index)) ? b : a;
+__device__ __forceinline__ RowTerms load_row(const RowInputs& in, int64_t row) {
+  return RowTerms{in.m1[row], in.m2[row], in.m3[row], in.lse ? in.lse[row] : 0.f,
+                  in.grad_rows ? in.grad_rows[row] : 0.f};
 }
 
+// The chunk-local target class of a row, or -1 when the chunk [first, first + count) lacks it.
+__device__ __forceinline__ int64_t chunk_target(const RowInputs& in, int64_t row, int64_t first, int64_t count) {
+  const int64_t label = in.labels[row];
+  return (label >= first && label < first + count) ? label - first : -1;
+}
+
+// The chunk's classes [first, stop) this block's segment owns.
+struct Segment {
+  int64_t first, stop;
+};
+
+__device__ __forceinline__ Segment block_segment(int64_t chunk_classes) {
+  const int64_t per_segment = (chunk_classes + gridDim.y - 1) / gridDim.y;
+  const int64_t first = blockIdx.y * per_segment;
+  return Segment{first, first + per_segment < chunk_classes ? first + per_segment : chunk_classes};
+}
+
+// Reduce one value per thread with `op` over a fixed halving tree (scratch: kThreads values).
 template <typename T, typename Op>
 __device__ T block_reduce(T value, Op op, T* scratch) {
-  // scratch holds kThreads values; a fixed halving tree
   scratch[threadIdx.x] = value;
   __syncthreads();
   for (int stride = kThreads / 2; stride > 0; stride /= 2) {
     if (threadIdx.x < stride) scratch[threadIdx.x] = op(scratch[threadIdx.x], scratch[threadIdx.x + stride]);
     __syncthreads();
   }
-  T result = scratch[0];
+  const T result = scratch[0];
   __syncthreads();
   return result;
 }
-
-// Cosine of class j of a row: the max over its sub-centre columns, and the winning k.
-__device__ __forceinline__ float class_cosine(const float* dots, const float* rw, float rx, int64_t j, int k_count,
-                                              int* pick) {
-  float best = dots[j * k_count] * rx * rw[j * k_count];
-  *pick = 0;
-  for (int k = 1; k < k_count; ++k) {
-    const float c = dots[j * k_count + k] * rx * rw[j * k_count + k];
-    if (c > best) {
-      best = c;
-      *pick = k;
-    }
-  }
-  return best;
-}
-
-struct RowStats {
-  float* row_max;
-  float* sum_exp;
-  float* logit_sum;
-  float* target_logit;
-  float* target_cos;
-  float* best_cos;
-  int64_t* best_class;
-};
-
-struct GradientInputs {
-  const float* lse;
-  const float* grad_rows;  // 0 on ignored rows
-  const int64_t* labels;
-  RowMargins margins;
-};
 
 }  // namespace arcface_kernels

@@ -1,6 +1,8 @@
 // Forward of the `cuda` backend: per class chunk, a cuBLAS GEMM (through ATen) to float32 dot
-// products, then the forward epilogue merges the chunk into each row's statistics
-// (docs/design.md section 4).
+// products, then two epilogue kernels fold the chunk into each row's statistics
+// (docs/design.md section 4): `segment_stats` on a rows x class-segments grid writes one
+// RowPartial per (row, segment); `merge_segments` merges them, in segment order, into the row's
+// running statistics and records the target terms.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -15,62 +17,57 @@
 namespace arcface_kernels {
 namespace {
 
-// Forward: merge one chunk's statistics into each row's running (max, sum-exp), logit sum,
-// target terms and best class (docs/design.md section 4).
-__global__ void forward_epilogue(const float* __restrict__ dots, const float* __restrict__ rx,
-                                 const float* __restrict__ rw_chunk, const int64_t* __restrict__ labels,
-                                 RowMargins margins, RowStats stats, int64_t chunk_start, int64_t chunk_classes,
-                                 int k_count, float scale, bool easy_margin) {
-  __shared__ float scratch_f[kThreads];
-  __shared__ Best scratch_b[kThreads];
-  const int64_t row = blockIdx.x;
-  const float* row_dots = dots + row * chunk_classes * k_count;
-  const float x_inv = rx[row];
-  const int64_t target = labels[row] - chunk_start;  // in [0, chunk_classes) when this chunk holds it
-  const bool has_target = labels[row] >= 0 && target >= 0 && target < chunk_classes;
-  const float m1 = margins.m1[row], m2 = margins.m2[row], m3 = margins.m3[row];
-  float target_value = 0.f;
-  if (has_target) {
-    int pick;
-    target_value = class_cosine(row_dots, rw_chunk, x_inv, target, k_count, &pick);
-  }
-  const float target_z = scale * phi(target_value, m1, m2, m3, easy_margin);
+// Running per-row statistics (contract.PartialStats), device pointers.
+struct RowStats {
+  float* row_max;
+  float* sum_exp;
+  float* logit_sum;
+  float* target_logit;
+  float* target_cos;
+  float* best_cos;
+  int64_t* best_class;
+};
 
-  float local_max = -INFINITY, local_sum = 0.f;
-  Best local_best{-INFINITY, 0};
-  for (int64_t j = threadIdx.x; j < chunk_classes; j += kThreads) {
+__global__ void segment_stats(const float* __restrict__ dots, const float* __restrict__ rw_chunk, RowInputs in,
+                              RowPartial* __restrict__ partials, int64_t first_class, int64_t chunk_classes,
+                              int k_count, LossSettings loss) {
+  __shared__ RowPartial scratch[kThreads];
+  const int64_t row = blockIdx.x;
+  const Segment segment = block_segment(chunk_classes);
+  const float* row_dots = dots + row * chunk_classes * k_count;
+  const float rx = in.rx[row];
+  const RowTerms terms = load_row(in, row);
+  const int64_t target = chunk_target(in, row, first_class, chunk_classes);
+  RowPartial partial = empty_partial();
+  for (int64_t j = segment.first + threadIdx.x; j < segment.stop; j += kThreads) {
     int pick;
-    const float c = class_cosine(row_dots, rw_chunk, x_inv, j, k_count, &pick);
-    const float z = (has_target && j == target) ? target_z : scale * c;
-    local_max = fmaxf(local_max, z);
-    local_sum += z;
-    local_best = better(local_best, Best{c, chunk_start + j});
+    const float c = class_cosine(row_dots, rw_chunk, rx, j, k_count, &pick);
+    add_entry(partial, entry_logit(c, j == target, terms, loss), c, first_class + j);
   }
-  const float chunk_max = block_reduce(local_max, [](float a, float b) { return fmaxf(a, b); }, scratch_f);
-  const float chunk_logit_sum = block_reduce(local_sum, [](float a, float b) { return a + b; }, scratch_f);
-  const Best chunk_best = block_reduce(local_best, better, scratch_b);
-  float local_exp = 0.f;
-  for (int64_t j = threadIdx.x; j < chunk_classes; j += kThreads) {
+  partial = block_reduce(partial, [](const RowPartial& a, const RowPartial& b) { return merge(a, b); }, scratch);
+  if (threadIdx.x == 0) partials[row * gridDim.y + blockIdx.y] = partial;
+}
+
+__global__ void merge_segments(const RowPartial* __restrict__ partials, int64_t segments,
+                               const float* __restrict__ dots, const float* __restrict__ rw_chunk, RowInputs in,
+                               RowStats stats, int64_t rows, int64_t first_class, int64_t chunk_classes,
+                               int k_count, LossSettings loss) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= rows) return;
+  RowPartial total{stats.row_max[row], stats.sum_exp[row], stats.logit_sum[row], stats.best_cos[row],
+                   stats.best_class[row]};
+  for (int64_t s = 0; s < segments; ++s) total = merge(total, partials[row * segments + s]);
+  stats.row_max[row] = total.max;
+  stats.sum_exp[row] = total.sum_exp;
+  stats.logit_sum[row] = total.logit_sum;
+  stats.best_cos[row] = total.best_cos;
+  stats.best_class[row] = total.best_class;
+  const int64_t target = chunk_target(in, row, first_class, chunk_classes);
+  if (target >= 0) {
     int pick;
-    const float c = class_cosine(row_dots, rw_chunk, x_inv, j, k_count, &pick);
-    const float z = (has_target && j == target) ? target_z : scale * c;
-    local_exp += expf(z - chunk_max);
-  }
-  const float chunk_sum_exp = block_reduce(local_exp, [](float a, float b) { return a + b; }, scratch_f);
-  if (threadIdx.x == 0) {
-    const float old_max = stats.row_max[row];
-    const float new_max = fmaxf(old_max, chunk_max);
-    stats.sum_exp[row] = stats.sum_exp[row] * expf(old_max - new_max) + chunk_sum_exp * expf(chunk_max - new_max);
-    stats.row_max[row] = new_max;
-    stats.logit_sum[row] += chunk_logit_sum;
-    if (has_target) {
-      stats.target_logit[row] = target_z;
-      stats.target_cos[row] = target_value;
-    }
-    if (chunk_best.value > stats.best_cos[row]) {  // strict: earlier chunks win ties
-      stats.best_cos[row] = chunk_best.value;
-      stats.best_class[row] = chunk_best.index;
-    }
+    const float c = class_cosine(dots + row * chunk_classes * k_count, rw_chunk, in.rx[row], target, k_count, &pick);
+    stats.target_cos[row] = c;
+    stats.target_logit[row] = entry_logit(c, true, load_row(in, row), loss);
   }
 }
 
@@ -78,35 +75,45 @@ __global__ void forward_epilogue(const float* __restrict__ dots, const float* __
 
 std::vector<at::Tensor> partial_stats(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& labels_in,
                                       const at::Tensor& m1_in, const at::Tensor& m2_in, const at::Tensor& m3_in,
-                                      double scale, int64_t sub_centers, bool easy_margin) {
+                                      const at::Tensor& rx_in, const at::Tensor& rw_in, double scale,
+                                      int64_t sub_centers, bool easy_margin, int64_t workspace_bytes) {
   check_inputs(x_in, w_in, labels_in, sub_centers);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous(), w = w_in.contiguous(), labels = labels_in.contiguous();
-  const auto m1 = m1_in.to(at::kFloat).contiguous(), m2 = m2_in.to(at::kFloat).contiguous(),
-             m3 = m3_in.to(at::kFloat).contiguous();
   const int64_t n = x.size(0), n_classes = w.size(0) / sub_centers;
+  const auto m1 = row_vector(m1_in, n, "m1"), m2 = row_vector(m2_in, n, "m2"), m3 = row_vector(m3_in, n, "m3");
+  const auto rx = row_vector(rx_in, n, "rx"), rw = row_vector(rw_in, w.size(0), "rw");
   const auto f32 = x.options().dtype(at::kFloat);
-  const auto rx = inverse_norms(x), rw = inverse_norms(w);
-  auto row_max = at::full({n}, -std::numeric_limits<float>::infinity(), f32);
-  auto sum_exp = at::zeros({n}, f32), logit_sum = at::zeros({n}, f32);
-  auto target_logit = at::zeros({n}, f32), target_cos = at::zeros({n}, f32);
-  auto best_cos = at::full({n}, -std::numeric_limits<float>::infinity(), f32);
+  const float inf = std::numeric_limits<float>::infinity();
+  auto row_max = at::full({n}, -inf, f32), sum_exp = at::zeros({n}, f32), logit_sum = at::zeros({n}, f32);
+  auto target_logit = at::zeros({n}, f32), target_cos = at::zeros({n}, f32), best_cos = at::full({n}, -inf, f32);
   auto best_class = at::zeros({n}, x.options().dtype(at::kLong));
   const RowStats stats{row_max.data_ptr<float>(), sum_exp.data_ptr<float>(), logit_sum.data_ptr<float>(),
                        target_logit.data_ptr<float>(), target_cos.data_ptr<float>(), best_cos.data_ptr<float>(),
                        best_class.data_ptr<int64_t>()};
-  const int64_t chunk = classes_per_chunk(n, sub_centers, n_classes);
+  const RowInputs in{labels.data_ptr<int64_t>(), rx.data_ptr<float>(), m1.data_ptr<float>(), m2.data_ptr<float>(),
+                     m3.data_ptr<float>(), nullptr, nullptr};
+  const LossSettings loss{static_cast<float>(scale), 0.f, 0.f, easy_margin, false};
+  const int64_t chunk = classes_per_chunk(n, sub_centers, n_classes, workspace_bytes);
   auto buffer = at::empty({n * chunk * sub_centers}, f32);
+  // one RowPartial (24 bytes) per row and segment, as raw bytes
+  const int64_t most_segments = segments_per_row(n, chunk);
+  auto partials =
+      at::empty({n * most_segments * static_cast<int64_t>(sizeof(RowPartial))}, x.options().dtype(at::kByte));
+  auto* partial_rows = reinterpret_cast<RowPartial*>(partials.data_ptr<uint8_t>());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  for (int64_t start = 0; start < n_classes; start += chunk) {
-    const int64_t count = std::min(chunk, n_classes - start);
+  for (int64_t first = 0; first < n_classes && n > 0; first += chunk) {
+    const int64_t count = std::min(chunk, n_classes - first);
     auto dots = flat_view(buffer, n, count * sub_centers);
-    chunk_dots(x, w.narrow(0, start * sub_centers, count * sub_centers), dots);
-    if (n == 0) continue;
-    forward_epilogue<<<n, kThreads, 0, stream>>>(
-        dots.data_ptr<float>(), rx.data_ptr<float>(), rw.data_ptr<float>() + start * sub_centers,
-        labels.data_ptr<int64_t>(), margins_of(m1, m2, m3), stats, start, count, static_cast<int>(sub_centers),
-        static_cast<float>(scale), easy_margin);
+    chunk_dots(x, w.narrow(0, first * sub_centers, count * sub_centers), dots);
+    const float* rw_chunk = rw.data_ptr<float>() + first * sub_centers;
+    const int64_t segments = segments_per_row(n, count);
+    segment_stats<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(segments)), kThreads, 0, stream>>>(
+        dots.data_ptr<float>(), rw_chunk, in, partial_rows, first, count, static_cast<int>(sub_centers), loss);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    merge_segments<<<(n + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+        partial_rows, segments, dots.data_ptr<float>(), rw_chunk, in, stats, n, first, count,
+        static_cast<int>(sub_centers), loss);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {row_max, sum_exp, target_logit, logit_sum, target_cos, best_cos, best_class};

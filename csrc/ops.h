@@ -1,24 +1,27 @@
-// The two ops of the `cuda` backend (docs/backends/cuda.md); binding.cpp registers them as
-// torch.ops.arcface_kernels_cuda.{partial_stats, backward}.
+// The ops of the `cuda` backend (docs/backends/cuda.md); binding.cpp registers them as
+// torch.ops.arcface_kernels_cuda.{partial_stats, grad_chunk}.
 #pragma once
 
 #include <ATen/ATen.h>
 
-#include <tuple>
 #include <vector>
 
 namespace arcface_kernels {
 
-// Per-row partial statistics over all classes of w (docs/design.md section 4).
+// Per-row partial statistics over all classes of w (docs/design.md section 4), walking the
+// classes in chunks whose float32 dots fit in workspace_bytes. rx, rw: the inverse norms.
 std::vector<at::Tensor> partial_stats(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
                                       const at::Tensor& m1, const at::Tensor& m2, const at::Tensor& m3,
-                                      double scale, int64_t sub_centers, bool easy_margin);
+                                      const at::Tensor& rx, const at::Tensor& rw, double scale, int64_t sub_centers,
+                                      bool easy_margin, int64_t workspace_bytes);
 
-// (dX float32, dW in w's dtype) given the final log-sum-exp (docs/design.md section 5).
-std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_rows, const at::Tensor& x, const at::Tensor& w,
-                                            const at::Tensor& labels, const at::Tensor& m1, const at::Tensor& m2,
-                                            const at::Tensor& m3, const at::Tensor& lse, double scale,
-                                            int64_t sub_centers, bool easy_margin, bool straight_through,
-                                            double label_smoothing, int64_t num_classes);
+// Writes into `out` (N x chunk * K, float32, bfloat16 or float16) the gradient tile
+// G = dcos * rx * rw^T of the weight rows w_rows = w[first_class * K : stop * K], given the final
+// log-sum-exp (docs/design.md section 5).
+void grad_chunk(const at::Tensor& x, const at::Tensor& w_rows, const at::Tensor& labels, const at::Tensor& m1,
+                const at::Tensor& m2, const at::Tensor& m3, const at::Tensor& rx, const at::Tensor& rw_rows,
+                const at::Tensor& lse, const at::Tensor& grad_rows, at::Tensor& out, int64_t first_class,
+                double scale, int64_t sub_centers, bool easy_margin, bool straight_through, double label_smoothing,
+                int64_t num_classes);
 
 }  // namespace arcface_kernels

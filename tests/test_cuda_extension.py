@@ -4,6 +4,7 @@ registers its ops with the dispatcher; without a GPU the `cuda` backend says so 
 
 import glob
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.skipif(
 CHECK = """
 import os, sys, torch, arcface_kernels as ak
 assert os.path.realpath(ak.__file__).startswith(os.path.realpath(sys.prefix)), ak.__file__
-for op in ("partial_stats", "backward"):
+for op in ("partial_stats", "grad_chunk"):
     schemas = torch._C._jit_get_schemas_for_operator("arcface_kernels_cuda::" + op)
     assert schemas, op
     print(schemas[0])
@@ -37,20 +38,24 @@ if not torch.cuda.is_available():
         assert "backend='cuda' is not available on cpu: needs a CUDA device" in str(err), err
     else:
         raise AssertionError("no error without a GPU")
+from arcface_kernels import _C
+print("carries", _C.SASS_ARCHS, _C.PTX_ARCH)
 print("extension ok")
 """
 
 
-def _sass_architectures(shared_object):
+def _gpu_code(shared_object, kind):
+    """The architectures of the SASS (kind "elf") or PTX ("ptx") a shared object embeds."""
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    out = subprocess.run([tool, "--list-elf", shared_object], capture_output=True, text=True, check=True)
-    return out.stdout
+    out = subprocess.run([tool, f"--list-{kind}", shared_object], capture_output=True, text=True, check=True)
+    return {int(arch) for arch in re.findall(r"\.sm_(\d+)\.", out.stdout)}
 
 
 def test_wheel_builds_installs_and_registers_ops(tmp_path):
     env = dict(os.environ, ARCFACE_KERNELS_BUILD_CUDA="1")
+    env.pop("TORCH_CUDA_ARCH_LIST", None)  # the default list, setup.ARCHS
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w",
                             str(tmp_path / "dist"), ROOT], env=env, capture_output=True, text=True, timeout=1500)
     assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
@@ -58,8 +63,9 @@ def test_wheel_builds_installs_and_registers_ops(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         (shared,) = [n for n in archive.namelist() if n.startswith("arcface_kernels/_C") and n.endswith(".so")]
         archive.extract(shared, tmp_path / "unpacked")
-    elves = _sass_architectures(str(tmp_path / "unpacked" / shared))
-    assert "sm_80" in elves and "sm_90" in elves, elves
+    sass = _gpu_code(str(tmp_path / "unpacked" / shared), "elf")
+    assert sass == {75, 80, 86, 89, 90}, sass  # setup.ARCHS: Turing to Hopper
+    assert _gpu_code(str(tmp_path / "unpacked" / shared), "ptx") == {90}  # newer GPUs JIT it
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
@@ -71,3 +77,5 @@ def test_wheel_builds_installs_and_registers_ops(tmp_path):
     assert install.returncode == 0, install.stderr[-3000:]
     run = subprocess.run([python, "-c", CHECK], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=clean)
     assert run.returncode == 0 and "extension ok" in run.stdout, run.stdout + run.stderr[-3000:]
+    # what the extension reports (the `cuda` backend's availability check) is what it carries
+    assert f"carries {tuple(sorted(sass))} 90" in run.stdout, run.stdout

@@ -1,23 +1,60 @@
 """The `cuda` backend: the compiled extension `arcface_kernels._C` (csrc/), registered with the
-torch dispatcher as torch.ops.arcface_kernels_cuda.{partial_stats, backward}.
+torch dispatcher as torch.ops.arcface_kernels_cuda.{partial_stats, grad_chunk}.
 
-cuBLAS GEMMs on class chunks (through ATen) with fused epilogue kernels; see
-docs/backends/cuda.md. Importing this module never fails: without the extension the backend
-reports why.
+Forward walks the classes in chunks: a cuBLAS GEMM to float32 dot products, then epilogue
+kernels fold each chunk into the row statistics. Backward is the shared chunk plan
+(chunk_plan.chunked_backward) with this backend's gradient tile (grad_chunk: the same GEMM, then
+an epilogue that writes G). See docs/backends/cuda.md. Importing this module never fails: without
+the extension, or on a GPU the build carries no code for, the backend reports why.
 """
+
+from typing import NamedTuple
 
 import torch
 
-from ..dtypes import KERNEL_DTYPES
+from ..dtypes import KERNEL_DTYPES, saturating_cast
+from .common import classes_per_chunk, get_workspace_budget, projection_scale
 from .contract import Backend, PartialStats
 from .registry import register_backend
 
-try:
-    from .. import _C  # noqa: F401  (loading it registers the ops)
 
-    _LOAD_ERROR = None
+class GpuCode(NamedTuple):
+    """What the extension was compiled for, as 10 * major + minor."""
+
+    sass: tuple  # architectures with machine code (SASS)
+    ptx: int  # the architecture whose PTX is embedded for newer GPUs to JIT; 0 if none
+
+
+_LOAD_ERROR, BUILT_FOR = None, None
+try:
+    from .. import _C  # loading it registers the ops
 except ImportError as err:
     _LOAD_ERROR = f"extension not built ({err})"
+else:
+    if hasattr(_C, "SASS_ARCHS"):
+        BUILT_FOR = GpuCode(tuple(_C.SASS_ARCHS), _C.PTX_ARCH)
+    else:
+        _LOAD_ERROR = "the extension is from an older build of csrc/: rebuild it"
+
+
+def _sm(arch):
+    return f"sm_{arch}"
+
+
+def runs_on(capability, code: GpuCode) -> tuple:
+    """(ok, reason): can a GPU of compute capability (major, minor) run the extension? SASS runs on
+    its own architecture and on later minor versions of the same major (sm_80 code on sm_86 and
+    sm_89); PTX is JIT-compiled by the driver for any GPU at least as new."""
+    major, minor = capability
+    arch = 10 * major + minor
+    if any(s // 10 == major and s <= arch for s in code.sass):
+        return True, ""
+    if code.ptx and code.ptx <= arch:
+        return True, ""
+    carried = ", ".join(map(_sm, code.sass)) or "no architecture"
+    ptx = f" and PTX for compute_{code.ptx}" if code.ptx else ""
+    return False, (f"the extension carries SASS for {carried}{ptx}, nothing that runs on this {_sm(arch)} GPU "
+                   f"(rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor})")
 
 
 def _available(device):
@@ -25,19 +62,50 @@ def _available(device):
         return False, _LOAD_ERROR
     if device.type != "cuda":
         return False, "needs a CUDA device"
-    return True, ""
+    return runs_on(torch.cuda.get_device_capability(device), BUILT_FOR)
 
 
-def forward(x, w, labels, options, norms):  # the extension computes its own norms
+def forward(x, w, labels, options, norms):
     stats = torch.ops.arcface_kernels_cuda.partial_stats(
-        x, w, labels, options.m1, options.m2, options.m3, options.scale, options.sub_centers, options.easy_margin)
+        x, w, labels, options.m1, options.m2, options.m3, norms.rx, norms.rw, options.scale, options.sub_centers,
+        options.easy_margin, get_workspace_budget())
     return PartialStats(*stats)
 
 
+def _grad_dtype(dtype):
+    """bfloat16 gradient tiles feed the tensor cores; float16 could overflow (dphi/dc ~ 1/sin theta),
+    so float16 and float32 inputs take float32 tiles."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def _mm32(a, b):
+    """a @ b with float32 output (tensor cores for bf16 operands)."""
+    return a @ b if a.dtype == torch.float32 else torch.mm(a, b, out_dtype=torch.float32)
+
+
 def backward(grad_rows, x, w, labels, lse, options, num_classes, norms):
-    return torch.ops.arcface_kernels_cuda.backward(
-        grad_rows, x, w, labels, options.m1, options.m2, options.m3, lse, options.scale, options.sub_centers,
-        options.easy_margin, options.straight_through, options.label_smoothing, num_classes)
+    # Interim chunk walk (docs/design.md section 5), to be replaced by chunk_plan.chunked_backward.
+    k, (n, dim) = options.sub_centers, x.shape
+    grad_dtype = _grad_dtype(x.dtype)
+    operand = (lambda t: t) if grad_dtype == x.dtype else (lambda t: t.to(grad_dtype))
+    step = classes_per_chunk(max(n, 1) * k * (4 + grad_dtype.itemsize))
+    b = torch.zeros(n, dim, dtype=torch.float32, device=x.device)
+    dw = torch.empty_like(w)
+    for first in range(0, w.shape[0] // k, step):
+        rows = slice(first * k, min(first + step, w.shape[0] // k) * k)
+        w_rows = w[rows]
+        g = torch.empty(n, w_rows.shape[0], dtype=grad_dtype, device=x.device)
+        torch.ops.arcface_kernels_cuda.grad_chunk(
+            x, w_rows, labels, options.m1, options.m2, options.m3, norms.rx, norms.rw[rows], lse, grad_rows, g,
+            first, options.scale, k, options.easy_margin, options.straight_through, options.label_smoothing,
+            num_classes)
+        b += _mm32(g, operand(w_rows))
+        a = _mm32(g.T, operand(x))
+        w32 = w_rows.float()
+        a -= (projection_scale(norms.rw[rows]) * (w32 * a).sum(1))[:, None] * w32
+        dw[rows] = saturating_cast(a, w.dtype)
+    x32 = x.float()
+    return b - (projection_scale(norms.rx) * (x32 * b).sum(1))[:, None] * x32, dw
 
 
 register_backend(Backend(
