@@ -1,0 +1,92 @@
+"""The `cuda` backend's Python side (backends/cuda.py) on the CPU: CPU stand-ins for the
+extension's two ops, written from their contracts in csrc/ops.h, replace the CUDA kernels, so the
+argument order, the chunk walk and the normalization terms are checked against the float64
+`torch` backend without a GPU. (The kernels' own math is checked on the host by
+test_cuda_math_host.py; the kernels themselves on a GPU by test_backends.py.)"""
+
+import importlib
+
+import pytest
+import torch
+
+from arcface_kernels.backends import RowNorms, row_norms, workspace_budget
+from arcface_kernels.backends import chunked as torch_backend
+from arcface_kernels.margins import dphi_dcos, phi
+from arcface_kernels.options import LossOptions
+from helpers import make_problem, rel_err
+
+cuda_backend = importlib.import_module("arcface_kernels.backends.cuda")
+pytestmark = pytest.mark.skipif(cuda_backend.BUILT_FOR is None, reason="the CUDA extension is not built")
+
+
+def _options(scale, sub_centers, easy_margin, m1, m2, m3, **settings):
+    return LossOptions(scale=scale, sub_centers=sub_centers, easy_margin=easy_margin, **settings).replace(
+        m1=m1, m2=m2, m3=m3)
+
+
+def partial_stats(x, w, labels, m1, m2, m3, rx, rw, scale, sub_centers, easy_margin, workspace_bytes):
+    """csrc/ops.h partial_stats: the statistics over all classes of w (any chunking gives them)."""
+    options = _options(scale, sub_centers, easy_margin, m1, m2, m3)
+    return list(torch_backend.forward(x, w, labels, options, RowNorms(rx, rw)))
+
+
+def grad_chunk(x, w_rows, labels, m1, m2, m3, rx, rw_rows, lse, grad_rows, out, first_class, scale, sub_centers,
+               easy_margin, straight_through, label_smoothing, num_classes):
+    """csrc/ops.h grad_chunk: out = dcos * rx * rw^T for the weight rows of classes
+    [first_class, first_class + len(w_rows) / K), each class's dcos on its winning sub-centre."""
+    n, k = x.shape[0], sub_centers
+    cos = ((x.float() @ w_rows.float().T) * rx[:, None] * rw_rows[None, :]).view(n, -1, k)
+    cos, pick = cos.max(2)
+    target = labels - first_class
+    is_target = torch.zeros_like(cos, dtype=torch.bool)
+    inside = (labels >= 0) & (target >= 0) & (target < cos.shape[1])
+    is_target[inside, target[inside]] = True
+    m1, m2, m3 = m1[:, None], m2[:, None], m3[:, None]
+    z = scale * torch.where(is_target, phi(cos, m1, m2, m3, easy_margin), cos)
+    smooth = label_smoothing / num_classes
+    slope = dphi_dcos(cos, m1, m2, m3, easy_margin, straight_through)
+    dz = torch.where(is_target, (torch.expm1(z - lse[:, None]) + label_smoothing - smooth) * slope,
+                     torch.exp(z - lse[:, None]) - smooth)
+    dcos = scale * grad_rows[:, None] * dz
+    routed = torch.zeros(n, cos.shape[1], k).scatter_(2, pick[..., None], dcos[..., None]).view(n, -1)
+    out.copy_(routed * rx[:, None] * rw_rows[None, :])
+
+
+@pytest.fixture(scope="module")
+def cpu_ops():
+    library = torch.library.Library("arcface_kernels_cuda", "IMPL")
+    library.impl("partial_stats", partial_stats, "CPU")
+    library.impl("grad_chunk", grad_chunk, "CPU")
+    yield
+    library._destroy()
+
+
+@pytest.mark.parametrize("k,settings", [
+    (1, {}),
+    (3, dict(label_smoothing=0.1)),
+    (1, dict(easy_margin=True, margin_grad="straight_through")),
+    (2, dict(m1=1.35, m2=0.0)),
+])
+def test_cuda_backend_glue_matches_the_torch_backend(cpu_ops, k, settings):
+    x, w, y = make_problem(9, 37, 16, k=k, seed=k)
+    labels = y.clone()
+    labels[2] = -1  # ignored row
+    n, num_classes = x.shape[0], w.shape[0] // k
+    options = LossOptions(sub_centers=k, **settings)
+    settings_64 = options.for_rows(n, x.device, torch.float64)
+    options = options.for_rows(n, x.device, torch.float32)
+    norms, norms_64 = row_norms(x, w), row_norms(x.double(), w.double())
+    with workspace_budget(n * k * 6 * 5):  # a few classes per chunk: the walk crosses many chunks
+        stats = cuda_backend.forward(x, w, labels, options, norms)
+    ref_stats = torch_backend.forward(x.double(), w.double(), labels, settings_64, norms_64)
+    for name, out, ref in zip(stats._fields, stats, ref_stats):
+        assert rel_err(out, ref) < 1e-5, name
+    lse = (ref_stats.row_max + torch.log(ref_stats.sum_exp))
+    grad_rows = torch.where(labels >= 0, torch.linspace(0.5, 1.5, n, dtype=torch.float64), 0.0)
+    with workspace_budget(n * k * 6 * 5):
+        dx, dw = cuda_backend.backward(grad_rows.float(), x, w, labels, lse.float(), options, num_classes, norms)
+    ref_dx, ref_dw = torch_backend.backward(grad_rows, x.double(), w.double(), labels, lse, settings_64, num_classes,
+                                            norms_64)
+    assert dx.dtype == torch.float32 and dw.dtype == w.dtype
+    assert rel_err(dx, ref_dx) < 1e-5
+    assert rel_err(dw, ref_dw) < 1e-5
