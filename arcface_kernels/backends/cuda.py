@@ -72,10 +72,13 @@ def forward(x, w, labels, options, norms):
     return PartialStats(*stats)
 
 
-def _grad_dtype(dtype):
-    """bfloat16 gradient tiles feed the tensor cores; float16 could overflow (dphi/dc ~ 1/sin theta),
-    so float16 and float32 inputs take float32 tiles."""
-    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+def grad_dtype(dtype):
+    """The dtype of the gradient tile G and of the gradient GEMMs' operands. bfloat16 for bfloat16
+    and float16 inputs: tensor cores, and float32's range (G can exceed float16's: dphi/dc grows
+    like 1 / sin(theta), inverse norms like 1 / |v|; float16 operands are rounded to bfloat16,
+    about 2e-3 relative error in the gradients). float32 inputs keep float32 (tf32 where torch's
+    matmul setting allows it)."""
+    return torch.float32 if dtype == torch.float32 else torch.bfloat16
 
 
 def _mm32(a, b):
@@ -86,15 +89,15 @@ def _mm32(a, b):
 def backward(grad_rows, x, w, labels, lse, options, num_classes, norms):
     # Interim chunk walk (docs/design.md section 5), to be replaced by chunk_plan.chunked_backward.
     k, (n, dim) = options.sub_centers, x.shape
-    grad_dtype = _grad_dtype(x.dtype)
-    operand = (lambda t: t) if grad_dtype == x.dtype else (lambda t: t.to(grad_dtype))
-    step = classes_per_chunk(max(n, 1) * k * (4 + grad_dtype.itemsize))
+    g_dtype = grad_dtype(x.dtype)
+    operand = (lambda t: t) if g_dtype == x.dtype else (lambda t: t.to(g_dtype))
+    step = classes_per_chunk(max(n, 1) * k * (4 + g_dtype.itemsize))
     b = torch.zeros(n, dim, dtype=torch.float32, device=x.device)
     dw = torch.empty_like(w)
     for first in range(0, w.shape[0] // k, step):
         rows = slice(first * k, min(first + step, w.shape[0] // k) * k)
         w_rows = w[rows]
-        g = torch.empty(n, w_rows.shape[0], dtype=grad_dtype, device=x.device)
+        g = torch.empty(n, w_rows.shape[0], dtype=g_dtype, device=x.device)
         torch.ops.arcface_kernels_cuda.grad_chunk(
             x, w_rows, labels, options.m1, options.m2, options.m3, norms.rx, norms.rw[rows], lse, grad_rows, g,
             first, options.scale, k, options.easy_margin, options.straight_through, options.label_smoothing,
