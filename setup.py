@@ -2,16 +2,28 @@
 CUDA toolchain and a CUDA build of torch are present.
 
 ARCFACE_KERNELS_BUILD_CUDA=0 skips the extension, =1 requires it (the build fails without a
-toolchain); unset, it is built when possible and skipped with a message otherwise. Without it
-the package still works: the `cuda` backend then reports "extension not built".
+toolchain); unset, it is built when possible and skipped otherwise. Without it the package still
+works: the `cuda` backend then reports "extension not built". The extension is compiled against
+the torch that is importable while this runs, so install torch first and build with
+`pip install --no-build-isolation` (an isolated build would compile against a throwaway torch).
+
+pip hides the output of a successful build, so the outcome (built or skipped, and why) is also
+written into the package as arcface_kernels/_build_info.json: arcface_kernels.build_info.build_info()
+reads it.
 """
 
+import json
 import os
+import platform
 import re
 import shutil
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+BUILD_INFO = os.path.join("arcface_kernels", "_build_info.json")  # generated, gitignored, package data
 
 # SASS for Turing, Ampere, Ada and Hopper, and PTX of the newest for later GPUs to JIT
 # (docs/backends/cuda.md); TORCH_CUDA_ARCH_LIST overrides it.
@@ -22,15 +34,30 @@ def _log(message):
     print(f"arcface_kernels setup: {message}", file=sys.stderr)
 
 
-def _cuda_home():
-    """The CUDA toolkit root: CUDA_HOME / CUDA_PATH, else found through nvcc on PATH (which may be
-    a wrapper script that execs the real nvcc: read the path out of it)."""
+def _is_cuda_toolkit(home):
+    """Is `home` a CUDA toolkit root: an executable bin/nvcc and the runtime headers?"""
+    nvcc = os.path.join(home, "bin", "nvcc")
+    return (os.path.isfile(nvcc) and os.access(nvcc, os.X_OK)
+            and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")))
+
+
+def _cuda_home_candidates():
+    """(source, path) candidates for the CUDA toolkit root, best first: CUDA_HOME / CUDA_PATH, the
+    root torch.utils.cpp_extension settled on, then through nvcc on PATH, which may be a wrapper
+    script that execs the real nvcc (read the path out of it) or a link into the toolkit."""
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var):
-            return os.environ[var]
+            yield var, os.environ[var]
+    try:
+        from torch.utils import cpp_extension
+    except ImportError:  # no torch: the toolkit can still be found through nvcc
+        pass
+    else:
+        if cpp_extension.CUDA_HOME:
+            yield "torch.utils.cpp_extension.CUDA_HOME", cpp_extension.CUDA_HOME
     nvcc = shutil.which("nvcc")
     if nvcc is None:
-        return None
+        return
     real = os.path.realpath(nvcc)
     try:
         with open(real, "rb") as f:
@@ -39,9 +66,27 @@ def _cuda_home():
         head = b""
     if head.startswith(b"#!"):  # a wrapper script
         match = re.search(rb"(/\S+)/bin/nvcc\b", head)
-        if match and os.path.isdir(match.group(1)):
-            return match.group(1).decode()
-    return os.path.dirname(os.path.dirname(real))
+        if match:
+            yield f"the nvcc wrapper {nvcc}", match.group(1).decode()
+    yield f"nvcc on PATH ({real})", os.path.dirname(os.path.dirname(real))
+
+
+def _find_cuda_home():
+    """(root, tried): the first candidate that is a CUDA toolkit (None if none is), and what was
+    tried, as "source: path" lines."""
+    tried = []
+    for source, home in _cuda_home_candidates():
+        home = os.path.abspath(home)
+        if _is_cuda_toolkit(home):
+            return home, tried
+        tried.append(f"{source}: {home} (no bin/nvcc or include/cuda_runtime.h)")
+    return None, tried
+
+
+def _cuda_home():
+    """The CUDA toolkit root (None if there is none): the first of the candidates above that has
+    bin/nvcc and include/cuda_runtime.h."""
+    return _find_cuda_home()[0]
 
 
 def _ptx_arch(arch_list):
@@ -53,22 +98,34 @@ def _ptx_arch(arch_list):
 
 
 def _cuda_extension():
+    """(extension or None, cmdclass, record): the record is what _build_info.json says."""
     wanted = os.environ.get("ARCFACE_KERNELS_BUILD_CUDA")
-    if wanted == "0":
-        _log("ARCFACE_KERNELS_BUILD_CUDA=0: skipping the CUDA extension")
-        return None, {}
+    record = {"cuda_extension": "skipped", "reason": "", "torch": None, "torch_cuda": None,
+              "cuda_home": None, "archs": None, "python": platform.python_version()}
     try:
         import torch
     except ImportError:
-        reason = "torch is not importable at build time (use pip install --no-build-isolation)"
+        torch = None
+    if torch is not None:
+        record.update(torch=torch.__version__, torch_cuda=torch.version.cuda)
+    if wanted == "0":
+        reason = "ARCFACE_KERNELS_BUILD_CUDA=0"
+    elif torch is None:
+        reason = ("torch not importable at build time: install torch first, then this package with "
+                  "pip install --no-build-isolation")
     else:
-        home = _cuda_home()
+        home, tried = _find_cuda_home()
         if torch.version.cuda is None:
-            reason = "this torch build has no CUDA"
-        elif home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
-            reason = "no CUDA toolkit found (nvcc / CUDA_HOME)"
+            reason = f"torch {torch.__version__} is a build without CUDA"
+        elif home is None:
+            reason = "no CUDA toolkit found (install one, put its nvcc on PATH or set CUDA_HOME)"
+            if tried:
+                reason += "; tried " + "; ".join(tried)
         else:
+            from torch.utils import cpp_extension
+
             os.environ["CUDA_HOME"] = home
+            cpp_extension.CUDA_HOME = home  # torch guessed it at import time, maybe wrongly
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ARCHS)
             os.environ.setdefault("MAX_JOBS", "2")
             from torch.utils.cpp_extension import BuildExtension, CUDAExtension
@@ -81,13 +138,50 @@ def _cuda_extension():
                 extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", f"-DARCFACE_KERNELS_PTX_ARCH={ptx}"]},
                 py_limited_api=False,
             )
-            return extension, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+            record.update(cuda_extension="built", cuda_home=home, archs=os.environ["TORCH_CUDA_ARCH_LIST"],
+                          reason=f"compiled with the CUDA toolkit in {home}")
+            temp = os.path.join(ROOT, "build", f"temp-cuda-{sys.implementation.cache_tag}-torch{torch.__version__}")
+            return extension, {"build_ext": _persistent_build_temp(BuildExtension, temp)}, record
     if wanted == "1":
         raise RuntimeError(f"ARCFACE_KERNELS_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
     _log(f"skipping the CUDA extension: {reason}")
-    return None, {}
+    record["reason"] = reason
+    return None, {}, record
+
+
+def _persistent_build_temp(build_extension, temp):
+    """BuildExtension (with ninja) compiling into `temp`, kept between builds: an editable install
+    compiles in a fresh temporary directory each time; here ninja recompiles only what changed
+    (its commands and header dependencies are tracked), across editable installs and pip wheel."""
+
+    class BuildExt(build_extension.with_options(use_ninja=True)):
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = temp
+
+    return BuildExt
+
+
+def _with_build_record(record):
+    """build_py that also writes `record` as arcface_kernels/_build_info.json: into the build tree
+    (so a wheel carries it), or into the source tree for an editable install, which imports from
+    there."""
+
+    class BuildPy(build_py):
+        def run(self):
+            super().run()
+            base = ROOT if getattr(self, "editable_mode", False) else self.build_lib
+            path = os.path.join(base, BUILD_INFO)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(record, f, indent=1)
+                f.write("\n")
+            _log(f"wrote {path}")
+
+    return BuildPy
 
 
 if __name__ == "__main__":  # setuptools runs this file as __main__; tests import _cuda_home
-    extension, cmdclass = _cuda_extension()
-    setup(ext_modules=[extension] if extension else [], cmdclass=cmdclass)
+    extension, cmdclass, record = _cuda_extension()
+    _log(f"CUDA extension {record['cuda_extension']}: {record['reason']}")
+    setup(ext_modules=[extension] if extension else [], cmdclass={**cmdclass, "build_py": _with_build_record(record)})

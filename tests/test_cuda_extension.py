@@ -3,10 +3,13 @@ registers its ops with the dispatcher; without a GPU the `cuda` backend says so 
 (Its numerics run in tests/test_backends.py on a GPU.)"""
 
 import glob
+import json
 import os
 import re
+import site
 import subprocess
 import sys
+import sysconfig
 import zipfile
 
 import pytest
@@ -53,6 +56,43 @@ def _gpu_code(shared_object, kind):
     return {int(arch) for arch in re.findall(r"\.sm_(\d+)\.", out.stdout)}
 
 
+def _outer_site_dirs():
+    """The site-packages directories this interpreter imports from (a venv's own, and its base
+    interpreter's when the venv sees them), wherever the tests run: venv or system python."""
+    paths = sysconfig.get_paths()
+    candidates = [paths["purelib"], paths["platlib"], *site.getsitepackages()]
+    if site.ENABLE_USER_SITE:
+        candidates.append(site.getusersitepackages())
+    seen = {os.path.realpath(p) for p in sys.path if p}
+    return [d for d in dict.fromkeys(candidates) if os.path.isdir(d) and os.path.realpath(d) in seen]
+
+
+def _fresh_venv_seeing_outer_packages(venv, pip=True):
+    """A new venv whose own site-packages comes first, then this environment's (for torch): a .pth
+    lists them. Python does not process .pth files in directories added that way, so an editable
+    install of this checkout out here (its .pth and import hook) does not reach the venv."""
+    subprocess.run([sys.executable, "-m", "venv", *([] if pip else ["--without-pip"]), str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    own = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(own, "_outer_site_packages.pth"), "w") as f:
+        f.write("".join(d + "\n" for d in _outer_site_dirs()))
+    return python
+
+
+def test_fresh_venv_sees_outer_torch_but_not_this_checkout(tmp_path):
+    python = _fresh_venv_seeing_outer_packages(tmp_path / "venv", pip=False)
+    probe = ("import importlib.util as u, torch; print(torch.__file__); "
+             "s = u.find_spec('arcface_kernels'); print(s.origin if s else None)")
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([python, "-c", probe], cwd=tmp_path, capture_output=True, text=True, env=clean, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    torch_file, package = run.stdout.split()
+    assert os.path.realpath(torch_file) == os.path.realpath(torch.__file__)
+    # an editable install of this checkout out here must not leak in (a regular install may)
+    assert package == "None" or not os.path.realpath(package).startswith(os.path.realpath(ROOT) + os.sep), package
+
+
 def test_wheel_builds_installs_and_registers_ops(tmp_path):
     env = dict(os.environ, ARCFACE_KERNELS_BUILD_CUDA="1")
     env.pop("TORCH_CUDA_ARCH_LIST", None)  # the default list, setup.ARCHS
@@ -63,14 +103,14 @@ def test_wheel_builds_installs_and_registers_ops(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         (shared,) = [n for n in archive.namelist() if n.startswith("arcface_kernels/_C") and n.endswith(".so")]
         archive.extract(shared, tmp_path / "unpacked")
+        record = json.loads(archive.read("arcface_kernels/_build_info.json"))  # what setup.py did
+    assert record["cuda_extension"] == "built" and record["torch"] == torch.__version__, record
     sass = _gpu_code(str(tmp_path / "unpacked" / shared), "elf")
     assert sass == {75, 80, 86, 89, 90}, sass  # setup.ARCHS: Turing to Hopper
     assert _gpu_code(str(tmp_path / "unpacked" / shared), "ptx") == {90}  # newer GPUs JIT it
 
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    python = str(venv / "bin" / "python")
-    # the fresh environment sees the system's torch, not this checkout or an editable install of it
+    # a fresh environment that sees this one's torch, not this checkout or an editable install of it
+    python = _fresh_venv_seeing_outer_packages(tmp_path / "venv")
     clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     install = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", wheel],
                              capture_output=True, text=True, timeout=600, env=clean, cwd=tmp_path)
