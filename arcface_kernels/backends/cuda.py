@@ -90,7 +90,7 @@ def backward(grad_rows, x, w, labels, lse, options, num_classes, norms):
     # Interim chunk walk (docs/design.md section 5), to be replaced by chunk_plan.chunked_backward.
     k, (n, dim) = options.sub_centers, x.shape
     g_dtype = grad_dtype(x.dtype)
-    operand = (lambda t: t) if g_dtype == x.dtype else (lambda t: t.to(g_dtype))
+    x_operand = x.to(g_dtype)
     step = classes_per_chunk(max(n, 1) * k * (4 + g_dtype.itemsize))
     b = torch.zeros(n, dim, dtype=torch.float32, device=x.device)
     dw = torch.empty_like(w)
@@ -102,8 +102,8 @@ def backward(grad_rows, x, w, labels, lse, options, num_classes, norms):
             x, w_rows, labels, options.m1, options.m2, options.m3, norms.rx, norms.rw[rows], lse, grad_rows, g,
             first, options.scale, k, options.easy_margin, options.straight_through, options.label_smoothing,
             num_classes)
-        b += _mm32(g, operand(w_rows))
-        a = _mm32(g.T, operand(x))
+        b += _mm32(g, w_rows.to(g_dtype))
+        a = _mm32(g.T, x_operand)
         w32 = w_rows.float()
         a -= (projection_scale(norms.rw[rows]) * (w32 * a).sum(1))[:, None] * w32
         dw[rows] = saturating_cast(a, w.dtype)
