@@ -7,6 +7,7 @@ import torch
 
 from .api import margin_softmax_loss
 from .backends import FUSED_BACKEND_NAMES, backend_status, resolve
+from .build_info import describe as describe_build
 
 
 def _versions():
@@ -17,6 +18,7 @@ def _versions():
         lines.append(f"triton {triton.__version__}")
     except ImportError:
         lines.append("triton not installed")
+    lines.append(describe_build())
     return lines
 
 

@@ -3,9 +3,12 @@ and shape, and a PNG."""
 
 import re
 
+import pytest
+
 from bench import compare, peers
 
 
+@pytest.mark.slow
 def test_quick_report_has_a_row_per_implementation(tmp_path):
     rows = compare.main(["--quick", "--margin", "softmax", "--out", str(tmp_path), "--iters", "1"])
     report = (tmp_path / "report.md").read_text()
