@@ -18,24 +18,28 @@ O(N * D), never O(N * C).
 
 Partial FC (`sample_rate < 1`, as insightface's PartialFC v2): every step each rank keeps the
 classes of its shard that are targets of any row in the global batch and samples the rest
-uniformly until it has ceil(sample_rate * shard size) classes; the loss is the margin softmax
-over the sampled classes only (label smoothing spreads eps over them). The weight stays one
-Parameter and the sampled rows are indexed out of it, so unsampled rows get an exact zero
-gradient: plain SGD leaves them unchanged, while momentum and weight decay still move them,
-which is what insightface's PartialFC v2 does with its SGD optimizer.
-"""
+(partial_fc.py, one sampler per rank) until it has ceil(sample_rate * shard size) classes; the
+loss is the margin softmax over the sampled classes only (label smoothing spreads eps over
+them). The weight stays one Parameter and the sampled rows are indexed out of it, so unsampled
+rows get an exact zero gradient: plain SGD leaves them unchanged, while momentum and weight
+decay still move them, which is what insightface's PartialFC v2 does with its SGD optimizer.
 
-import math
+Under DistributedDataParallel (docs/ddp.md) the backbone's gradients are averaged over the W
+ranks, while this loss's per-rank parts add up to the global loss: ShardedMarginLoss therefore
+multiplies the embeddings' gradient by W (ddp_backbone=True), so that the averaged backbone
+gradient equals a single-process run on the concatenated batch, as with insightface.
+"""
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from . import op
-from .api import MarginLossStats
+from .api import MarginLossStats, _autocast
 from .backends import PartialStats, get_backend, resolve_backend, row_norms
 from .dtypes import compute_dtype, saturating_cast
 from .options import MARGIN_NAMES, LossOptions
+from .partial_fc import ClassSampler, check_sample_rate, class_rows
 from .validation import check_tensors, invalid_labels, label_error
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
@@ -124,7 +128,8 @@ def _merge_stats(stats: PartialStats, class_offset, group):
 
 class _ShardedMarginSoftmax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, embeddings, weight_shard, labels, options, num_classes, class_offset, sizes, backend, group):
+    def forward(ctx, embeddings, weight_shard, labels, options, num_classes, class_offset, sizes, backend, group,
+                embedding_grad_scale):
         rank = dist.get_rank(group)
         rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
         all_x = _gather_rows(embeddings.detach(), sizes, group)
@@ -139,7 +144,8 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
                              class_offset, group)
         loss, lse = op.finalize(stats, all_labels >= 0, options.label_smoothing, num_classes)
         ctx.save_for_backward(all_x, weight_shard, shard_labels, all_labels, lse)
-        ctx.settings = (options, num_classes, norms, sizes, rows, backend, group, embeddings.dtype)
+        ctx.settings = (options, num_classes, norms, sizes, rows, backend, group, embeddings.dtype,
+                        embedding_grad_scale)
         outputs = (loss[rows], lse[rows].clone(), stats.target_cos[rows].clone(), stats.best_class[rows].clone())
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
@@ -147,13 +153,13 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         all_x, weight_shard, shard_labels, all_labels, lse = ctx.saved_tensors
-        options, num_classes, norms, sizes, rows, backend, group, x_dtype = ctx.settings
+        options, num_classes, norms, sizes, rows, backend, group, x_dtype, embedding_grad_scale = ctx.settings
         grad_all = _gather_rows(grad_loss.to(lse.dtype).contiguous(), sizes, group)
         grad_all = torch.where(all_labels >= 0, grad_all, 0.0)
         dx_all, dw = get_backend(backend).backward(grad_all, all_x, weight_shard, shard_labels, lse, options,
                                                    num_classes, norms)
         dx_all = _all_reduce(dx_all.contiguous(), dist.ReduceOp.SUM, group)
-        return (saturating_cast(dx_all[rows], x_dtype), dw) + (None,) * 7
+        return (saturating_cast(dx_all[rows] * embedding_grad_scale, x_dtype), dw) + (None,) * 8
 
 
 def sharded_margin_softmax_loss(embeddings, weight_shard, labels, *, class_offset, num_classes,
@@ -177,8 +183,10 @@ def sharded_margin_softmax_loss(embeddings, weight_shard, labels, *, class_offse
 
 
 def sharded_loss_from_options(embeddings, weight_shard, labels, options: LossOptions, *, class_offset, num_classes,
-                              return_stats=False, process_group=None, backend="auto"):
-    """sharded_margin_softmax_loss with its settings in a LossOptions."""
+                              return_stats=False, process_group=None, backend="auto", embedding_grad_scale=1.0):
+    """sharded_margin_softmax_loss with its settings in a LossOptions; the embeddings' gradient
+    is multiplied by embedding_grad_scale (ShardedMarginLoss's DDP correction)."""
+    embeddings, weight_shard = _autocast(embeddings, weight_shard)
     check_tensors(embeddings, weight_shard, labels, options.sub_centers)
     ignore_index, reduction = options.ignore_index, options.reduction
     group = process_group if process_group is not None else dist.group.WORLD
@@ -191,7 +199,7 @@ def sharded_loss_from_options(embeddings, weight_shard, labels, options: LossOpt
     targets = torch.where(labels == ignore_index, -1, labels)
     rows, lse, target_cos, top1 = _ShardedMarginSoftmax.apply(
         embeddings.contiguous(), weight_shard.contiguous(), targets, options, int(num_classes), int(class_offset),
-        sizes, name, group)
+        sizes, name, group, float(embedding_grad_scale))
     if reduction == "none":
         loss = rows
     elif reduction == "sum":
@@ -207,43 +215,53 @@ def sharded_loss_from_options(embeddings, weight_shard, labels, options: LossOpt
 class ShardedMarginLoss(nn.Module):
     """A margin-softmax head whose class centres are sharded over a process group.
 
-    This rank's `weight` holds the rows of classes [class_start, class_stop) (shard_bounds).
-    `loss = head(embeddings, labels)` with this rank's rows and global labels; with
-    sample_rate < 1 each step uses Partial FC sampling (module docstring).
+    This rank's `weight` holds the rows of classes [class_start, class_stop) (shard_bounds, the
+    same split as insightface's PartialFC_V2, so its state_dict loads theirs: compat.py).
+    `loss = head(embeddings, labels)` with this rank's rows and global labels; this rank's loss
+    is its share of the global batch's loss (all_reduce the values for the batch loss).
+    ddp_backbone=True (default) multiplies the embeddings' gradient by the world size, for a
+    backbone wrapped in DistributedDataParallel, which averages over ranks (docs/ddp.md); pass
+    False when the backbone's gradients are summed instead. With sample_rate < 1 each training
+    step uses Partial FC sampling (module docstring); eval mode uses every class.
     """
 
     def __init__(self, num_classes, embedding_size, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0, sub_centers=1,
-                 process_group=None, sample_rate=1.0, seed=0, backend="auto", device=None, dtype=None,
-                 **loss_options):
+                 process_group=None, sample_rate=1.0, seed=0, ddp_backbone=True, backend="auto", device=None,
+                 dtype=None, **loss_options):
         super().__init__()
-        if not 0.0 < sample_rate <= 1.0:
-            raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}")
         self.options = LossOptions(scale=scale, m1=m1, m2=m2, m3=m3, sub_centers=sub_centers, **loss_options)
         self.group = process_group if process_group is not None else dist.group.WORLD
         rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.class_start, self.class_stop = shard_bounds(num_classes, world, rank)
-        self.num_classes, self.sub_centers, self.sample_rate = num_classes, sub_centers, sample_rate
+        self.num_classes, self.embedding_size, self.sub_centers = num_classes, embedding_size, sub_centers
+        self.sample_rate = check_sample_rate(sample_rate)
+        self.embedding_grad_scale = float(world) if ddp_backbone else 1.0
         self.backend = backend
         local_rows = (self.class_stop - self.class_start) * sub_centers
         self.weight = nn.Parameter(torch.empty(local_rows, embedding_size, device=device, dtype=dtype))
         nn.init.normal_(self.weight, std=0.01)
         # Distinct, reproducible negative samples per rank and step.
-        self.generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
+        self.sampler = ClassSampler(sample_rate, seed * 1_000_003 + rank) if sample_rate < 1 else None
         self.sampled_classes = None  # global indices of the classes used by the last step
 
     def forward(self, embeddings, labels, *, return_stats=False):
-        common = dict(return_stats=return_stats, process_group=self.group, backend=self.backend)
-        if self.sample_rate >= 1.0:
+        common = dict(return_stats=return_stats, process_group=self.group, backend=self.backend,
+                      embedding_grad_scale=self.embedding_grad_scale)
+        if self.sampler is None or not self.training:
             return sharded_loss_from_options(embeddings, self.weight, labels, self.options,
                                              class_offset=self.class_start, num_classes=self.num_classes, **common)
         classes, remapped, counts = self._sample(labels, self.options.ignore_index)
-        k = self.sub_centers
-        rows = (classes[:, None] * k + torch.arange(k, device=classes.device)).flatten()
         rank = dist.get_rank(self.group)
         self.sampled_classes = classes + self.class_start
         # Renumbered labels are >= 0, so -1 can mark the ignored rows whatever ignore_index was.
-        return sharded_loss_from_options(embeddings, self.weight[rows], remapped, self.options.replace(ignore_index=-1),
-                                         class_offset=sum(counts[:rank]), num_classes=sum(counts), **common)
+        out = sharded_loss_from_options(embeddings, self.weight[class_rows(classes, self.sub_centers)], remapped,
+                                        self.options.replace(ignore_index=-1), class_offset=sum(counts[:rank]),
+                                        num_classes=sum(counts), **common)
+        if return_stats:
+            loss, stats = out
+            every_class = _gather_rows(self.sampled_classes, counts, self.group)
+            return loss, stats._replace(top1=every_class[stats.top1])
+        return out
 
     def _sample(self, labels, ignore_index):
         """This shard's sampled classes (local indices, sorted), this rank's labels renumbered into
@@ -258,14 +276,9 @@ class ShardedMarginLoss(nn.Module):
             raise label_error(ignore_index, self.num_classes, "some rank has labels outside")
         local = self.class_stop - self.class_start
         mine = ~ignored & (all_labels >= self.class_start) & (all_labels < self.class_stop)
-        positives = torch.unique(all_labels[mine] - self.class_start).cpu()
-        keep = max(math.ceil(self.sample_rate * local), len(positives))
-        is_positive = torch.zeros(local, dtype=torch.bool, device="cpu")
-        is_positive[positives] = True
-        negatives = torch.nonzero(~is_positive).flatten()
-        order = torch.randperm(len(negatives), generator=self.generator, device="cpu")
-        picked = negatives[order[: keep - len(positives)]]
-        classes = torch.sort(torch.cat([positives, picked])).values.to(device)
+        is_positive = torch.zeros(local, dtype=torch.bool, device=device)
+        is_positive[all_labels[mine] - self.class_start] = True
+        classes = self.sampler(is_positive)
         counts = _gather_counts(len(classes), device, self.group)
         rank = dist.get_rank(self.group)
         # The owner of each label knows its new index; the other ranks add 0.

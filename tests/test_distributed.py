@@ -78,7 +78,7 @@ def _check_sampling(rank, world):
     x, y = x[:n], y[:n]
     rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
     head = ShardedMarginLoss(N_CLASSES, DIM, scale=16.0, sample_rate=0.4, seed=1, dtype=torch.float64,
-                             backend="torch")
+                             ddp_backbone=False, backend="torch")
     with torch.no_grad():
         head.weight.copy_(w[head.class_start : head.class_stop])
     x_local = x[rows].clone().requires_grad_(True)
