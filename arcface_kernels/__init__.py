@@ -8,7 +8,7 @@ rules, dtypes.py the dtype rules. docs/design.md has the math.
 
 from .api import MarginLossStats, arcface_loss, cosface_loss, loss_from_options, margin_softmax_loss, sphereface_loss
 from .backends import backend_status, get_workspace_budget, resolve, resolve_backend, workspace_budget
-from .heads import ArcFaceLoss, CombinedMarginLoss, CosFaceLoss, SphereFaceLoss
+from .heads import ArcFaceLoss, CombinedMarginLoss, CosFaceLoss, SphereFaceLoss, SubCenterArcFaceLoss
 from .options import LossOptions
 from .predict import topk_classes
 
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "margin_softmax_loss", "arcface_loss", "cosface_loss", "sphereface_loss", "loss_from_options", "LossOptions",
-    "MarginLossStats", "ArcFaceLoss", "CosFaceLoss", "SphereFaceLoss", "CombinedMarginLoss", "topk_classes",
+    "MarginLossStats", "ArcFaceLoss", "CosFaceLoss", "SphereFaceLoss", "SubCenterArcFaceLoss", "CombinedMarginLoss",
+    "topk_classes",
     "backend_status", "resolve", "resolve_backend", "workspace_budget", "get_workspace_budget",
 ]
