@@ -1,0 +1,107 @@
+"""The chunked backward every compiled backend shares (docs/design.md section 5).
+
+A backend supplies only the gradient tile of a class chunk,
+
+    fill_grad(first_class, stop_class, out)   writes G = dcos * rx * rw^T of weight rows
+                                              [first_class * K, stop_class * K) into `out`
+                                              (N, (stop_class - first_class) * K), grad_dtype;
+                                              dcos routed to each class's winning sub-centre row,
+                                              0 on the others,
+
+and `chunked_backward` does the rest with tensor-core GEMMs through torch:
+
+    B   += G W_c                       float32, accumulated over chunks in a fixed order
+    A_c  = G^T X                       float32
+    dW_c = A_c - pw (w . A_c) w        the tangent projection, written once per weight row
+    dX   = B - px (x . B) x            once, at the end
+
+(px, pw: common.projection_scale of the inverse norms). The normalization terms need no pass
+over the tile because rowsum(dcos * cos) = x . (G W) and colsum(dcos * cos) = w . (G^T X).
+One gradient buffer is reused by every chunk; its size is bounded by the workspace budget and
+by GRAD_BUFFER_BYTES (it should stay in L2 between the kernel that writes it and the two GEMMs
+that read it), never by C. No atomics, fixed chunk order: bit-reproducible.
+"""
+
+import torch
+
+from ..dtypes import saturating_cast
+from .common import get_workspace_budget, projection_scale
+
+# Largest gradient buffer: it stays resident in an H100's 50 MB L2 between writer and readers.
+GRAD_BUFFER_BYTES = 32 * 2**20
+
+
+def gradient_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of G and of the gradient GEMMs' operands for inputs of `dtype`. bfloat16 for
+    bfloat16 and float16: tensor-core GEMMs, and float32's exponent range, which G needs (dphi/dc
+    grows like 1 / sin(theta), inverse norms like 1 / |v|, so G can exceed float16's 65504);
+    float16 operands lose 3 mantissa bits (about 1e-3 relative error in the gradients,
+    tests/test_chunk_plan.py). float32 and float64 keep their own dtype."""
+    return torch.bfloat16 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def workspace_bytes_per_row(n_rows: int, dim: int, grad_dtype: torch.dtype) -> int:
+    """Workspace one weight row of a chunk costs: its column of G, its float32 rows of A_c and of
+    w_c, and w_c in grad_dtype."""
+    return n_rows * grad_dtype.itemsize + dim * (8 + grad_dtype.itemsize)
+
+
+def chunk_classes(n_rows, n_classes, sub_centers, dim, grad_dtype, budget=None, align=1) -> int:
+    """Classes per chunk: G within GRAD_BUFFER_BYTES and the chunk's workspace within the budget,
+    rounded down to a multiple of `align` (a kernel's class tile) when at least one such multiple
+    fits."""
+    budget = get_workspace_budget() if budget is None else budget
+    n_rows = max(n_rows, 1)
+    by_buffer = GRAD_BUFFER_BYTES // (n_rows * grad_dtype.itemsize * sub_centers)
+    by_budget = budget // (workspace_bytes_per_row(n_rows, dim, grad_dtype) * sub_centers)
+    classes = max(1, min(by_buffer, by_budget, n_classes))
+    return classes // align * align if classes >= align else classes
+
+
+def _matmul_fp32(a, b, accumulate=None):
+    """a @ b (+ accumulate) with a float32 result. On a GPU low-precision operands stay in their
+    dtype on the tensor cores and accumulate in float32 (aten mm.dtype / addmm.dtype, CUDA only);
+    elsewhere they are upcast (CPU tests)."""
+    if a.dtype != torch.float32 and a.dtype != torch.float64:
+        if a.is_cuda:
+            if accumulate is None:
+                return torch.mm(a, b, out_dtype=torch.float32)
+            return torch.addmm(accumulate, a, b, out_dtype=torch.float32)
+        a, b = a.float(), b.float()
+    if accumulate is None:
+        return a @ b
+    return accumulate.addmm_(a, b)
+
+
+def _tangent(grad, v, v_proj):
+    """grad - v_proj * (v . grad) v, per row: the normalization term of the gradient."""
+    v = v.to(grad.dtype)
+    return grad - (v_proj * (v * grad).sum(1))[:, None] * v
+
+
+def chunked_backward(x, w, norms, sub_centers, grad_dtype, fill_grad, workspace_budget=None, align=1):
+    """(dx float32 (N, D), dw in w's dtype (C * K, D)) from the backend's `fill_grad` (module
+    docstring). `align`: chunks hold a multiple of this many classes (the backend's tile width).
+    float64 inputs give float64 dx."""
+    n, dim = x.shape
+    k = sub_centers
+    n_classes = w.shape[0] // k
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    b = torch.zeros(n, dim, dtype=acc_dtype, device=x.device)
+    dw = torch.empty_like(w)
+    if n_classes == 0:
+        return b, dw
+    step = chunk_classes(n, n_classes, k, dim, grad_dtype, workspace_budget, align)
+    buffer = torch.empty(n * step * k, dtype=grad_dtype, device=x.device)
+    x_operand = x.to(grad_dtype)
+    proj_w = projection_scale(norms.rw)
+    for first in range(0, n_classes, step):
+        stop = min(first + step, n_classes)
+        rows = slice(first * k, stop * k)
+        g = buffer[: n * (stop - first) * k].view(n, (stop - first) * k)
+        fill_grad(first, stop, g)
+        w_rows = w[rows]
+        _matmul_fp32(g, w_rows.to(grad_dtype), accumulate=b)
+        a = _matmul_fp32(g.T, x_operand)
+        dw[rows] = saturating_cast(_tangent(a, w_rows, proj_w[rows]), w.dtype)
+    return _tangent(b, x, projection_scale(norms.rx)), dw

@@ -1,0 +1,69 @@
+"""The shared chunked backward (backends/chunk_plan.py) against autograd through F.normalize in
+float64, with a gradient tile written by a plain torch fill_grad: several chunks, sub-centres,
+zero rows; and the chunk sizing rules."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from arcface_kernels.backends.chunk_plan import GRAD_BUFFER_BYTES, chunk_classes, chunked_backward, gradient_dtype
+from arcface_kernels.backends.common import row_norms
+from helpers import rel_err
+
+
+def _problem(n, c, d, k, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(c * k, d, generator=g, dtype=torch.float64)
+    dcos = torch.randn(n, c * k, generator=g, dtype=torch.float64)
+    x[1] = 0.0  # a zero row: its normalization term vanishes, as through F.normalize
+    return x.to(dtype), w.to(dtype), dcos
+
+
+def _autograd(x, w, dcos):
+    x = x.double().requires_grad_(True)
+    w = w.double().requires_grad_(True)
+    (F.normalize(x, dim=1) @ F.normalize(w, dim=1).T * dcos).sum().backward()
+    return x.grad, w.grad
+
+
+def _plan(x, w, dcos, k, grad_dtype, budget):
+    norms = row_norms(x, w)
+    chunks = []
+
+    def fill_grad(first, stop, out):
+        chunks.append((first, stop))
+        rows = slice(first * k, stop * k)
+        out.copy_(dcos[:, rows] * norms.rx.double()[:, None] * norms.rw.double()[None, rows])
+
+    dx, dw = chunked_backward(x, w, norms, k, grad_dtype, fill_grad, workspace_budget=budget)
+    return dx, dw, chunks
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_matches_autograd_in_float64_over_several_chunks(k):
+    x, w, dcos = _problem(9, 13, 6, k, torch.float64)
+    dx, dw, chunks = _plan(x, w, dcos, k, torch.float64, budget=600)
+    assert len(chunks) > 3 and chunks[0][0] == 0 and chunks[-1][1] == 13
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:])), "chunks must tile the classes in order"
+    ref_dx, ref_dw = _autograd(x, w, dcos)
+    assert rel_err(dx, ref_dx) < 1e-12 and rel_err(dw, ref_dw) < 1e-12
+
+
+def test_float16_inputs_take_bfloat16_tiles_within_float16_tolerance():
+    assert gradient_dtype(torch.float16) == torch.bfloat16
+    x, w, dcos = _problem(16, 40, 32, 1, torch.float16, seed=3)
+    dx, dw, _ = _plan(x, w, dcos, 1, gradient_dtype(x.dtype), budget=4096)
+    ref_dx, ref_dw = _autograd(x, w, dcos)
+    assert dx.dtype == torch.float32 and dw.dtype == torch.float16
+    assert rel_err(dx, ref_dx) < 5e-3 and rel_err(dw, ref_dw) < 5e-3
+
+
+def test_chunk_sizing():
+    # the budget bounds the chunk's workspace, GRAD_BUFFER_BYTES the gradient buffer
+    assert chunk_classes(4096, 262144, 1, 512, torch.bfloat16, budget=2**40) * 4096 * 2 == GRAD_BUFFER_BYTES
+    small = chunk_classes(64, 10**6, 1, 16, torch.float32, budget=64 * 1024)
+    assert small * (64 * 4 + 16 * 12) <= 64 * 1024
+    assert chunk_classes(64, 10**6, 1, 16, torch.float32, budget=64 * 1024, align=16) % 16 == 0
+    assert chunk_classes(8, 5, 2, 4, torch.float32, budget=2**30) == 5  # never more than C
+    assert chunk_classes(8, 5, 2, 4, torch.float32, budget=1) == 1  # always at least one class
