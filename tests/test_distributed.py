@@ -2,14 +2,10 @@
 concatenated inputs: loss, every rank's embedding gradient, every shard's weight gradient.
 CPU processes with gloo everywhere; one GPU per process with NCCL where there are enough GPUs."""
 
-import os
-import socket
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawn import run_ranks
 
 import arcface_kernels as ak
 from arcface_kernels.distributed import ShardedMarginLoss, shard_bounds, sharded_margin_softmax_loss
@@ -118,39 +114,22 @@ def _check_errors(rank, world):
         with pytest.raises(ValueError, match="contiguous"):
             sharded_margin_softmax_loss(x, w, y, class_offset=0, num_classes=N_CLASSES)
     bad = torch.tensor([start, N_CLASSES + 5]) if rank == world - 1 else y
-    with pytest.raises(ValueError, match=r"ranks \[%d\] have labels outside" % (world - 1)):
+    with pytest.raises(ValueError, match=rf"ranks \[{world - 1}\] have labels outside"):
         sharded_margin_softmax_loss(x, w, bad, class_offset=start, num_classes=N_CLASSES)
 
 
-def _worker(rank, world, port, failures, comm):
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        if comm == "nccl":
-            torch.cuda.set_device(rank)
-            torch.set_default_device(f"cuda:{rank}")
-        dist.init_process_group(comm, rank=rank, world_size=world)
-        torch.set_num_threads(1)
-        per_row = torch.linspace(0.2, 0.6, sum(BATCH_SIZES[world]), dtype=torch.float64)
-        cases = [
-            (1, torch.float64, "mean", dict(m2=0.5)),
-            (2, torch.float64, "sum", dict(m1=1.2, m2=0.2, m3=0.1, label_smoothing=0.1)),
-            (3, torch.float64, "none", dict(m2=per_row, scale=8.0)),
-            (1, torch.float32, "mean", dict(m3=0.35, label_smoothing=0.2)),
-        ]
-        for k, dtype, reduction, options in cases:
-            _check_matches_reference(rank, world, k, dtype, reduction, options)
-        _check_sampling(rank, world)
-        _check_errors(rank, world)
-        dist.destroy_process_group()
-    except BaseException:
-        failures.put(f"rank {rank}: {traceback.format_exc()}")
-        raise
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank, world):
+    per_row = torch.linspace(0.2, 0.6, sum(BATCH_SIZES[world]), dtype=torch.float64)
+    cases = [
+        (1, torch.float64, "mean", dict(m2=0.5)),
+        (2, torch.float64, "sum", dict(m1=1.2, m2=0.2, m3=0.1, label_smoothing=0.1)),
+        (3, torch.float64, "none", dict(m2=per_row, scale=8.0)),
+        (1, torch.float32, "mean", dict(m3=0.35, label_smoothing=0.2)),
+    ]
+    for k, dtype, reduction, options in cases:
+        _check_matches_reference(rank, world, k, dtype, reduction, options)
+    _check_sampling(rank, world)
+    _check_errors(rank, world)
 
 
 def _enough_gpus(world):
@@ -162,19 +141,7 @@ def _enough_gpus(world):
 def test_sharded_loss_equals_single_process(world, comm):
     if comm == "nccl" and not _enough_gpus(world):
         pytest.skip(f"NCCL needs {world} GPU(s)")
-    ctx = mp.get_context("spawn")
-    failures = ctx.SimpleQueue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, failures, comm)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    messages = []
-    while not failures.empty():
-        messages.append(failures.get())
-    assert not messages, "\n".join(messages)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    run_ranks(_worker, world, comm=comm)
 
 
 def test_shard_bounds_tile_the_classes():
