@@ -101,7 +101,7 @@ def chunked_backward(x, w, norms, sub_centers, grad_dtype, fill_grad, workspace_
         g = buffer[: n * (stop - first) * k].view(n, (stop - first) * k)
         fill_grad(first, stop, g)
         w_rows = w[rows]
-        _matmul_fp32(g, w_rows.to(grad_dtype), accumulate=b)
+        b = _matmul_fp32(g, w_rows.to(grad_dtype), accumulate=b)  # a new tensor on the GPU path
         a = _matmul_fp32(g.T, x_operand)
         dw[rows] = saturating_cast(_tangent(a, w_rows, proj_w[rows]), w.dtype)
     return _tangent(b, x, projection_scale(norms.rx)), dw
