@@ -38,11 +38,11 @@ def from_pml(pml_loss, *, backend="auto"):
     the weight is a copy of W.T (same dtype and device).
     """
     losses, reducers = _pml_losses()
-    if type(pml_loss.reducer) is not reducers.MeanReducer:
-        raise ValueError(f"only PML's default MeanReducer has an equivalent, got {type(pml_loss.reducer).__name__}")
     for regularizer in ("weight_regularizer", "embedding_regularizer"):
         if getattr(pml_loss, regularizer, None) is not None:
             raise ValueError(f"PML's {regularizer} has no equivalent here; add it to the loss yourself")
+    if type(pml_loss.reducer) is not reducers.MeanReducer:
+        raise ValueError(f"only PML's default MeanReducer has an equivalent, got {type(pml_loss.reducer).__name__}")
     w = pml_loss.W.detach()
     common = dict(scale=float(pml_loss.scale), backend=backend, device=w.device, dtype=w.dtype)
     # PML converts the ArcFace margin from degrees to radians at construction: .margin is radians.
