@@ -64,3 +64,50 @@ def test_predict_rejects_bad_k():
     head = ak.ArcFaceLoss(4, 3)
     with pytest.raises(ValueError, match="k must lie in"):
         head.predict(torch.randn(2, 3), k=5)
+
+
+@pytest.mark.parametrize("head_cls", [ak.ArcFaceLoss, ak.CosFaceLoss, ak.SphereFaceLoss, ak.SubCenterArcFaceLoss,
+                                      ak.CombinedMarginLoss])
+def test_settings_are_keyword_only(head_cls):
+    # PML's ArcFaceLoss(num_classes, embedding_size, 28.6) must not silently become scale=28.6
+    with pytest.raises(TypeError, match="positional"):
+        head_cls(10, 4, 28.6)
+
+
+def _pml_subcenter(num_classes, dim, k, seed):
+    losses = pytest.importorskip("pytorch_metric_learning.losses")
+    torch.manual_seed(seed)
+    pml = losses.SubCenterArcFaceLoss(num_classes=num_classes, embedding_size=dim, sub_centers=k)
+    pml.W.data = pml.W.data.double()
+    head = ak.SubCenterArcFaceLoss(num_classes, dim, sub_centers=k, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(pml.W.T)
+    return pml, head
+
+
+def test_get_outliers_matches_pml():
+    num_classes, dim, k, n = 6, 5, 3, 40
+    pml, head = _pml_subcenter(num_classes, dim, k, seed=3)
+    g = torch.Generator().manual_seed(3)
+    y = torch.randint(0, num_classes - 1, (n,), generator=g)      # the last class has no row
+    # rows near a random sub-centre of their class, some pushed far away: both kinds occur
+    centres = head.weight.detach()[y * k + torch.randint(0, k, (n,), generator=g)]
+    x = centres + torch.randn(n, dim, generator=g, dtype=torch.float64) * torch.linspace(0.001, 0.05, n)[:, None]
+    ref_outliers, ref_dominant = pml.get_outliers(x, y)
+    assert 0 < len(ref_outliers) < n
+    with ak.workspace_budget(2 * k * dim * 8):                     # two rows per chunk
+        outliers, dominant = head.get_outliers(x, y)
+    assert torch.equal(outliers, ref_outliers)
+    present = torch.unique(y)
+    torch.testing.assert_close(dominant[present], ref_dominant.T[present], rtol=0, atol=0)
+    torch.testing.assert_close(dominant[num_classes - 1], head.weight.detach()[(num_classes - 1) * k])
+    # an ignored row is never an outlier
+    y_ignored = y.clone()
+    y_ignored[ref_outliers[0]] = -100
+    assert ref_outliers[0] not in head.get_outliers(x, y_ignored, return_dominant_centers=False).tolist()
+
+
+def test_get_logits_matches_pml():
+    pml, head = _pml_subcenter(7, 4, 2, seed=4)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    torch.testing.assert_close(head.get_logits(x), pml.get_logits(x), rtol=1e-12, atol=0)
