@@ -8,12 +8,18 @@ Model (docs/design.md section 6): each kernel takes max(flops / F, bytes / B) wi
 tensor rate (798 TFLOP/s, an H100; the floor is 4 x 2NCD at the same rate) and B the HBM rate
 (3.0 TB/s); kernels run one after another. Counted HBM bytes per N x C entry come from the kernels
 (csrc/): a chunk's float32 dots are written by the GEMM and read by the epilogue (the 64 MiB dots
-tile is larger than the 50 MB L2); the bf16 gradient tile G (a chunk of at most 32 MiB, the shared
-backward plan's L2-sized buffer) is written once and read by the two gradient GEMMs from L2.
+tile is larger than the 50 MB L2); the bf16 gradient tile G (the shared backward plan's buffer,
+sized by chunk_plan.chunk_classes within the workspace budget, at most 32 MiB) is written once
+and read by the two gradient GEMMs from L2.
 O(C D) and O(N D) traffic (weights, dW, dX) is counted too; O(N) and O(C) is not.
 """
 
 from typing import NamedTuple
+
+import torch
+
+from arcface_kernels.backends import chunk_plan
+from arcface_kernels.backends import cuda as cuda_backend
 
 from .compare import HEADLINE_SHAPES
 
@@ -21,8 +27,7 @@ TFLOPS = 798e12  # bf16 dense tensor rate (H100), also the floor's rate
 HBM = 3.0e12  # bytes / s
 BF16 = 2
 F32 = 4
-DOTS_BYTES = 64 * 2**20  # the float32 dots tile (the default workspace budget)
-G_BUFFER_BYTES = 32 * 2**20  # the shared backward plan's gradient-tile buffer
+DOTS_BYTES = 64 * 2**20  # the v1 float32 dots tile (the default workspace budget)
 
 
 class Kernel(NamedTuple):
@@ -44,8 +49,9 @@ def chunks(n, c, tile_bytes, entry_bytes):
 def cuda_v2_plan(n, c, d, itemsize=BF16):
     """The kernels of one forward + backward of this version, totalled over the chunk walk."""
     nc, mm = n * c, 2.0 * n * c * d
-    # B (N x D, fp32) is read and written by every chunk's GEMM (beta = 1)
-    b_traffic = 2 * F32 * n * d * chunks(n, c, G_BUFFER_BYTES, BF16)
+    # B (N x D, fp32) is read and written by every chunk's GEMM (beta = 1); chunks as the backend sizes them
+    per_chunk = chunk_plan.chunk_classes(n, c, 1, d, torch.bfloat16, cuda_backend._plan_budget(n, d, torch.bfloat16))
+    b_traffic = 2 * F32 * n * d * -(-c // per_chunk)
     return [
         Kernel("GEMM dots (fp32 out)", "forward", mm, F32 * nc + itemsize * c * d),
         Kernel("segment_stats epilogue", "forward", 0.0, F32 * nc),

@@ -12,8 +12,9 @@ from typing import NamedTuple
 
 import torch
 
-from ..dtypes import KERNEL_DTYPES, saturating_cast
-from .common import classes_per_chunk, get_workspace_budget, projection_scale
+from ..dtypes import KERNEL_DTYPES
+from . import chunk_plan
+from .common import get_workspace_budget
 from .contract import Backend, PartialStats
 from .registry import register_backend
 
@@ -72,43 +73,25 @@ def forward(x, w, labels, options, norms):
     return PartialStats(*stats)
 
 
-def grad_dtype(dtype):
-    """The dtype of the gradient tile G and of the gradient GEMMs' operands. bfloat16 for bfloat16
-    and float16 inputs: tensor cores, and float32's range (G can exceed float16's: dphi/dc grows
-    like 1 / sin(theta), inverse norms like 1 / |v|; float16 operands are rounded to bfloat16,
-    about 2e-3 relative error in the gradients). float32 inputs keep float32 (tf32 where torch's
-    matmul setting allows it)."""
-    return torch.float32 if dtype == torch.float32 else torch.bfloat16
-
-
-def _mm32(a, b):
-    """a @ b with float32 output (tensor cores for bf16 operands)."""
-    return a @ b if a.dtype == torch.float32 else torch.mm(a, b, out_dtype=torch.float32)
+def _plan_budget(n_rows, dim, grad_dtype):
+    """The shared plan's workspace budget, less what grad_chunk's float32 dots (N x chunk * K,
+    allocated by the op) take per weight row, so that the whole chunk fits the user's budget."""
+    per_row = chunk_plan.workspace_bytes_per_row(max(n_rows, 1), dim, grad_dtype)
+    return max(1, get_workspace_budget() * per_row // (per_row + 4 * max(n_rows, 1)))
 
 
 def backward(grad_rows, x, w, labels, lse, options, num_classes, norms):
-    # Interim chunk walk (docs/design.md section 5), to be replaced by chunk_plan.chunked_backward.
-    k, (n, dim) = options.sub_centers, x.shape
-    g_dtype = grad_dtype(x.dtype)
-    x_operand = x.to(g_dtype)
-    step = classes_per_chunk(max(n, 1) * k * (4 + g_dtype.itemsize))
-    b = torch.zeros(n, dim, dtype=torch.float32, device=x.device)
-    dw = torch.empty_like(w)
-    for first in range(0, w.shape[0] // k, step):
-        rows = slice(first * k, min(first + step, w.shape[0] // k) * k)
-        w_rows = w[rows]
-        g = torch.empty(n, w_rows.shape[0], dtype=g_dtype, device=x.device)
+    k = options.sub_centers
+    grad_dtype = chunk_plan.gradient_dtype(x.dtype)
+
+    def fill_grad(first_class, stop_class, out):
+        rows = slice(first_class * k, stop_class * k)
         torch.ops.arcface_kernels_cuda.grad_chunk(
-            x, w_rows, labels, options.m1, options.m2, options.m3, norms.rx, norms.rw[rows], lse, grad_rows, g,
-            first, options.scale, k, options.easy_margin, options.straight_through, options.label_smoothing,
+            x, w[rows], labels, options.m1, options.m2, options.m3, norms.rx, norms.rw[rows], lse, grad_rows, out,
+            first_class, options.scale, k, options.easy_margin, options.straight_through, options.label_smoothing,
             num_classes)
-        b += _mm32(g, w_rows.to(g_dtype))
-        a = _mm32(g.T, x_operand)
-        w32 = w_rows.float()
-        a -= (projection_scale(norms.rw[rows]) * (w32 * a).sum(1))[:, None] * w32
-        dw[rows] = saturating_cast(a, w.dtype)
-    x32 = x.float()
-    return b - (projection_scale(norms.rx) * (x32 * b).sum(1))[:, None] * x32, dw
+
+    return chunk_plan.chunked_backward(x, w, norms, k, grad_dtype, fill_grad, _plan_budget(*x.shape, grad_dtype))
 
 
 register_backend(Backend(
