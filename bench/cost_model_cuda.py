@@ -50,7 +50,7 @@ def cuda_v2_plan(n, c, d, itemsize=BF16):
     """The kernels of one forward + backward of this version, totalled over the chunk walk."""
     nc, mm = n * c, 2.0 * n * c * d
     # B (N x D, fp32) is read and written by every chunk's GEMM (beta = 1); chunks as the backend sizes them
-    per_chunk = chunk_plan.chunk_classes(n, c, 1, d, torch.bfloat16, cuda_backend._plan_budget(n, d, torch.bfloat16))
+    per_chunk = chunk_plan.chunk_classes(n, c, 1, d, torch.bfloat16, cuda_backend.backward_budget(n, d, torch.bfloat16))
     b_traffic = 2 * F32 * n * d * -(-c // per_chunk)
     return [
         Kernel("GEMM dots (fp32 out)", "forward", mm, F32 * nc + itemsize * c * d),

@@ -9,7 +9,7 @@ import importlib
 import pytest
 import torch
 
-from arcface_kernels.backends import RowNorms, row_norms, workspace_budget
+from arcface_kernels.backends import RowNorms, chunk_plan, row_norms, workspace_budget
 from arcface_kernels.backends import chunked as torch_backend
 from arcface_kernels.margins import dphi_dcos, phi
 from arcface_kernels.options import LossOptions
@@ -92,3 +92,13 @@ def test_cuda_backend_glue_matches_the_torch_backend(cpu_ops, k, settings, dtype
     assert dx.dtype == torch.float32 and dw.dtype == w.dtype
     assert rel_err(dx, ref_dx) < tol
     assert rel_err(dw, ref_dw) < tol
+
+
+def test_backward_chunk_with_its_float32_dots_fits_the_budget():
+    for n, d, budget in ((4096, 512, 64 * 2**20), (512, 128, 2**20), (7, 16, 5000)):
+        with workspace_budget(budget):
+            for dtype in (torch.bfloat16, torch.float32):
+                classes = chunk_plan.chunk_classes(n, 10**7, 1, d, dtype, cuda_backend.backward_budget(n, d, dtype))
+                per_class = chunk_plan.workspace_bytes_per_row(n, d, dtype) + 4 * n  # + grad_chunk's dots
+                assert classes * per_class <= budget
+                assert (classes + 2) * per_class > budget  # and uses most of it

@@ -73,7 +73,7 @@ def forward(x, w, labels, options, norms):
     return PartialStats(*stats)
 
 
-def _plan_budget(n_rows, dim, grad_dtype):
+def backward_budget(n_rows, dim, grad_dtype):
     """The shared plan's workspace budget, less what grad_chunk's float32 dots (N x chunk * K,
     allocated by the op) take per weight row, so that the whole chunk fits the user's budget."""
     per_row = chunk_plan.workspace_bytes_per_row(max(n_rows, 1), dim, grad_dtype)
@@ -83,15 +83,16 @@ def _plan_budget(n_rows, dim, grad_dtype):
 def backward(grad_rows, x, w, labels, lse, options, num_classes, norms):
     k = options.sub_centers
     grad_dtype = chunk_plan.gradient_dtype(x.dtype)
+    x_rows = x.contiguous()  # once, not per chunk inside the op
 
     def fill_grad(first_class, stop_class, out):
         rows = slice(first_class * k, stop_class * k)
         torch.ops.arcface_kernels_cuda.grad_chunk(
-            x, w[rows], labels, options.m1, options.m2, options.m3, norms.rx, norms.rw[rows], lse, grad_rows, out,
+            x_rows, w[rows], labels, options.m1, options.m2, options.m3, norms.rx, norms.rw[rows], lse, grad_rows, out,
             first_class, options.scale, k, options.easy_margin, options.straight_through, options.label_smoothing,
             num_classes)
 
-    return chunk_plan.chunked_backward(x, w, norms, k, grad_dtype, fill_grad, _plan_budget(*x.shape, grad_dtype))
+    return chunk_plan.chunked_backward(x, w, norms, k, grad_dtype, fill_grad, backward_budget(*x.shape, grad_dtype))
 
 
 register_backend(Backend(
