@@ -50,8 +50,13 @@ def test_matches_autograd_in_float64_over_several_chunks(k):
     assert rel_err(dx, ref_dx) < 1e-12 and rel_err(dw, ref_dw) < 1e-12
 
 
-def test_float16_inputs_take_bfloat16_tiles_within_float16_tolerance():
-    assert gradient_dtype(torch.float16) == torch.bfloat16
+def test_gradient_dtypes():
+    assert gradient_dtype(torch.bfloat16) == torch.bfloat16
+    assert gradient_dtype(torch.float16) == torch.float32  # TF32 GEMMs on a GPU, exact on float16 values
+    assert gradient_dtype(torch.float32) == torch.float32 and gradient_dtype(torch.float64) == torch.float64
+
+
+def test_float16_inputs_within_float16_tolerance():
     x, w, dcos = _problem(16, 40, 32, 1, torch.float16, seed=3)
     dx, dw, _ = _plan(x, w, dcos, 1, gradient_dtype(x.dtype), budget=4096)
     ref_dx, ref_dw = _autograd(x, w, dcos)

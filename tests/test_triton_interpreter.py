@@ -21,7 +21,8 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 def test_backend_suite_under_the_triton_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton", "-W", "error::RuntimeWarning",
-           os.path.join(TESTS, "test_backends.py"), os.path.join(TESTS, "test_no_nxc.py")]
+           os.path.join(TESTS, "test_backends.py"), os.path.join(TESTS, "test_no_nxc.py"),
+           os.path.join(TESTS, "test_work_count.py")]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     print(out.stdout[-3000:])
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]

@@ -1,5 +1,6 @@
 """Compile the triton backend's kernels for a GPU that is not here (triton.compile with a
-GPUTarget) and read their resource usage from the cubin."""
+GPUTarget), with the specialization the JIT applies at run time, and read their resource usage
+from the cubin."""
 
 import os
 import re
@@ -10,13 +11,17 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from arcface_kernels.backends.triton.backward import grad_w_kernel, grad_x_kernel
+from arcface_kernels.backends.triton.backward import grad_tile_kernel
 from arcface_kernels.backends.triton.forward import partial_stats_kernel
 
-KERNELS = {"forward": partial_stats_kernel, "grad_x": grad_x_kernel, "grad_w": grad_w_kernel}
-_INPUTS = ("x_ptr", "w_ptr", "dw_ptr")
+KERNELS = {"forward": partial_stats_kernel, "grad_tile": grad_tile_kernel}
+_INPUTS = ("x_ptr", "w_ptr")
+# Integer arguments that are multiples of 16 at the production shapes (D = 128..512, N a multiple
+# of 16, row strides = D): the JIT marks them divisible by 16 at launch, as it does every pointer
+# allocated by torch, and that specialization decides vectorized and pipelined loads.
+_ALIGNED_INTS = ("N", "D", "stride_x", "stride_w", "stride_g")
 _INTS = ("labels_ptr", "best_class_ptr")
-_FLOATS = ("scale", "smoothing", "smoothing_per_class", "grad_limit")
+_FLOATS = ("scale", "smoothing", "smoothing_per_class")
 
 
 def _signature(fn, dtype):
@@ -26,6 +31,8 @@ def _signature(fn, dtype):
             sig[name] = "constexpr"
         elif name in _INPUTS:
             sig[name] = f"*{dtype}"
+        elif name == "g_ptr":  # the gradient tile: float32 for float32 inputs, else bfloat16
+            sig[name] = "*fp32" if dtype == "fp32" else "*bf16"
         elif name in _INTS:
             sig[name] = "*i64"
         elif name.endswith("_ptr"):
@@ -40,11 +47,14 @@ def _signature(fn, dtype):
 def compile_kernel(kernel, config, arch, dtype="bf16", sub_centers=1):
     fn = KERNELS[kernel]
     constants = dict(K=sub_centers, EASY_MARGIN=False, STRAIGHT_THROUGH=False, DOT_PRECISION="ieee",
-                     GRAD_DOT_FP32=dtype != "bf16", GRAD_PRECISION="tf32" if dtype != "bf16" else "ieee",
-                     BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                     BLOCK_DOUT=config.block_dout)
+                     BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
     constants = {name: value for name, value in constants.items() if name in fn.arg_names}
-    src = ASTSource(fn, _signature(fn, dtype), constexprs={(fn.arg_names.index(n),): v for n, v in constants.items()})
+    signature = _signature(fn, dtype)
+    # The runtime specialization the JIT applies at launch (tt.divisibility = 16).
+    aligned = [name for name, kind in signature.items() if kind.startswith("*") or name in _ALIGNED_INTS]
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v for n, v in constants.items()},
+                    attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
 

@@ -22,6 +22,8 @@ by GRAD_BUFFER_BYTES (it should stay in L2 between the kernel that writes it and
 that read it), never by C. No atomics, fixed chunk order: bit-reproducible.
 """
 
+import contextlib
+
 import torch
 
 from ..dtypes import saturating_cast
@@ -32,12 +34,32 @@ GRAD_BUFFER_BYTES = 32 * 2**20
 
 
 def gradient_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of G and of the gradient GEMMs' operands for inputs of `dtype`. bfloat16 for
-    bfloat16 and float16: tensor-core GEMMs, and float32's exponent range, which G needs (dphi/dc
-    grows like 1 / sin(theta), inverse norms like 1 / |v|, so G can exceed float16's 65504);
-    float16 operands lose 3 mantissa bits (about 1e-3 relative error in the gradients,
-    tests/test_chunk_plan.py). float32 and float64 keep their own dtype."""
-    return torch.bfloat16 if dtype in (torch.float16, torch.bfloat16) else dtype
+    """The dtype of G and of the gradient GEMMs' operands for inputs of `dtype`.
+
+    bfloat16 for bfloat16: tensor cores, float32's exponent range (G can exceed float16's:
+    dphi/dc grows like 1 / sin(theta), inverse norms like 1 / |v|). float16 inputs take float32
+    G and float32 operands multiplied in TF32 on the tensor cores (`_tf32_for`): TF32 holds every
+    float16 value exactly, so W keeps its direction. Rounding a float16 W to bfloat16 instead
+    turns a class centre parallel to an embedding into a non-parallel one, and the tangent
+    projection of dX (eq. (23)) then keeps an error of order |G_iy| * 2^-9, which at theta -> 0
+    (dphi/dc ~ 1 / SIN_FLOOR) is larger than the gradient itself. float32 and float64 keep
+    their own dtype."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+@contextlib.contextmanager
+def _tf32_for(dtype: torch.dtype, device: torch.device):
+    """TF32 tensor-core GEMMs for float16 inputs on a GPU (exact on float16 operands), whatever
+    the global matmul setting; float32 inputs follow torch's own setting."""
+    if dtype != torch.float16 or device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def workspace_bytes_per_row(n_rows: int, dim: int, grad_dtype: torch.dtype) -> int:
@@ -95,13 +117,14 @@ def chunked_backward(x, w, norms, sub_centers, grad_dtype, fill_grad, workspace_
     buffer = torch.empty(n * step * k, dtype=grad_dtype, device=x.device)
     x_operand = x.to(grad_dtype)
     proj_w = projection_scale(norms.rw)
-    for first in range(0, n_classes, step):
-        stop = min(first + step, n_classes)
-        rows = slice(first * k, stop * k)
-        g = buffer[: n * (stop - first) * k].view(n, (stop - first) * k)
-        fill_grad(first, stop, g)
-        w_rows = w[rows]
-        b = _matmul_fp32(g, w_rows.to(grad_dtype), accumulate=b)  # a new tensor on the GPU path
-        a = _matmul_fp32(g.T, x_operand)
-        dw[rows] = saturating_cast(_tangent(a, w_rows, proj_w[rows]), w.dtype)
+    with _tf32_for(x.dtype, x.device):
+        for first in range(0, n_classes, step):
+            stop = min(first + step, n_classes)
+            rows = slice(first * k, stop * k)
+            g = buffer[: n * (stop - first) * k].view(n, (stop - first) * k)
+            fill_grad(first, stop, g)
+            w_rows = w[rows]
+            b = _matmul_fp32(g, w_rows.to(grad_dtype), accumulate=b)  # a new tensor on the GPU path
+            a = _matmul_fp32(g.T, x_operand)
+            dw[rows] = saturating_cast(_tangent(a, w_rows, proj_w[rows]), w.dtype)
     return _tangent(b, x, projection_scale(norms.rx)), dw
