@@ -20,9 +20,10 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the suite runs the compiled kernels directly")
 def test_backend_suite_under_the_triton_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton", "-W", "error::RuntimeWarning",
-           os.path.join(TESTS, "test_backends.py"), os.path.join(TESTS, "test_no_nxc.py"),
-           os.path.join(TESTS, "test_work_count.py")]
+    tests = [os.path.join(TESTS, name) for name in ("test_backends.py", "test_no_nxc.py", "test_work_count.py",
+                                                  "test_triton_production_tiles.py")]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton",
+           "-W", "error::RuntimeWarning", *tests]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     print(out.stdout[-3000:])
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]

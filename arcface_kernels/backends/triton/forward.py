@@ -46,16 +46,20 @@ def partial_stats_kernel(
         class_mask = classes < stop
         cos, _ = class_cosines(x_ptr, rows, row_mask, rx, stride_x, w_ptr, rw_ptr, classes, class_mask, stride_w, D,
                                K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
-        is_target, cos_y, logit_y = target_terms(cos, classes, labels, m1, m2, m3, scale, EASY_MARGIN)
-        z = tl.where(is_target, logit_y[:, None], scale * cos)
+        z = scale * cos
+        # The margin only where some row's label falls inside this tile: a scalar branch, so the
+        # other tiles (all but about N of the C / BLOCK_N per row block) skip the target terms.
+        in_tile = (labels >= first) & (labels < first + BLOCK_N)
+        if tl.max(in_tile.to(tl.int32), axis=0) > 0:
+            is_target, cos_y, logit_y = target_terms(cos, classes, labels, m1, m2, m3, scale, EASY_MARGIN)
+            z = tl.where(is_target, logit_y[:, None], z)
+            target_logit = tl.where(in_tile, logit_y, target_logit)
+            target_cos = tl.where(in_tile, cos_y, target_cos)
         z = tl.where(class_mask[None, :], z, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(z, axis=1))
         sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
         row_max = new_max
         logit_sum += tl.sum(tl.where(class_mask[None, :], z, 0.0), axis=1)
-        has_target = tl.sum(is_target.to(tl.int32), axis=1) > 0
-        target_logit = tl.where(has_target, logit_y, target_logit)
-        target_cos = tl.where(has_target, cos_y, target_cos)
         plain = tl.where(class_mask[None, :], cos, float("-inf"))
         tile_best = tl.max(plain, axis=1)
         # the lowest index among the tile's maxima

@@ -1,0 +1,32 @@
+"""The triton backend under TRITON_INTERPRET=1 with the tile shapes a GPU runs (configs.CONFIGS),
+not the interpreter's small ones: problems that still span several row blocks, class tiles,
+splits and backward chunks, against the float64 reference (run by test_triton_interpreter.py)."""
+
+import os
+
+import pytest
+import torch
+
+import arcface_kernels as ak
+from arcface_kernels.backends import triton as triton_backend
+from arcface_kernels.backends.triton.configs import CONFIGS
+from helpers import assert_matches_reference, make_problem
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs under the interpreter")
+
+
+@pytest.fixture(autouse=True)
+def production_tiles(monkeypatch):
+    monkeypatch.setattr(triton_backend, "tile_config", lambda kernel, interpreted=False: CONFIGS[kernel])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("options", [dict(), dict(sub_centers=2, label_smoothing=0.1, m1=1.2, m2=0.3, m3=0.1)],
+                         ids=["arcface", "combined"])
+def test_triton_production_tiles(dtype, options):
+    k = options.get("sub_centers", 1)
+    n, c, d = 200, 300, 80  # 2 row blocks of 128, 5 forward class tiles of 64, D past one BLOCK_K
+    x, w, y = make_problem(n, c, d, k=k, dtype=dtype, seed=11, ignore=(7,))
+    budget = n * 128 * k * 4 + 128 * k * d * 16  # about one 128-class gradient chunk: several chunks
+    with ak.workspace_budget(budget):
+        assert_matches_reference(x, w, y, "triton", **options)
