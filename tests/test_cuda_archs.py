@@ -59,12 +59,21 @@ def fake_gpu(monkeypatch):
     return set_capability
 
 
-def test_auto_picks_cuda_where_it_runs(fake_gpu):
+@pytest.fixture
+def without_triton(monkeypatch):
+    # triton ranks above cuda on a GPU (its cost model predicts it faster): take it out to see
+    # how auto treats cuda
+    from arcface_kernels.backends import registry
+
+    monkeypatch.delitem(registry._BACKENDS, "triton", raising=False)
+
+
+def test_auto_picks_cuda_where_it_runs(fake_gpu, without_triton):
     fake_gpu(9, 0)
     assert resolve("auto", torch.device("cuda"), torch.bfloat16).name == "cuda"
 
 
-def test_auto_falls_back_where_the_build_cannot_run(fake_gpu):
+def test_auto_falls_back_where_the_build_cannot_run(fake_gpu, without_triton):
     fake_gpu(7, 0)
     choice = resolve("auto", torch.device("cuda"), torch.bfloat16)
     assert choice.name != "cuda"

@@ -95,16 +95,20 @@ def _matmul_fp32(a, b, accumulate=None):
     return accumulate.addmm_(a, b)
 
 
-def _tangent(grad, v, v_proj):
-    """grad - v_proj * (v . grad) v, per row: the normalization term of the gradient."""
+def project_rows(grad, v, v_proj, out):
+    """out = grad - v_proj * (v . grad) v per row (the normalization term of the gradient, eqs.
+    (23)-(24)), saturated into out's dtype. In torch element-wise ops; a backend may pass a fused
+    kernel with the same signature to chunked_backward."""
     v = v.to(grad.dtype)
-    return grad - (v_proj * (v * grad).sum(1))[:, None] * v
+    out.copy_(saturating_cast(grad - (v_proj * (v * grad).sum(1))[:, None] * v, out.dtype))
 
 
-def chunked_backward(x, w, norms, sub_centers, grad_dtype, fill_grad, workspace_budget=None, align=1):
+def chunked_backward(x, w, norms, sub_centers, grad_dtype, fill_grad, workspace_budget=None, align=1,
+                     project=project_rows):
     """(dx float32 (N, D), dw in w's dtype (C * K, D)) from the backend's `fill_grad` (module
     docstring). `align`: chunks hold a multiple of this many classes (the backend's tile width).
-    float64 inputs give float64 dx."""
+    `project`: the row projection (project_rows, or a backend's fused kernel). float64 inputs give
+    float64 dx."""
     n, dim = x.shape
     k = sub_centers
     n_classes = w.shape[0] // k
@@ -126,5 +130,7 @@ def chunked_backward(x, w, norms, sub_centers, grad_dtype, fill_grad, workspace_
             w_rows = w[rows]
             b = _matmul_fp32(g, w_rows.to(grad_dtype), accumulate=b)  # a new tensor on the GPU path
             a = _matmul_fp32(g.T, x_operand)
-            dw[rows] = saturating_cast(_tangent(a, w_rows, proj_w[rows]), w.dtype)
-    return _tangent(b, x, projection_scale(norms.rx)), dw
+            project(a, w_rows, proj_w[rows], dw[rows])
+    dx = torch.empty_like(b)
+    project(b, x, projection_scale(norms.rx), dx)
+    return dx, dw

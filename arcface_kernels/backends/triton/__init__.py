@@ -16,7 +16,7 @@ from ...dtypes import KERNEL_DTYPES
 from ..chunk_plan import chunked_backward, gradient_dtype
 from ..contract import Backend, PartialStats
 from ..registry import register_backend
-from .backward import grad_tile_kernel
+from .backward import grad_tile_kernel, project_rows_kernel
 from .configs import tile_config
 from .forward import combine_splits, partial_stats_kernel
 
@@ -110,7 +110,21 @@ def backward(grad_rows, x, w, labels, lse, options, num_classes, norms):
         )
 
     with _on_device(x.device):
-        return chunked_backward(x, w, norms, k, gradient_dtype(x.dtype), fill_grad, align=config.block_n)
+        return chunked_backward(x, w, norms, k, gradient_dtype(x.dtype), fill_grad, align=config.block_n,
+                                project=project_rows)
+
+
+def project_rows(grad, v, v_proj, out):
+    """chunk_plan.project_rows as one fused kernel (float32 grad, rows of v, out in any dtype)."""
+    rows, dim = grad.shape
+    if rows == 0:
+        return
+    block_d = triton.next_power_of_2(dim)
+    block_r = max(1, 4096 // block_d)
+    project_rows_kernel[(triton.cdiv(rows, block_r),)](
+        grad, v, v_proj, out, rows, dim, grad.stride(0), v.stride(0), out.stride(0), torch.finfo(out.dtype).max,
+        BLOCK_R=block_r, BLOCK_D=block_d,
+    )
 
 
 register_backend(Backend(
@@ -119,6 +133,8 @@ register_backend(Backend(
     backward=backward,
     available=_available,
     dtypes=KERNEL_DTYPES,
-    # on a GPU above the torch backend; on the CPU the interpreter is for tests only
-    priority=lambda device: 10 if device.type == "cuda" else -1,
+    # On a GPU first: the cost models predict it fastest at every headline shape (bench/cost_model.py,
+    # docs/backends/triton.md; bench/cost_model_cuda.py for `cuda`), until measurements say otherwise.
+    # On the CPU the interpreter is for tests only.
+    priority=lambda device: 30 if device.type == "cuda" else -1,
 ))

@@ -45,3 +45,21 @@ def grad_tile_kernel(
         cols = (classes - first_class) * K + k
         out = g_ptr + rows[:, None].to(tl.int64) * stride_g + cols[None, :]
         tl.store(out, g.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def project_rows_kernel(grad_ptr, v_ptr, proj_ptr, out_ptr, R, D, stride_grad, stride_v, stride_out, limit,
+                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out = grad - proj * (v . grad) v per row, saturated at +-limit, in one pass over a whole
+    row (BLOCK_D >= D): the dW / dX tail of the chunk plan (eqs. (23)-(24)) at 4 + 2 + 2 bytes per
+    entry for bf16, instead of a chain of element-wise torch ops."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows < R)[:, None] & (cols < D)[None, :]
+    r64 = rows[:, None].to(tl.int64)
+    grad = tl.load(grad_ptr + r64 * stride_grad + cols[None, :], mask=mask, other=0.0)
+    v = tl.load(v_ptr + r64 * stride_v + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    proj = tl.load(proj_ptr + rows, mask=rows < R, other=0.0)
+    out = grad - (proj * tl.sum(v * grad, axis=1))[:, None] * v
+    out = tl.minimum(tl.maximum(out, -limit), limit)
+    tl.store(out_ptr + r64 * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
