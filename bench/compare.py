@@ -7,7 +7,9 @@
 Per implementation and shape: relative error against an oracle (the `torch` backend on float32
 copies), forward, backward and forward+backward medians (each timed on its own), peak extra memory
 beyond inputs and gradients, efficiency against the floor (4 x 2NCD flops at the bf16 matmul
-rate measured in the same run) and speedups against the eager reference and torch.compile.
+rate measured in the same run) and speedups against the insightface-style head in the inputs'
+dtype (bf16 logits, as arcface_torch trains: the main eager peer) and torch.compile of the
+reference. The `eager reference` row upcasts to float32 and is shown, not used as the baseline.
 """
 
 import argparse
@@ -30,7 +32,8 @@ TABLE_NOTE = ("Relative error is the worst of loss, dX and dW against the `torch
               "copies, with the exact margin gradient; the insightface-style head uses a straight-through "
               "margin gradient by design, so its error is large. Forward, backward and total are separate medians.")
 CPU_NOTICE = ("**This is a CPU smoke run, not the GPU report.** The GPU report at the headline shapes "
-              "has not been produced yet; on a GPU machine run `python -m bench.compare --write-results` "
+              "has not been produced yet; on a GPU machine run `python -m bench.gpu` (build, GPU tests, then "
+              "`python -m bench.compare --write-results`) "
               "(and `--margin softmax` for the fused linear-cross-entropy peers). CPU times say nothing "
               "about GPU speed.\n")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -117,14 +120,14 @@ def run(shapes, dtype, margin, device, iters, progress=True):
 
 
 def _speedups(rows):
-    """Speedup of each row's total against the eager reference and torch.compile at its shape."""
+    """Speedup of each row's total against the insightface-style head and torch.compile at its shape."""
     base = {}
     for r in rows:
-        if r.get("status") == "ok" and r["impl"] in ("eager reference", "torch.compile(reference)"):
+        if r.get("status") == "ok" and r["impl"] in ("insightface-style", "torch.compile(reference)"):
             base[(r["n"], r["c"], r["d"], r["impl"])] = r["total"]
     for r in rows:
         key = (r["n"], r["c"], r["d"])
-        for label, impl in (("vs_eager", "eager reference"), ("vs_compile", "torch.compile(reference)")):
+        for label, impl in (("vs_eager", "insightface-style"), ("vs_compile", "torch.compile(reference)")):
             ref = base.get(key + (impl,))
             r[label] = ref / r["total"] if ref and r.get("status") == "ok" else None
 
@@ -136,7 +139,7 @@ def format_table(rows):
         return "-" if v is None else format(v, fmt)
 
     lines = ["| shape N x C x D | implementation | status | rel. error vs exact | fwd ms | bwd ms | total ms | "
-             "peak extra MiB | efficiency | speedup vs eager | speedup vs compile |",
+             "peak extra MiB | efficiency | speedup vs insightface-style | speedup vs compile |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         ok = r.get("status") == "ok"
@@ -144,7 +147,8 @@ def format_table(rows):
         lines.append(
             f"| {r['n']} x {r['c']} x {r['d']} | {r['impl']} | {r['status']} | "
             f"{num(r.get('error'), '.1e')} | {num(r.get('fwd'), '.3f')} | {num(r.get('bwd'), '.3f')} | "
-            f"{num(r.get('total'), '.3f')} | {'n/a' if ok and extra is None else num(extra and extra / 2**20, '.1f')} | "
+            f"{num(r.get('total'), '.3f')} | "
+            f"{'n/a' if ok and extra is None else num(extra and extra / 2**20, '.1f')} | "
             f"{num(r['floor'] / r['total'] if ok else None, '.1%')} | {num(r.get('vs_eager'), '.2f')} | "
             f"{num(r.get('vs_compile'), '.2f')} |")
     return "\n".join(lines)
@@ -175,8 +179,9 @@ def plot(rows, path):
 
 
 def environment(device, meta):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     lines = [f"- date: {datetime.date.today().isoformat()}",
-             f"- device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}",
+             f"- device: {name}",
              f"- torch {torch.__version__} (CUDA {torch.version.cuda})"]
     if device.type == "cuda":
         lines.append(f"- driver: {_driver()}")

@@ -93,6 +93,7 @@ def test_fresh_venv_sees_outer_torch_but_not_this_checkout(tmp_path):
     assert package == "None" or not os.path.realpath(package).startswith(os.path.realpath(ROOT) + os.sep), package
 
 
+@pytest.mark.slow
 def test_wheel_builds_installs_and_registers_ops(tmp_path):
     env = dict(os.environ, ARCFACE_KERNELS_BUILD_CUDA="1")
     env.pop("TORCH_CUDA_ARCH_LIST", None)  # the default list, setup.ARCHS

@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the suite runs the compiled kernels directly")
 def test_backend_suite_under_the_triton_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
