@@ -117,7 +117,8 @@ def backward(grad_rows, x, w, labels, lse, options, num_classes, norms):
         slope = dphi_dcos(cos_y, m1, m2, m3, options.easy_margin, options.straight_through)
         dcos[rows, local] = torch.where(inside, dcos[rows, local] * slope, dcos[rows, local])
         if k > 1:  # route each class's gradient to its winning sub-center
-            dcos = torch.zeros_like(tile.raw).view(n, -1, k).scatter_(2, tile.pick[:, :, None], dcos[:, :, None]).view(n, -1)
+            routed = torch.zeros_like(tile.raw).view(n, -1, k)
+            dcos = routed.scatter_(2, tile.pick[:, :, None], dcos[:, :, None]).view(n, -1)
         dcos_cos = dcos * tile.raw
         grad_tile = dcos * rx[:, None] * tile.rw_rows[None, :]
         w_rows = tile.w_rows.to(cdt)
