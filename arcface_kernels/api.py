@@ -4,20 +4,22 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import op
 from .backends import resolve_backend
 from .backends.reference import reference_loss
 from .dtypes import compute_dtype
 from .options import LossOptions, Margin
-from .validation import check_tensors, target_labels
+from .validation import check_tensors
 
 
 class MarginLossStats(NamedTuple):
-    """Per-row statistics of `return_stats=True` (none of them carries a gradient).
+    """Per-row statistics of `return_stats=True`. They carry no gradient: a loss built on lse
+    or target_cos raises when it is differentiated (README, "What is differentiable").
 
     lse: log-sum-exp of the margined logits (compute dtype). target_cos: cosine to the target
-    class (0 on ignored rows). top1: int64 class with the largest plain cosine.
+    class (0 on ignored rows). top1: int64 class with the largest plain cosine (lowest index on ties).
     """
 
     lse: Tensor
@@ -41,11 +43,56 @@ def _autocast(embeddings, weight):
     return tuple(cast)
 
 
+def _refuse_unsupported_autodiff(embeddings, weight):
+    """torch.func transforms and forward-mode AD would otherwise get a silent zero tangent or an
+    obscure error: the op registers reverse-mode autograd only."""
+    if torch.compiler.is_compiling():
+        return
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise NotImplementedError(
+            "margin_softmax_loss does not support torch.func transforms (grad, vjp, jvp, vmap, jacrev, "
+            "jacfwd, hessian): its custom op has reverse-mode autograd only. Use loss.backward() or "
+            "torch.autograd.grad."
+        )
+    if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None
+                                               for t in (embeddings, weight)):
+        raise NotImplementedError(
+            "margin_softmax_loss does not support forward-mode AD (torch.autograd.forward_ad): "
+            "it registers reverse-mode autograd only. Use loss.backward() or torch.autograd.grad."
+        )
+
+
+class _StatsCarryNoGradient(torch.autograd.Function):
+    """Passes lse and target_cos through; differentiating a loss built on them raises instead of
+    giving a silent zero gradient. (Under torch.compile the stats are plain non-differentiable
+    outputs: the raise would fire while the backward graph is traced.)"""
+
+    @staticmethod
+    def forward(ctx, embeddings, weight, lse, target_cos):
+        return lse.view_as(lse), target_cos.view_as(target_cos)
+
+    @staticmethod
+    def backward(ctx, grad_lse, grad_target_cos):
+        raise RuntimeError(
+            "the return_stats outputs (lse, target_cos, top1) carry no gradient: a loss built on them "
+            "cannot be differentiated. Detach them (stats.lse.detach()) to log or regularize without "
+            "gradient; see README, 'What is differentiable, and autocast'."
+        )
+
+
+def _stats(embeddings, weight, lse, target_cos, top1):
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and (
+            embeddings.requires_grad or weight.requires_grad):
+        lse, target_cos = _StatsCarryNoGradient.apply(embeddings, weight, lse, target_cos)
+    return MarginLossStats(lse, target_cos, top1)
+
+
 def loss_from_options(embeddings, weight, labels, options: LossOptions, *, return_stats=False, backend="auto"):
     """margin_softmax_loss with its settings in a LossOptions (what the heads call)."""
     for name, t in (("embeddings", embeddings), ("weight", weight)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _refuse_unsupported_autodiff(embeddings, weight)
     embeddings, weight = _autocast(embeddings, weight)
     check_tensors(embeddings, weight, labels, options.sub_centers)
     device, dtype = embeddings.device, embeddings.dtype
@@ -53,10 +100,8 @@ def loss_from_options(embeddings, weight, labels, options: LossOptions, *, retur
     name = _resolve(backend, device, dtype)
     if name == "reference":
         num_classes = weight.shape[0] // options.sub_centers
-        if torch.compiler.is_compiling():
-            targets = torch.where(labels == options.ignore_index, -1, labels.long())
-        else:
-            targets = target_labels(labels, options.ignore_index, num_classes)
+        # A custom op, so that the label check also runs inside a torch.compile'd graph.
+        targets = op.target_labels(labels, options.ignore_index, num_classes)
         rows, lse, target_cos, top1 = reference_loss(embeddings, weight, targets, rows_options)
         rows = rows.to(compute_dtype(dtype))
     else:
@@ -65,7 +110,7 @@ def loss_from_options(embeddings, weight, labels, options: LossOptions, *, retur
                 embeddings.contiguous(), weight.contiguous(), labels.contiguous(), rows_options, name)
     loss = _reduce(rows, labels != options.ignore_index, options.reduction)
     if return_stats:
-        return loss, MarginLossStats(lse, target_cos, top1)
+        return loss, _stats(embeddings, weight, lse, target_cos, top1)
     return loss
 
 

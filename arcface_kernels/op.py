@@ -14,7 +14,19 @@ from torch import Tensor
 from .backends import PartialStats, RowNorms, get_backend, row_norms
 from .dtypes import compute_dtype, saturating_cast
 from .options import LossOptions
-from .validation import target_labels
+from .validation import target_labels as _target_labels
+
+
+@torch.library.custom_op("arcface_kernels::target_labels", mutates_args=())
+def target_labels(labels: Tensor, ignore_index: int, num_classes: int) -> Tensor:
+    """validation.target_labels as an op: its ValueError on a bad label also fires inside a
+    torch.compile'd graph, where a Python check on tensor values would be traced away."""
+    return _target_labels(labels, ignore_index, num_classes)
+
+
+@target_labels.register_fake
+def _(labels, ignore_index, num_classes):
+    return labels.new_empty(labels.shape, dtype=torch.int64)
 
 
 def finalize(stats: PartialStats, active: Tensor, label_smoothing: float, num_classes: int):
@@ -35,7 +47,7 @@ def margin_softmax_fwd(
     and the inverse norms rx, rw (for backward)."""
     opts = LossOptions.unflatten(options, m1, m2, m3)
     num_classes = weight.shape[0] // opts.sub_centers
-    labels = target_labels(labels, opts.ignore_index, num_classes)
+    labels = _target_labels(labels, opts.ignore_index, num_classes)
     norms = row_norms(embeddings, weight)
     stats = get_backend(backend).forward(embeddings, weight, labels, opts, norms)
     loss, lse = finalize(stats, labels >= 0, opts.label_smoothing, num_classes)
@@ -73,6 +85,8 @@ def _setup_context(ctx, inputs, output):
     embeddings, weight, labels, m1, m2, m3, options, backend = inputs
     ctx.settings = (options, backend)
     loss, lse, target_cos, top1, rx, rw = output
+    # Reported, not differentiated: api.py makes a loss built on them raise (in eager mode).
+    ctx.mark_non_differentiable(lse, target_cos, top1, rx, rw)
     ctx.save_for_backward(embeddings, weight, labels, m1, m2, m3, lse, rx, rw)
 
 

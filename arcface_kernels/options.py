@@ -9,14 +9,13 @@ uses it.
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Union
 
 import torch
 from torch import Tensor
 
 from . import validation
 
-Margin = Union[float, Tensor]
+Margin = float | Tensor
 REDUCTIONS = ("mean", "sum", "none")
 MARGIN_GRADS = ("exact", "straight_through")
 MARGIN_NAMES = ("m1", "m2", "m3")
@@ -60,7 +59,8 @@ class LossOptions:
 
     def for_rows(self, n: int, device: torch.device, dtype: torch.dtype) -> "LossOptions":
         """The same options with m1, m2, m3 as (N,) tensors of `dtype` on `device` (floats
-        broadcast; tensors detached: margins carry no gradient)."""
+        broadcast). Margins carry no gradient: a margin tensor that requires grad is refused
+        at construction (validation.py)."""
         margins = {name: validation.row_margin(name, getattr(self, name), n, device, dtype) for name in MARGIN_NAMES}
         return dataclasses.replace(self, **margins)
 

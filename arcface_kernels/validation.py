@@ -13,14 +13,26 @@ from torch import Tensor
 
 from .dtypes import FLOAT_DTYPES
 
-LABEL_DTYPES = (torch.int64, torch.int32)
+# What F.cross_entropy takes as class labels ("expected target dtype to be Long or Byte").
+LABEL_DTYPES = (torch.int64, torch.uint8)
+# An additive angular margin m2 is an angle in radians: |m2| < pi / 2 keeps phi meaningful; a
+# larger value is almost always a margin given in degrees.
+MAX_ANGULAR_MARGIN = math.pi / 2
+
+
+def _no_grad_margin(name, value):
+    if isinstance(value, Tensor) and value.requires_grad:
+        raise ValueError(
+            f"{name} requires grad, but margins carry no gradient (the op does not differentiate "
+            f"through them); pass {name}.detach()"
+        )
 
 
 def _real(name, value):
     """A finite Python float from a Python / numpy number or a 0-d tensor."""
     if isinstance(value, Tensor):
-        if value.dim() != 0 or value.is_complex():
-            raise TypeError(f"{name} must be a float, got a tensor of shape {tuple(value.shape)}")
+        if value.dim() != 0 or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a float, got a {value.dtype} tensor of shape {tuple(value.shape)}")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
@@ -54,12 +66,30 @@ def _choice(name, value, choices):
 
 
 def _margin(name, value):
-    """A float margin, or a per-row tensor (its shape is checked against N later)."""
+    """A float margin, or a per-row tensor (its shape and values are checked in row_margin)."""
+    _no_grad_margin(name, value)
     if isinstance(value, Tensor) and value.dim() > 0:
         if not value.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
         return value
-    return _real(name, value)
+    value = _real(name, value)
+    _check_margin_range(name, value, value)
+    return value
+
+
+def _check_margin_range(name, low, high):
+    """m1 > 0; |m2| < pi / 2 (radians); |m3| < 1 (a cosine offset). low, high: the extreme values."""
+    if name == "m1" and low <= 0:
+        raise ValueError(f"m1 (the multiplicative angular margin) must be positive, got {low}")
+    if name == "m2":
+        worst = high if abs(high) >= abs(low) else low
+        if abs(worst) >= MAX_ANGULAR_MARGIN:
+            raise ValueError(
+                f"m2={worst:g} looks like degrees: margins are in radians and |m2| must be below pi/2 "
+                f"({worst:g} degrees = {math.radians(worst):.3f} rad)"
+            )
+    if name == "m3" and max(abs(low), abs(high)) >= 1.0:
+        raise ValueError(f"m3 (the additive cosine margin) must lie in (-1, 1), got {high if abs(high) >= 1 else low}")
 
 
 def check_options(options) -> dict:
@@ -80,8 +110,6 @@ def check_options(options) -> dict:
     }
     if values["scale"] <= 0:
         raise ValueError(f"scale must be a positive float, got {values['scale']}")
-    if isinstance(values["m1"], float) and values["m1"] <= 0:
-        raise ValueError(f"m1 (the multiplicative angular margin) must be positive, got {values['m1']}")
     if values["sub_centers"] < 1:
         raise ValueError(f"sub_centers must be a positive int, got {values['sub_centers']}")
     if not 0.0 <= values["label_smoothing"] <= 1.0:
@@ -97,7 +125,12 @@ def row_margin(name, value, n, device, dtype):
             raise ValueError(f"{name} as a tensor must have shape ({n},), got {tuple(value.shape)}")
         if value.device != device:
             raise ValueError(f"{name} must be on {device}, got {value.device}")
-        return value.detach().to(dtype).contiguous()
+        if n and not torch.compiler.is_compiling():  # reads the values: one host sync
+            low, high = value.min().item(), value.max().item()
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise ValueError(f"{name} must be finite, got a non-finite entry")
+            _check_margin_range(name, low, high)
+        return value.to(dtype).contiguous()
     return torch.full((n,), float(value), dtype=dtype, device=device)
 
 
@@ -121,7 +154,7 @@ def check_tensors(embeddings, weight, labels, sub_centers):
             f"labels must be 1-D with N={embeddings.shape[0]} entries, got shape {tuple(labels.shape)}"
         )
     if labels.dtype not in LABEL_DTYPES:
-        raise TypeError(f"labels must be int64 (or int32), got {labels.dtype}")
+        raise TypeError(f"labels must be int64 (or uint8), as F.cross_entropy takes them, got {labels.dtype}")
     for name, t in (("embeddings", embeddings), ("weight", weight)):
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")

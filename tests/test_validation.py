@@ -21,6 +21,22 @@ def call(x=None, w=None, y=None, **kwargs):
         (dict(w=torch.randn(6, 7)), ValueError, "share D"),
         (dict(y=torch.zeros(3, dtype=torch.long)), ValueError, "labels must be 1-D with N=4"),
         (dict(y=torch.zeros(4)), TypeError, "labels must be int64"),
+        (dict(y=torch.zeros(4, dtype=torch.int32)), TypeError, "labels must be int64"),  # as F.cross_entropy
+        (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+        (dict(sub_centers=2.0), TypeError, "sub_centers must be an int"),
+        (dict(easy_margin=1), TypeError, "easy_margin must be a bool"),
+        (dict(scale=float("inf")), ValueError, "scale must be finite"),
+        (dict(scale=float("nan")), ValueError, "scale must be finite"),
+        (dict(scale=torch.ones(2)), TypeError, "scale must be a float"),
+        (dict(m2=28.6), ValueError, r"m2=28.6 looks like degrees: margins are in radians .*28.6 degrees = 0.499 rad"),
+        (dict(m2=-2.0), ValueError, "margins are in radians"),
+        (dict(m2=torch.tensor([0.5, 0.5, 30.0, 0.5])), ValueError, "m2=30 looks like degrees"),
+        (dict(m2=torch.tensor([0.5, float("nan"), 0.5, 0.5])), ValueError, "m2 must be finite"),
+        (dict(m1=0.0), ValueError, "m1 .* must be positive"),
+        (dict(m3=1.5), ValueError, r"m3 .* must lie in \(-1, 1\)"),
+        (dict(label_smoothing=float("nan")), ValueError, "label_smoothing must be finite"),
+        (dict(m2=torch.full((4,), 0.5, requires_grad=True)), ValueError, "m2 requires grad, but margins carry"),
+        (dict(m3=torch.tensor(0.1, requires_grad=True)), ValueError, "m3 requires grad"),
         (dict(x=torch.randint(0, 3, (4, 5))), TypeError, "embeddings must be float"),
         (dict(w=torch.randn(6, 5, dtype=torch.float16)), TypeError, "same dtype"),
         (dict(x=[[1.0]]), TypeError, "embeddings must be a torch.Tensor"),
@@ -61,3 +77,44 @@ def test_unavailable_backend_says_why():
 
 def test_auto_picks_a_fused_backend_on_cpu():
     assert ak.resolve_backend("auto", torch.device("cpu")) in ("torch", "triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8])
+def test_label_dtypes_f_cross_entropy_takes(dtype):
+    x, w, y = make_problem(4, 6, 5)
+    ref = ak.margin_softmax_loss(x, w, y, backend="torch")
+    assert torch.equal(ak.margin_softmax_loss(x, w, y.to(dtype), backend="torch"), ref)
+    torch.nn.functional.cross_entropy(x @ w.T, y.to(dtype))  # the same dtypes F.cross_entropy takes
+
+
+def test_numpy_scalars_and_0d_tensors_are_accepted_as_numbers():
+    np = pytest.importorskip("numpy")
+    x, w, y = make_problem(4, 6, 5)
+    ref = ak.margin_softmax_loss(x, w, y, scale=30.0, m2=0.25, label_smoothing=0.125, ignore_index=-1,
+                                 sub_centers=1, backend="torch")
+    for number in (np.float32, np.float64, lambda v: torch.tensor(v, dtype=torch.float64)):
+        got = ak.margin_softmax_loss(x, w, y, scale=number(30.0), m2=number(0.25), label_smoothing=number(0.125),
+                                     ignore_index=np.int64(-1), sub_centers=torch.tensor(1), backend="torch")
+        assert torch.equal(got, ref)
+
+
+def test_heads_validate_at_construction():
+    with pytest.raises(ValueError, match="looks like degrees"):
+        ak.ArcFaceLoss(10, 4, margin=28.6)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        ak.CosFaceLoss(10, 4, ignore_index=0.5)
+
+
+def test_bad_label_is_caught_under_torch_compile_on_the_reference_backend():
+    x, w, y = make_problem(4, 6, 5)
+    bad = y.clone()
+    bad[1] = 6
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def loss(x, w, y):
+        return ak.margin_softmax_loss(x, w, y, backend="reference")
+
+    torch._dynamo.reset()
+    assert torch.allclose(loss(x, w, y), ak.margin_softmax_loss(x, w, y, backend="reference"))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 6\).*got 6"):
+        loss(x, w, bad)
