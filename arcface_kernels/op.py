@@ -30,11 +30,20 @@ def _(labels, ignore_index, num_classes):
 
 
 def finalize(stats: PartialStats, active: Tensor, label_smoothing: float, num_classes: int):
-    """Per-row loss and lse from merged partial statistics (F.cross_entropy's smoothing)."""
+    """Per-row loss and lse from merged partial statistics (F.cross_entropy's smoothing).
+
+    With the non-target sum, lse - z_y = log(1 + sum_{j != y} exp(z_j - z_y)) is computed as
+    logaddexp(0, log(sum_{j != y} exp(z_j - m)) + m - z_y): a well-classified row's loss of 2e-7
+    keeps its relative precision instead of being the difference of two numbers near lse.
+    """
     lse = stats.row_max + torch.log(stats.sum_exp)
-    loss = lse - (1.0 - label_smoothing) * stats.target_logit
+    if stats.nontarget_sum_exp is None:
+        loss = lse - stats.target_logit
+    else:
+        margin = torch.log(stats.nontarget_sum_exp) + stats.row_max - stats.target_logit
+        loss = torch.logaddexp(torch.zeros_like(margin), margin)
     if label_smoothing:
-        loss = loss - (label_smoothing / num_classes) * stats.logit_sum
+        loss = loss + label_smoothing * stats.target_logit - (label_smoothing / num_classes) * stats.logit_sum
     return torch.where(active, loss, 0.0), lse
 
 

@@ -14,14 +14,16 @@ from .common import classes_per_chunk, projection_scale
 from .contract import Backend, PartialStats
 from .registry import register_backend
 
-# Live (N x chunk*K) tiles in backward, the larger of the two passes.
-_TILES_PER_CHUNK = 6
-
 
 def chunk_classes(n_rows, sub_centers, dim, dtype):
-    """Classes per chunk so that the chunk's tiles and weight rows fit in the workspace budget."""
+    """Classes per chunk so that everything a chunk allocates fits in the workspace budget:
+    at most three live (N x chunk * K) tiles (backward: cosines, dcos, dcos * cos), with
+    sub-centers also the per-class max and its int64 index, and four (chunk * K x D) blocks (the
+    class rows in the compute dtype, their gradient, its correction and its cast)."""
     itemsize = torch.finfo(dtype).bits // 8
-    return classes_per_chunk((_TILES_PER_CHUNK * max(n_rows, 1) + 2 * dim) * sub_centers * itemsize)
+    k, n = sub_centers, max(n_rows, 1)
+    tiles = 3 * n * k * itemsize + (n * (itemsize + 8) if k > 1 else 0)
+    return classes_per_chunk(tiles + 4 * k * dim * itemsize)
 
 
 class ChunkCosines:
@@ -31,8 +33,8 @@ class ChunkCosines:
         k = sub_centers
         self.w_rows = w[start * k : stop * k].to(x.dtype)
         self.rw_rows = rw[start * k : stop * k]
-        raw = (x @ self.w_rows.T) * rx[:, None] * self.rw_rows[None, :]
-        self.raw = raw
+        raw = x @ self.w_rows.T
+        self.raw = raw.mul_(rx[:, None]).mul_(self.rw_rows[None, :])
         if k == 1:
             self.cos, self.pick = raw, None
         else:
@@ -56,7 +58,7 @@ def forward(x, w, labels, options, norms):
     def stat(value):
         return torch.full((n,), value, dtype=cdt, device=x.device)
 
-    row_max, sum_exp, logit_sum = stat(-float("inf")), stat(0.0), stat(0.0)
+    row_max, sum_exp, nontarget_sum_exp, logit_sum = stat(-float("inf")), stat(0.0), stat(0.0), stat(0.0)
     target_logit, target_cos, best_cos = stat(0.0), stat(0.0), stat(-float("inf"))
     best_class = torch.zeros(n, dtype=torch.int64, device=x.device)
     rows = torch.arange(n, device=x.device)
@@ -68,20 +70,29 @@ def forward(x, w, labels, options, norms):
         inside, local = _target_in_chunk(labels, start, stop)
         cos_y = cos[rows, local]
         margined = s * phi(cos_y, m1, m2, m3, options.easy_margin)
-        z = s * cos
+        z = cos * s
         z[rows, local] = torch.where(inside, margined, z[rows, local])
         target_logit = torch.where(inside, margined, target_logit)
         target_cos = torch.where(inside, cos_y, target_cos)
-        # online (max, sum-exp) merge
-        new_max = torch.maximum(row_max, z.max(dim=1).values)
-        sum_exp = sum_exp * torch.exp(row_max - new_max) + torch.exp(z - new_max[:, None]).sum(1)
-        row_max = new_max
         logit_sum = logit_sum + z.sum(1)
-        chunk_best, chunk_arg = cos.max(dim=1)
+        # online (max, sum-exp) merge; the target's term is kept apart so that the loss of a
+        # well-classified row is not the difference of two nearly equal numbers (op.finalize)
+        new_max = torch.maximum(row_max, z.max(dim=1).values)
+        rescale = torch.exp(row_max - new_max)
+        p = z.sub_(new_max[:, None]).exp_()
+        p_target = torch.where(inside, p[rows, local], 0.0)
+        p[rows, local] = torch.where(inside, 0.0, p[rows, local])
+        chunk_nontarget = p.sum(1)
+        nontarget_sum_exp = nontarget_sum_exp * rescale + chunk_nontarget
+        sum_exp = sum_exp * rescale + (chunk_nontarget + p_target)
+        row_max = new_max
+        chunk_best, chunk_arg = cos.max(dim=1)  # the first maximum: the lowest class on ties
         better = chunk_best > best_cos  # strict: earlier chunks win ties
         best_class = torch.where(better, chunk_arg + start, best_class)
         best_cos = torch.where(better, chunk_best, best_cos)
-    return PartialStats(row_max, sum_exp, target_logit, logit_sum, target_cos, best_cos, best_class)
+        del tile, cos, z, p  # free this chunk's tiles before the next chunk allocates its own
+    return PartialStats(row_max, sum_exp, target_logit, logit_sum, target_cos, best_cos, best_class,
+                        nontarget_sum_exp)
 
 
 def backward(grad_rows, x, w, labels, lse, options, num_classes, norms):
@@ -101,32 +112,33 @@ def backward(grad_rows, x, w, labels, lse, options, num_classes, norms):
     dx = torch.zeros(n, dim, dtype=cdt, device=x.device)
     dw = torch.empty_like(w)
     step = chunk_classes(n, k, dim, cdt)
+    # Tiles are updated in place: at most three live at once (chunk_classes).
     for start in range(0, n_classes, step):
         stop = min(start + step, n_classes)
         tile = ChunkCosines(xc, rx, w, rw, start, stop, k)
-        cos = tile.cos
         inside, local = _target_in_chunk(labels, start, stop)
-        cos_y = cos[rows, local]
-        z = s * cos
+        cos_y = tile.cos[rows, local]
         z_y = s * phi(cos_y, m1, m2, m3, options.easy_margin)
         # dz = g * (p - (1 - eps) [j = y] - eps / C); target via expm1 (docs/design.md section 5)
-        dz = torch.exp(z - lse[:, None]) - smooth
+        dz = (tile.cos * s).sub_(lse[:, None]).exp_().sub_(smooth)
         dz_y = torch.expm1(z_y - lse) + eps - smooth
-        dz[rows, local] = torch.where(inside, dz_y, dz[rows, local])
-        dcos = dz * (s * g[:, None])
         slope = dphi_dcos(cos_y, m1, m2, m3, options.easy_margin, options.straight_through)
-        dcos[rows, local] = torch.where(inside, dcos[rows, local] * slope, dcos[rows, local])
+        dcos = dz.mul_((s * g)[:, None])
+        dcos[rows, local] = torch.where(inside, dz_y * (s * g) * slope, dcos[rows, local])
         if k > 1:  # route each class's gradient to its winning sub-center
-            routed = torch.zeros_like(tile.raw).view(n, -1, k)
-            dcos = routed.scatter_(2, tile.pick[:, :, None], dcos[:, :, None]).view(n, -1)
+            dcos = torch.zeros_like(tile.raw).view(n, -1, k).scatter_(2, tile.pick[:, :, None], dcos[:, :, None])
+            dcos = dcos.view(n, -1)
+            tile.cos = tile.pick = None
         dcos_cos = dcos * tile.raw
-        grad_tile = dcos * rx[:, None] * tile.rw_rows[None, :]
+        row_terms, col_terms = dcos_cos.sum(1), dcos_cos.sum(0)
+        del dcos_cos
+        grad_tile = dcos.mul_(rx[:, None]).mul_(tile.rw_rows[None, :])
         w_rows = tile.w_rows.to(cdt)
-        dx += grad_tile @ w_rows
-        dx -= (rx2 * dcos_cos.sum(1))[:, None] * xc
-        chunk_rw2 = rw2[start * k : stop * k]
-        dw_rows = grad_tile.T @ xc - (chunk_rw2 * dcos_cos.sum(0))[:, None] * w_rows
+        dx.addmm_(grad_tile, w_rows)
+        dx.addcmul_(xc, (rx2 * row_terms)[:, None], value=-1.0)
+        dw_rows = (grad_tile.T @ xc).addcmul_(w_rows, (rw2[start * k : stop * k] * col_terms)[:, None], value=-1.0)
         dw[start * k : stop * k] = saturating_cast(dw_rows, w.dtype)
+        del tile, dz, dcos, grad_tile, w_rows, dw_rows  # free this chunk's tiles before the next chunk's
     return dx, dw
 
 

@@ -47,6 +47,9 @@ class PartialStats(NamedTuple):
     target_cos:   cos_iy where label_i >= 0, else 0
     best_cos:     max_j cos_ij (plain cosine, no margin)
     best_class:   int64 argmax_j cos_ij, the lowest index on ties
+    nontarget_sum_exp: sum_{j != y_i} exp(z_ij - row_max) (optional; None where a backend does
+                  not compute it): op.finalize then gets the loss of a well-classified row
+                  without cancellation
     """
 
     row_max: torch.Tensor
@@ -56,6 +59,7 @@ class PartialStats(NamedTuple):
     target_cos: torch.Tensor
     best_cos: torch.Tensor
     best_class: torch.Tensor
+    nontarget_sum_exp: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
