@@ -12,7 +12,7 @@ import torch
 
 # F.normalize's epsilon: a vector's norm is max(|v|, NORM_EPS).
 NORM_EPS = 1e-12
-# sin(theta) is floored at SIN_FLOOR in dphi/dc so that c = +-1 gives a finite gradient.
+# sin(theta) is floored at SIN_FLOOR in dphi/dc where the true derivative is unbounded (dphi_dcos).
 SIN_FLOOR = 1e-4
 
 
@@ -34,16 +34,30 @@ def phi(cos, m1, m2, m3, easy_margin=False):
 
 
 def dphi_dcos(cos, m1, m2, m3, easy_margin=False, straight_through=False):
-    """d phi / d cos, with sin(theta) floored at SIN_FLOOR; 1 where a rule makes phi = c + const."""
+    """d phi / d cos; 1 where a rule makes phi = c + const.
+
+    d/dc cos(m1 theta + m2) = m1 sin(m1 theta + m2) / sin(theta)
+                            = m1 [cos(m2) sin(m1 theta) / sin(theta) + sin(m2) cos(m1 theta) / sin(theta)].
+    The first ratio tends to m1 as theta -> 0 and is computed as m1 sinc(m1 theta) / sinc(theta)
+    there, so that at c = 1 the derivative is its limit m1^2 when m2 = 0 (CosFace, SphereFace,
+    plain softmax). Elsewhere sin(theta) is floored at SIN_FLOOR: at c = 1 with m2 != 0, and at
+    c = -1 with m1 != 1, the true derivative is unbounded, and the floor gives a finite one
+    (m1^2 cos(m2) + m1 sin(m2) / SIN_FLOOR at c = 1). At c = -1 with m1 = 1 the fallback rule
+    applies and the derivative is 1, its limit.
+    """
     c = cos.clamp(-1.0, 1.0)
     if straight_through:
         return torch.ones_like(c)
-    angle = m1 * torch.acos(c) + m2
+    theta = torch.acos(c)
+    angle = m1 * theta + m2
     k = torch.floor(angle / math.pi).clamp_min(0.0)
     sign = 1.0 - 2.0 * torch.remainder(k, 2.0)
     sin_theta = torch.sqrt((1.0 - c * c).clamp_min(0.0)).clamp_min(SIN_FLOOR)
-    # d/dc cos(m1*acos(c) + m2) = m1 * sin(m1*theta + m2) / sin(theta)
-    nominal = sign * m1 * torch.sin(angle) / sin_theta
+    # torch.sinc(t) = sin(pi t) / (pi t): sin(m1 theta) / sin(theta) = m1 sinc(m1 theta / pi) / sinc(theta / pi)
+    sin_ratio = torch.where(theta < math.pi / 2, m1 * torch.sinc(m1 * theta / math.pi) / torch.sinc(theta / math.pi),
+                            torch.sin(m1 * theta) / sin_theta)
+    m2 = torch.as_tensor(m2, dtype=c.dtype, device=c.device)
+    nominal = sign * m1 * (torch.cos(m2) * sin_ratio + torch.sin(m2) * torch.cos(m1 * theta) / sin_theta)
     unit_m1 = torch.as_tensor(m1 == 1.0, device=c.device)
     grad = torch.where(unit_m1 & (k >= 1.0), torch.ones_like(c), nominal)
     if easy_margin:

@@ -11,7 +11,8 @@ inverse norms, computed once per call) are saved for backward, which recomputes 
 import torch
 from torch import Tensor
 
-from .backends import PartialStats, RowNorms, get_backend, row_norms
+from .backends import PartialStats, RowNorms, get_backend
+from .backends.common import overflow_safe_rows
 from .dtypes import compute_dtype, saturating_cast
 from .options import LossOptions
 from .validation import target_labels as _target_labels
@@ -47,67 +48,92 @@ def finalize(stats: PartialStats, active: Tensor, label_smoothing: float, num_cl
     return torch.where(active, loss, 0.0), lse
 
 
+def _scale_or_ones(scale, n, dtype, device):
+    return torch.ones(n, dtype=dtype, device=device) if scale is None else scale
+
+
+def _rows_seen(v: Tensor, scale: Tensor):
+    """The rows a backend saw in forward (common.overflow_safe_rows), or None where it saw v."""
+    if not bool((scale != 1).any()):
+        return None
+    return v * scale[:, None].to(v.dtype)
+
+
 @torch.library.custom_op("arcface_kernels::margin_softmax_fwd", mutates_args=())
 def margin_softmax_fwd(
     embeddings: Tensor, weight: Tensor, labels: Tensor, m1: Tensor, m2: Tensor, m3: Tensor,
     options: list[float], backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns loss_rows (0 on ignored rows), lse, target_cos (compute dtype), int64 top-1 class,
-    and the inverse norms rx, rw (for backward)."""
+    and for backward the inverse norms rx, rw of the rows the backend saw and the power-of-two
+    scales sx, sw that made those rows from the given ones (1 for all but huge rows)."""
     opts = LossOptions.unflatten(options, m1, m2, m3)
     num_classes = weight.shape[0] // opts.sub_centers
     labels = _target_labels(labels, opts.ignore_index, num_classes)
-    norms = row_norms(embeddings, weight)
-    stats = get_backend(backend).forward(embeddings, weight, labels, opts, norms)
+    dtype = compute_dtype(embeddings.dtype)
+    x_seen, rx, sx = overflow_safe_rows(embeddings, dtype)
+    w_seen, rw, sw = overflow_safe_rows(weight, dtype)
+    stats = get_backend(backend).forward(x_seen, w_seen, labels, opts, RowNorms(rx, rw))
     loss, lse = finalize(stats, labels >= 0, opts.label_smoothing, num_classes)
-    return loss, lse, stats.target_cos.clone(), stats.best_class.clone(), norms.rx, norms.rw
+    return (loss, lse, stats.target_cos.clone(), stats.best_class.clone(), rx, rw,
+            _scale_or_ones(sx, embeddings.shape[0], dtype, embeddings.device),
+            _scale_or_ones(sw, weight.shape[0], dtype, weight.device))
 
 
 @margin_softmax_fwd.register_fake
 def _(embeddings, weight, labels, m1, m2, m3, options, backend):
     n, dtype = embeddings.shape[0], compute_dtype(embeddings.dtype)
     row = embeddings.new_empty((n,), dtype=dtype)
+    class_row = weight.new_empty((weight.shape[0],), dtype=dtype)
     return (row, row.clone(), row.clone(), embeddings.new_empty((n,), dtype=torch.int64), row.clone(),
-            weight.new_empty((weight.shape[0],), dtype=dtype))
+            class_row, row.clone(), class_row.clone())
 
 
 @torch.library.custom_op("arcface_kernels::margin_softmax_bwd", mutates_args=())
 def margin_softmax_bwd(
-    grad_rows: Tensor, embeddings: Tensor, weight: Tensor, labels: Tensor,
-    m1: Tensor, m2: Tensor, m3: Tensor, lse: Tensor, rx: Tensor, rw: Tensor, options: list[float], backend: str,
+    grad_rows: Tensor, embeddings: Tensor, weight: Tensor, labels: Tensor, m1: Tensor, m2: Tensor, m3: Tensor,
+    lse: Tensor, rx: Tensor, rw: Tensor, sx: Tensor, sw: Tensor, options: list[float], backend: str,
 ) -> tuple[Tensor, Tensor]:
     opts = LossOptions.unflatten(options, m1, m2, m3)
     num_classes = weight.shape[0] // opts.sub_centers
     labels = torch.where(labels == opts.ignore_index, -1, labels.long())
     grad_rows = torch.where(labels >= 0, grad_rows.to(compute_dtype(embeddings.dtype)), 0.0)
-    dx, dw = get_backend(backend).backward(grad_rows, embeddings, weight, labels, lse, opts, num_classes,
-                                           RowNorms(rx, rw))
+    x_seen, w_seen = _rows_seen(embeddings, sx), _rows_seen(weight, sw)
+    dx, dw = get_backend(backend).backward(
+        grad_rows, embeddings if x_seen is None else x_seen, weight if w_seen is None else w_seen, labels, lse, opts,
+        num_classes, RowNorms(rx, rw))
+    # d/dv of a function of the seen rows s * v is s times the gradient with respect to them.
+    if x_seen is not None:
+        dx = dx * sx[:, None]
+    if w_seen is not None:
+        dw = dw * sw[:, None].to(dw.dtype)
     return saturating_cast(dx, embeddings.dtype), saturating_cast(dw, weight.dtype)
 
 
 @margin_softmax_bwd.register_fake
-def _(grad_rows, embeddings, weight, labels, m1, m2, m3, lse, rx, rw, options, backend):
+def _(grad_rows, embeddings, weight, labels, m1, m2, m3, lse, rx, rw, sx, sw, options, backend):
     return torch.empty_like(embeddings), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
     embeddings, weight, labels, m1, m2, m3, options, backend = inputs
     ctx.settings = (options, backend)
-    loss, lse, target_cos, top1, rx, rw = output
+    loss, lse, target_cos, top1, rx, rw, sx, sw = output
     # Reported, not differentiated: api.py makes a loss built on them raise (in eager mode).
-    ctx.mark_non_differentiable(lse, target_cos, top1, rx, rw)
-    ctx.save_for_backward(embeddings, weight, labels, m1, m2, m3, lse, rx, rw)
+    ctx.mark_non_differentiable(lse, target_cos, top1, rx, rw, sx, sw)
+    ctx.save_for_backward(embeddings, weight, labels, m1, m2, m3, lse, rx, rw, sx, sw)
 
 
-def _backward(ctx, grad_loss, grad_lse, grad_target_cos, grad_top1, grad_rx, grad_rw):
-    embeddings, weight, labels, m1, m2, m3, lse, rx, rw = ctx.saved_tensors
+def _backward(ctx, grad_loss, *grad_reported):
+    embeddings, weight, labels, m1, m2, m3, lse, rx, rw, sx, sw = ctx.saved_tensors
     if grad_loss is None:
         grad_loss = torch.zeros_like(lse)
-    dx, dw = margin_softmax_bwd(grad_loss, embeddings, weight, labels, m1, m2, m3, lse, rx, rw, *ctx.settings)
+    dx, dw = margin_softmax_bwd(grad_loss, embeddings, weight, labels, m1, m2, m3, lse, rx, rw, sx, sw,
+                                *ctx.settings)
     return dx, dw, None, None, None, None, None, None
 
 
-# The stats outputs (lse, target cosine, top-1) and the norms are reported, not differentiated.
+# Only the loss rows are differentiated; the stats, the norms and the scales are reported.
 torch.library.register_autograd("arcface_kernels::margin_softmax_fwd", _backward, setup_context=_setup_context)
 
 

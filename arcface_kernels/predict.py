@@ -2,9 +2,17 @@
 
 import torch
 
-from .backends.chunked import ChunkCosines, chunk_classes
-from .backends.common import inverse_norms
+from .backends.chunked import ChunkCosines
+from .backends.common import classes_per_chunk, overflow_safe_rows
 from .dtypes import compute_dtype
+
+
+def _classes_per_chunk(n_rows, sub_centers, dim, dtype):
+    """Classes per chunk within the workspace budget: the cosine tile (and its max over sub-centers),
+    the sorted copy with its int64 indices, and the class rows in the compute dtype."""
+    itemsize = torch.finfo(dtype).bits // 8
+    per_row = sub_centers * itemsize + (itemsize if sub_centers > 1 else 0) + itemsize + 8
+    return classes_per_chunk(max(n_rows, 1) * per_row + sub_centers * dim * itemsize)
 
 
 @torch.no_grad()
@@ -25,16 +33,19 @@ def topk_classes(embeddings, weight, k=1, sub_centers=1):
     if not 1 <= k <= n_classes:
         raise ValueError(f"k must lie in [1, {n_classes}], got {k}")
     cdt = compute_dtype(embeddings.dtype)
+    embeddings, rx, _ = overflow_safe_rows(embeddings, cdt)
+    weight, rw, _ = overflow_safe_rows(weight, cdt)
     x = embeddings.to(cdt)
-    rx, rw = inverse_norms(embeddings, cdt), inverse_norms(weight, cdt)
     n = embeddings.shape[0]
     best_cos = torch.empty(n, 0, dtype=cdt, device=x.device)
     best_cls = torch.empty(n, 0, dtype=torch.int64, device=x.device)
-    step = max(k, chunk_classes(n, sub_centers, embeddings.shape[1], cdt))
+    step = max(k, _classes_per_chunk(n, sub_centers, embeddings.shape[1], cdt))
     for start in range(0, n_classes, step):
         stop = min(start + step, n_classes)
         cos = ChunkCosines(x, rx, weight, rw, start, stop, sub_centers).cos
-        chunk_cos, chunk_idx = cos.topk(min(k, stop - start), dim=1)
+        # A stable sort, not topk (whose order among equal values is unspecified): lower index first.
+        chunk_cos, chunk_idx = torch.sort(cos, dim=1, descending=True, stable=True)
+        chunk_cos, chunk_idx = chunk_cos[:, :k], chunk_idx[:, :k]
         # Earlier candidates first so that a stable sort keeps lower class indices on ties.
         merged_cos = torch.cat([best_cos, chunk_cos], dim=1)
         merged_cls = torch.cat([best_cls, chunk_idx + start], dim=1)

@@ -55,6 +55,13 @@ def _phi(c, m1, m2, m3):
     return torch.where(angle <= math.pi, torch.cos(angle) - m3, past)
 
 
+def _normalize(v):
+    """v / max(|v|, EPS) per row, dividing by the largest entry first so that no square overflows."""
+    peak = v.detach().abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+    u = v / peak
+    return u / u.norm(dim=1, keepdim=True).clamp_min(EPS / peak)
+
+
 def oracle(x, w, y, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0, k=1, eps=0.0, ignore_index=-100, reduction="mean",
            row_weights=None):
     """Loss and (dX, dW) in float64 for raw x (N, D), w (C*K, D); labels with ignore_index.
@@ -65,8 +72,7 @@ def oracle(x, w, y, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0, k=1, eps=0.0, ignore_
     """
     x = x.detach().double().requires_grad_(True)
     w = w.detach().double().requires_grad_(True)
-    xn = x / x.norm(dim=1, keepdim=True).clamp_min(EPS)
-    wn = w / w.norm(dim=1, keepdim=True).clamp_min(EPS)
+    xn, wn = _normalize(x), _normalize(w)
     cos = (xn @ wn.T).view(x.shape[0], -1, k).amax(dim=2)
     n, c = cos.shape
     active = y != ignore_index

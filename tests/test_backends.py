@@ -166,3 +166,78 @@ def test_well_classified_row_keeps_its_relative_precision(dtype, backend):
         want, _, _ = _oracle_rows(x, w, y, scale=s, m2=0.0, reduction="none")
         assert want.max() < 5e-7
         assert ((loss.cpu().double() - want).abs() / want).max() < 1e-4
+
+
+def _assert_matches_oracle(x, w, y, backend, tol, **kwargs):
+    """Loss, dX and dW against the independent float64 formula (tests/float64_oracle.py)."""
+    reduction = kwargs.get("reduction", "mean")
+    oracle_kwargs = {name: kwargs[name] for name in ("scale", "m1", "m2", "m3") if name in kwargs}
+    out = loss_and_grads(x, w, y, backend=backend, **kwargs)
+    weights = torch.linspace(0.5, 1.5, x.shape[0], dtype=torch.float64) if reduction == "none" else None
+    ref = _oracle_rows(x.cpu(), w.cpu(), y.cpu(), k=kwargs.get("sub_centers", 1), reduction=reduction,
+                       row_weights=weights, **oracle_kwargs)
+    for name, o, r in zip(("loss", "dX", "dW"), out, ref):
+        assert o.dtype == (x.dtype if name == "dX" else w.dtype if name == "dW" else o.dtype)
+        err = rel_err(o.cpu(), r)
+        assert err <= tol, f"{backend} {name}: relative error {err:.3g} > {tol:.1g}"
+
+
+@pytest.mark.parametrize("n,c,d", [(0, 7, 5), (1, 7, 5), (6, 1, 5), (6, 7, 1), (1, 1, 1)])
+def test_edge_sizes_match_the_float64_formula(n, c, d, backend):
+    x, w, y = make_problem_on(n, c, d, seed=n + c + d)
+    for reduction in ("mean", "sum", "none"):
+        # CosFace margins: with D = 1 every cosine is +-1, where ArcFace's acos magnifies rounding
+        # (test_weight_imprinting_parallel_rows)
+        loss, dx, dw = loss_and_grads(x, w, y, backend=backend, reduction=reduction, scale=8.0, m2=0.0, m3=0.35)
+        assert loss.shape == ((n,) if reduction == "none" else ())
+        assert dx.shape == x.shape and dw.shape == w.shape
+        if n == 0:
+            assert torch.all(loss == 0) and torch.all(dw == 0)
+        else:
+            _assert_matches_oracle(x, w, y, backend, TOL[torch.float32], reduction=reduction, scale=8.0,
+                                   m2=0.0, m3=0.35)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_huge_and_tiny_norms_match_the_float64_formula(dtype, backend):
+    # Rows whose entries reach the dtype's largest value: no overflow in the squared norm nor in
+    # the raw dot products; rows far below eps behave like F.normalize's (x / eps).
+    x, w, y = make_problem(6, 9, 5, seed=1)
+    x, w = x / x.abs().amax(1, keepdim=True), w / w.abs().amax(1, keepdim=True)
+    big = torch.finfo(dtype).max * 0.99
+    x[0] *= big
+    w[2] *= big
+    w[y[1]] *= big
+    x[3] *= 1e-3 if dtype == torch.float16 else 1e-30   # float16 cannot hold the 1 / eps gradient of 1e-30
+    x, w = x.to(dtype), w.to(dtype)
+    _assert_matches_oracle(x.to(DEVICE), w.to(DEVICE), y.to(DEVICE), backend, max(TOL[dtype], 5e-3), scale=8.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m1,m2,m3", [(1.0, 0.5, 0.0), (1.0, 0.0, 0.35), (1.35, 0.0, 0.0)])
+def test_weight_imprinting_parallel_rows(dtype, m1, m2, m3, backend):
+    # Every embedding exactly equal to its class centre (weight imprinting): d cos / dx = 0 on the
+    # target, so the margin's slope must not turn rounding into a gradient. With m2 != 0 the
+    # loss itself is ill-conditioned in c there: one rounding step of c = 1 is an angle of
+    # sqrt(2 * 6e-8) = 3.5e-4 rad, so s * sin(m2) * 3.5e-4 = 1.3e-3 in a logit (the 5e-3 of
+    # test_extreme_angles).
+    x, w, y = make_problem(8, 16, 12, seed=4)
+    x = w[y].clone()
+    x, w = x.to(dtype), w.to(dtype)
+    tol = TOL[dtype] if m2 == 0 else max(TOL[dtype], 5e-3)
+    _assert_matches_oracle(x.to(DEVICE), w.to(DEVICE), y.to(DEVICE), backend, tol, scale=8.0, m1=m1, m2=m2, m3=m3)
+
+
+def test_predict_and_stats_top1_agree_on_ties(backend):
+    # Exact ties (small integer entries: every dot product is exact): the lowest class wins,
+    # within a chunk and across chunks (the small workspace puts every few classes in a new chunk).
+    x = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]], device=DEVICE)
+    base = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    w = torch.cat([base, base * 2.0, base, torch.zeros(40, 3)]).to(DEVICE)  # classes 1, 5 and 9 tie for row 0
+    y = torch.tensor([0, 0, 0], device=DEVICE)
+    _, stats = ak.margin_softmax_loss(x, w, y, return_stats=True, backend=backend)
+    classes, cosines = ak.topk_classes(x, w, k=3)
+    assert stats.top1.tolist() == [1, 2, 3]
+    assert classes[:, 0].tolist() == [1, 2, 3]
+    assert classes[0].tolist() == [1, 5, 9]
+    assert torch.equal(cosines[0], torch.ones(3, device=DEVICE))

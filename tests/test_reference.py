@@ -1,5 +1,7 @@
 """The reference head against an independent float64 formula written row by row."""
 
+import math
+
 import pytest
 import torch
 from float64_oracle import loss_by_rows, oracle
@@ -51,3 +53,25 @@ def test_vectorized_oracle_equals_rowwise_formula():
     x[1] = -w[y[1] * 2]
     rows, _, _ = oracle(x, w, y, scale=8.0, m1=1.2, m2=0.3, m3=0.1, k=2, eps=0.1, reduction="none")
     assert rel_err(rows, loss_by_rows(x, w, y, 8.0, 1.2, 0.3, 0.1, 2, 0.1)) < 1e-12
+
+
+@pytest.mark.parametrize("m1", [1.0, 1.35, 2.5])
+def test_dphi_at_cos_one_is_its_limit_where_finite(m1):
+    # m2 = 0: d/dc cos(m1 acos c) -> m1^2 as c -> 1 (cos(m1 t) ~ 1 - m1^2 t^2 / 2, 1 - c ~ t^2 / 2).
+    one = torch.ones(1, dtype=torch.float64)
+    assert ak.margins.dphi_dcos(one, m1, 0.0, 0.1).item() == pytest.approx(m1 * m1, rel=1e-12)
+    near = torch.tensor([1 - 1e-14, 1 - 1e-9], dtype=torch.float64)
+    assert torch.allclose(ak.margins.dphi_dcos(near, m1, 0.0, 0.0), torch.full((2,), m1 * m1, dtype=torch.float64),
+                          rtol=1e-6)
+
+
+def test_dphi_where_the_true_derivative_is_unbounded_is_the_floored_value():
+    # m2 != 0 at c = 1: m1 sin(m1 t + m2) / sin(t) is unbounded; the floor makes it finite.
+    one = torch.ones(1, dtype=torch.float64)
+    m1, m2 = 1.0, 0.5
+    floored = m1 * m1 * math.cos(m2) + m1 * math.sin(m2) / ak.margins.SIN_FLOOR
+    assert ak.margins.dphi_dcos(one, m1, m2, 0.0).item() == pytest.approx(floored, rel=1e-12)
+    # m1 = 1 at c = -1: past pi the fallback c - m3 - m2 sin(m2) has slope 1, its limit.
+    for m2 in (0.0, 0.5):
+        assert ak.margins.dphi_dcos(-one, 1.0, m2, 0.0).item() == 1.0
+    assert torch.isfinite(ak.margins.dphi_dcos(-one, 1.35, 0.2, 0.0)).all()

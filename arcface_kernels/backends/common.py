@@ -2,6 +2,7 @@
 
 import contextlib
 import contextvars
+import math
 
 import torch
 
@@ -39,15 +40,58 @@ def classes_per_chunk(bytes_per_class: int) -> int:
 # Rows are upcast for their norms a slice at a time: a float32 copy of a bf16 weight with
 # millions of rows would be larger than the whole workspace.
 _NORM_SLICE_BYTES = 16 * 2**20
+# A row whose largest entry is below 2**-64 has a norm below eps for any D < 2**40: clamped anyway.
+_MIN_EXPONENT = -64
+
+
+def _safe_exponent(dtype: torch.dtype) -> int:
+    """Rows whose largest entry reaches 2**this are scaled down to it: their squares and their
+    dot products with any other such row (D up to 2**30 terms) stay finite in `dtype`."""
+    return math.frexp(torch.finfo(dtype).max)[1] // 2 - 16
+
+
+def _exponents_and_unit_norms(v: torch.Tensor, dtype: torch.dtype):
+    """Per row, e with max_k |v_ik| = m 2**e (m in [0.5, 1)) and |v_i| / 2**e, the norm taken of the
+    row scaled by 2**-e (exact): no square overflows or underflows, whatever the row's magnitude."""
+    exponents = torch.empty(v.shape[0], dtype=torch.int32, device=v.device)
+    unit_norms = torch.empty(v.shape[0], dtype=dtype, device=v.device)
+    step = max(1, _NORM_SLICE_BYTES // (max(v.shape[1], 1) * 8))
+    for start in range(0, v.shape[0], step):
+        rows = v[start : start + step].to(dtype)
+        peak = torch.linalg.vector_norm(rows, ord=math.inf, dim=1)
+        e = torch.frexp(peak).exponent.clamp_min(_MIN_EXPONENT)
+        exponents[start : start + step] = e
+        unit_norms[start : start + step] = torch.linalg.vector_norm(rows * torch.exp2(-e.to(dtype))[:, None], dim=1)
+    return exponents, unit_norms
+
+
+def _inverse(unit_norms, exponents, dtype):
+    return 1.0 / (unit_norms * torch.exp2(exponents.to(dtype))).clamp_min(NORM_EPS)
 
 
 def inverse_norms(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """1 / max(|v_i|, eps) per row, in `dtype`."""
-    norms = torch.empty(v.shape[0], dtype=dtype, device=v.device)
-    step = max(1, _NORM_SLICE_BYTES // (max(v.shape[1], 1) * 8))
-    for start in range(0, v.shape[0], step):
-        norms[start : start + step] = torch.linalg.vector_norm(v[start : start + step].to(dtype), dim=1)
-    return 1.0 / norms.clamp_min(NORM_EPS)
+    """1 / max(|v_i|, eps) per row, in `dtype`, with no overflow in the squares (a row's norm
+    may exceed `dtype`'s range only if its entries nearly do)."""
+    exponents, unit_norms = _exponents_and_unit_norms(v, dtype)
+    return _inverse(unit_norms, exponents, dtype)
+
+
+def overflow_safe_rows(v: torch.Tensor, dtype: torch.dtype):
+    """The rows a backend sees, their inverse norms in `dtype`, and the per-row scale that made them.
+
+    Rows whose largest entry reaches 2**_safe_exponent are multiplied by a power of two (exact)
+    that brings it below: cosines are unchanged, and no raw dot product of two rows overflows
+    the accumulation dtype (docs/design.md section 2, "never NaN or Inf for finite inputs"). The
+    gradient with respect to the given row is the scale times the one with respect to the seen
+    row. Returns (v, inverse norms, None) when no row needs it (the usual case: no copy).
+    """
+    exponents, unit_norms = _exponents_and_unit_norms(v, dtype)
+    shift = (exponents - _safe_exponent(dtype)).clamp_min(0)
+    inverse = _inverse(unit_norms, exponents - shift, dtype)
+    if not bool(shift.any()):
+        return v, inverse, None
+    scale = torch.exp2(-shift.to(dtype))
+    return v * scale[:, None].to(v.dtype), inverse, scale
 
 
 def row_norms(x: torch.Tensor, w: torch.Tensor) -> RowNorms:
