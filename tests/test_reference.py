@@ -75,3 +75,12 @@ def test_dphi_where_the_true_derivative_is_unbounded_is_the_floored_value():
     for m2 in (0.0, 0.5):
         assert ak.margins.dphi_dcos(-one, 1.0, m2, 0.0).item() == 1.0
     assert torch.isfinite(ak.margins.dphi_dcos(-one, 1.35, 0.2, 0.0)).all()
+
+
+def test_reference_normalizes_rows_up_to_the_largest_float():
+    x, w, y = make_problem(5, 7, 4, seed=6)
+    x[0] *= 1e38 / x[0].abs().max()
+    w[1] *= 1e38 / w[1].abs().max()
+    got = ak.margin_softmax_loss(x, w, y, scale=8.0, reduction="none", backend="reference")
+    want, _, _ = oracle(x, w, y, scale=8.0, reduction="none")
+    assert rel_err(got, want) < 1e-5

@@ -39,3 +39,16 @@ def test_autocast_casts_both_inputs(dtype):
     assert loss.dtype == torch.float32 and w.grad.dtype == torch.float32
     ref = ak.margin_softmax_loss(x.to(dtype), w.detach().to(dtype), y, backend="torch")
     assert torch.equal(loss.detach(), ref)
+
+
+def test_float64_end_to_end_margins_included():
+    # Margins that float32 cannot hold (0.3, 1.35, per-row tensors) stay float64: 1e-13, not 1e-8.
+    from float64_oracle import oracle
+
+    x, w, y = make_problem(7, 13, 6, k=2, dtype=torch.float64, seed=12, ignore=(2,))
+    m3 = torch.linspace(0.01, 0.2, 7, dtype=torch.float64)
+    loss, dx, dw = loss_and_grads(x, w, y, backend="torch", scale=30.0, m1=1.35, m2=0.3, m3=m3, sub_centers=2)
+    want = oracle(x, w, y, scale=30.0, m1=1.35, m2=0.3, m3=m3, k=2)
+    for got, ref in zip((loss, dx, dw), want):
+        assert got.dtype == torch.float64
+        assert rel_err(got, ref) < 1e-12

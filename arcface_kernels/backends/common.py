@@ -76,6 +76,16 @@ def inverse_norms(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return _inverse(unit_norms, exponents, dtype)
 
 
+def _overflow_shifts(exponents, dtype):
+    return (exponents - _safe_exponent(dtype)).clamp_min(0)
+
+
+def overflow_scales(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per row, the power of two (1 for all but huge rows) that overflow_safe_rows multiplies it by."""
+    exponents, _ = _exponents_and_unit_norms(v, dtype)
+    return torch.exp2(-_overflow_shifts(exponents, dtype).to(dtype))
+
+
 def overflow_safe_rows(v: torch.Tensor, dtype: torch.dtype):
     """The rows a backend sees, their inverse norms in `dtype`, and the per-row scale that made them.
 
@@ -83,10 +93,11 @@ def overflow_safe_rows(v: torch.Tensor, dtype: torch.dtype):
     that brings it below: cosines are unchanged, and no raw dot product of two rows overflows
     the accumulation dtype (docs/design.md section 2, "never NaN or Inf for finite inputs"). The
     gradient with respect to the given row is the scale times the one with respect to the seen
-    row. Returns (v, inverse norms, None) when no row needs it (the usual case: no copy).
+    row. Returns (v, inverse norms, None) when no row needs it (the usual case: no copy; one host
+    sync to know).
     """
     exponents, unit_norms = _exponents_and_unit_norms(v, dtype)
-    shift = (exponents - _safe_exponent(dtype)).clamp_min(0)
+    shift = _overflow_shifts(exponents, dtype)
     inverse = _inverse(unit_norms, exponents - shift, dtype)
     if not bool(shift.any()):
         return v, inverse, None

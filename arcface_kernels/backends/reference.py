@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..dtypes import compute_dtype
 from ..margins import NORM_EPS, dphi_dcos, phi
+from .common import overflow_scales
 
 
 class _Margin(torch.autograd.Function):
@@ -30,8 +31,10 @@ def reference_logits(embeddings, weight, labels, m1, m2, m3, *, scale, sub_cente
                      easy_margin=False, straight_through=False):
     """The full N x C margined logits (target margin only where label >= 0) and the cosines."""
     cdt = compute_dtype(embeddings.dtype)
-    x = F.normalize(embeddings.to(cdt), dim=1, eps=NORM_EPS)
-    w = F.normalize(weight.to(cdt), dim=1, eps=NORM_EPS)
+    # Huge rows scaled by a power of two first (exact, differentiable), as the op does for the
+    # fused backends: F.normalize's squared norm would overflow.
+    x = F.normalize(embeddings.to(cdt) * overflow_scales(embeddings, cdt)[:, None], dim=1, eps=NORM_EPS)
+    w = F.normalize(weight.to(cdt) * overflow_scales(weight, cdt)[:, None], dim=1, eps=NORM_EPS)
     cos = x @ w.T
     if sub_centers > 1:
         cos = cos.view(cos.shape[0], -1, sub_centers).max(dim=2).values
