@@ -22,7 +22,9 @@ def get_workspace_budget() -> int:
 
 @contextlib.contextmanager
 def workspace_budget(nbytes: int):
-    """Bound every chunking backend's per-chunk workspace to `nbytes` inside the block."""
+    """Bound every chunking backend's per-chunk workspace to `nbytes` inside the block (this thread
+    or context only). Results depend on it only through rounding: chunk boundaries set the order
+    of the sums, so another budget may change the last bits; the same budget gives the same bits."""
     if isinstance(nbytes, bool) or int(nbytes) != nbytes or int(nbytes) <= 0:
         raise ValueError(f"workspace budget must be a positive number of bytes, got {nbytes!r}")
     token = _workspace_budget.set(int(nbytes))
