@@ -139,9 +139,11 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         owned = (all_labels >= class_offset) & (all_labels < class_offset + local_classes)
         shard_labels = torch.where(owned, all_labels - class_offset, -1)
         fused = get_backend(backend)
-        norms = row_norms(all_x, weight_shard.detach())
-        stats = _merge_stats(fused.forward(all_x, weight_shard.detach(), shard_labels, options, norms),
-                             class_offset, group)
+        # the backend computes in its own dtypes: autocast must not recast its matmuls
+        with torch.autocast(all_x.device.type, enabled=False):
+            norms = row_norms(all_x, weight_shard.detach())
+            partial = fused.forward(all_x, weight_shard.detach(), shard_labels, options, norms)
+        stats = _merge_stats(partial, class_offset, group)
         loss, lse = op.finalize(stats, all_labels >= 0, options.label_smoothing, num_classes)
         ctx.save_for_backward(all_x, weight_shard, shard_labels, all_labels, lse)
         ctx.settings = (options, num_classes, norms, sizes, rows, backend, group, embeddings.dtype,
@@ -156,8 +158,9 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         options, num_classes, norms, sizes, rows, backend, group, x_dtype, embedding_grad_scale = ctx.settings
         grad_all = _gather_rows(grad_loss.to(lse.dtype).contiguous(), sizes, group)
         grad_all = torch.where(all_labels >= 0, grad_all, 0.0)
-        dx_all, dw = get_backend(backend).backward(grad_all, all_x, weight_shard, shard_labels, lse, options,
-                                                   num_classes, norms)
+        with torch.autocast(all_x.device.type, enabled=False):
+            dx_all, dw = get_backend(backend).backward(grad_all, all_x, weight_shard, shard_labels, lse, options,
+                                                       num_classes, norms)
         dx_all = _all_reduce(dx_all.contiguous(), dist.ReduceOp.SUM, group)
         return (saturating_cast(dx_all[rows] * embedding_grad_scale, x_dtype), dw) + (None,) * 8
 
