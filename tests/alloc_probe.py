@@ -5,8 +5,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 
+def _device_key(args, kwargs):
+    cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in tree_leaves((args, kwargs)))
+    return torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA if cuda else torch._C.DispatchKey.CPU)
+
+
 class LargestAllocation(TorchDispatchMode):
-    """Tracks the largest tensor (in elements) produced by any op while active."""
+    """Tracks the largest tensor (in elements) produced by any op while active. The package's own
+    custom ops are entered (redispatched below the mode, with the mode active again) so that
+    what their implementations and the backends allocate is seen too, not only their outputs."""
 
     def __init__(self):
         super().__init__()
@@ -14,8 +21,20 @@ class LargestAllocation(TorchDispatchMode):
         self.largest_op = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if func.namespace == "arcface_kernels":
+            with self:
+                out = func.redispatch(_device_key(args, kwargs), *args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        # outputs that alias an input's storage (views, in-place ops, set_) allocate nothing
+        leaves = tree_leaves((args, kwargs))
+        inputs = {_storage(t) for t in leaves if isinstance(t, (torch.Tensor, torch.UntypedStorage))}
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
+            if isinstance(t, torch.Tensor) and t.numel() > self.largest and _storage(t) not in inputs:
                 self.largest, self.largest_op = t.numel(), str(func)
         return out
+
+
+def _storage(t):
+    return (t if isinstance(t, torch.UntypedStorage) else t.untyped_storage()).data_ptr()

@@ -17,6 +17,17 @@ def test_probe_sees_the_reference_logits():
     assert probe.largest >= n * c
 
 
+def test_probe_sees_inside_the_fused_op(backend, device):
+    # With a budget that lets one chunk hold every class, the fused backends' N x C tiles show:
+    # the probe sees what the op's implementation allocates, not only its outputs.
+    n, c, d = 32, 2048, 8  # C a multiple of every class tile, so one chunk holds all classes
+    x, w, y = make_problem(n, c, d, seed=2, device=device)
+    x.requires_grad_(True)
+    with ak.workspace_budget(2**30), LargestAllocation() as probe:
+        ak.margin_softmax_loss(x, w, y, backend=backend).backward()
+    assert probe.largest >= n * c, (probe.largest, probe.largest_op)
+
+
 # Smaller for the triton backend, which runs in the (slow) interpreter on a CPU.
 SHAPES = {"torch": (64, 20000, 16), "triton": (32, 3000, 8), "cuda": (64, 20000, 16)}
 
