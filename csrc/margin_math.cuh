@@ -39,12 +39,20 @@ ARCFACE_HD float phi(float cos_value, float m1, float m2, float m3, bool easy_ma
   return value;
 }
 
+// sin(x) / x, 1 at x = 0
+ARCFACE_HD float sinc(float x) { return x == 0.f ? 1.f : sinf(x) / x; }
+
 ARCFACE_HD float dphi_dcos(float cos_value, float m1, float m2, bool easy_margin, bool straight_through) {
   if (straight_through) return 1.f;
   const AngleTerms t = angle_terms(cos_value, m1, m2);
+  const float theta = acosf(t.c);
   const float sin_theta = fmaxf(sqrtf(fmaxf(1.f - t.c * t.c, 0.f)), kSinFloor);
-  // d/dc cos(m1 * acos(c) + m2) = m1 * sin(m1 * theta + m2) / sin(theta)
-  float grad = (m1 == 1.f && t.k >= 1.f) ? 1.f : t.sign * m1 * sinf(t.angle) / sin_theta;
+  // d/dc cos(m1 theta + m2) = m1 [cos(m2) sin(m1 theta) + sin(m2) cos(m1 theta)] / sin(theta)
+  // (margins.dphi_dcos): below pi/2 sin(m1 theta) / sin(theta) = m1 sinc(m1 theta) / sinc(theta),
+  // so that at c = 1 the derivative is its limit m1^2 when m2 = 0; elsewhere sin(theta) is floored.
+  const float sin_ratio = theta < 0.5f * kPi ? m1 * sinc(m1 * theta) / sinc(theta) : sinf(m1 * theta) / sin_theta;
+  const float nominal = t.sign * m1 * (cosf(m2) * sin_ratio + sinf(m2) * cosf(m1 * theta) / sin_theta);
+  float grad = (m1 == 1.f && t.k >= 1.f) ? 1.f : nominal;
   if (easy_margin && !(t.c > 0.f)) grad = 1.f;
   return grad;
 }

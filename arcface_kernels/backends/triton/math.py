@@ -37,6 +37,13 @@ def expm1(x):
 
 
 @triton.jit
+def sinc(x):
+    """sin(x) / x, 1 at x = 0 (no division by zero in the unselected branch)."""
+    safe = tl.where(x == 0.0, 1.0, x)
+    return tl.where(x == 0.0, 1.0, tl.sin(safe) / safe)
+
+
+@triton.jit
 def _angle_terms(cos, m1, m2):
     c = tl.minimum(tl.maximum(cos, -1.0), 1.0)
     theta = acos(c)
@@ -66,7 +73,10 @@ def dphi_dcos(cos, m1, m2, m3, EASY_MARGIN: tl.constexpr, STRAIGHT_THROUGH: tl.c
         grad = c * 0.0 + 1.0
     else:
         sin_theta = tl.maximum(tl.sqrt(tl.maximum(1.0 - c * c, 0.0)), SIN_FLOOR)
-        nominal = sign * m1 * tl.sin(angle) / sin_theta
+        # margins.dphi_dcos: below pi/2, sin(m1 theta) / sin(theta) = m1 sinc(m1 theta) / sinc(theta),
+        # so that at c = 1 the derivative is its limit m1^2 when m2 = 0; elsewhere sin(theta) is floored
+        sin_ratio = tl.where(theta < 0.5 * PI, m1 * sinc(m1 * theta) / sinc(theta), tl.sin(m1 * theta) / sin_theta)
+        nominal = sign * m1 * (tl.cos(m2) * sin_ratio + tl.sin(m2) * tl.cos(m1 * theta) / sin_theta)
         grad = tl.where((m1 == 1.0) & (k >= 1.0), 1.0, nominal)
         if EASY_MARGIN:
             grad = tl.where(c > 0, grad, 1.0)
