@@ -151,10 +151,7 @@ def _oracle_rows(x, w, y, **kwargs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_well_classified_row_keeps_its_relative_precision(dtype, backend, request):
-    if backend == "triton":  # strict: passes the day the kernels fill it
-        request.applymarker(pytest.mark.xfail(strict=True, reason="the triton backend does not fill "
-                                              "PartialStats.nontarget_sum_exp yet (issue 12)"))
+def test_well_classified_row_keeps_its_relative_precision(dtype, backend):
     # Rows near their own class axis: true losses of 2e-7 and below, which
     # lse - z_y would round to 0 or to one float32 step of lse (2e-6).
     c = d = 8

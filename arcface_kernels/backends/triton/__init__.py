@@ -80,7 +80,7 @@ def forward(x, w, labels, options, norms):
     config = tile_config("forward", _interpreted())
     row_blocks = triton.cdiv(n, config.block_m)
     per_split, splits = _class_splits(row_blocks, n_classes, config.block_n, _target_programs(x.device))
-    stats = torch.empty(6, splits, n, dtype=torch.float32, device=x.device)
+    stats = torch.empty(7, splits, n, dtype=torch.float32, device=x.device)
     best_class = torch.empty(splits, n, dtype=torch.int64, device=x.device)
     with _on_device(x.device):
         partial_stats_kernel[(row_blocks, splits)](

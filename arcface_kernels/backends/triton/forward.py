@@ -34,6 +34,7 @@ def partial_stats_kernel(
 
     row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     sum_exp = tl.zeros((BLOCK_M,), tl.float32)
+    nontarget_sum_exp = tl.zeros((BLOCK_M,), tl.float32)  # the target's term kept apart (op.finalize)
     logit_sum = tl.zeros((BLOCK_M,), tl.float32)
     target_logit = tl.zeros((BLOCK_M,), tl.float32)
     target_cos = tl.zeros((BLOCK_M,), tl.float32)
@@ -50,14 +51,22 @@ def partial_stats_kernel(
         # The margin only where some row's label falls inside this tile: a scalar branch, so the
         # other tiles (all but about N of the C / BLOCK_N per row block) skip the target terms.
         in_tile = (labels >= first) & (labels < first + BLOCK_N)
-        if tl.max(in_tile.to(tl.int32), axis=0) > 0:
+        holds_targets = tl.max(in_tile.to(tl.int32), axis=0) > 0
+        if holds_targets:
             is_target, cos_y, logit_y = target_terms(cos, classes, labels, m1, m2, m3, scale, EASY_MARGIN)
             z = tl.where(is_target, logit_y[:, None], z)
             target_logit = tl.where(in_tile, logit_y, target_logit)
             target_cos = tl.where(in_tile, cos_y, target_cos)
         z = tl.where(class_mask[None, :], z, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(z, axis=1))
-        sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        rescale = tl.exp(row_max - new_max)
+        e = tl.exp(z - new_max[:, None])
+        tile_sum = tl.sum(e, axis=1)
+        tile_nontarget = tile_sum
+        if holds_targets:
+            tile_nontarget = tl.sum(tl.where(classes[None, :] == labels[:, None], 0.0, e), axis=1)
+        sum_exp = sum_exp * rescale + tile_sum
+        nontarget_sum_exp = nontarget_sum_exp * rescale + tile_nontarget
         row_max = new_max
         logit_sum += tl.sum(tl.where(class_mask[None, :], z, 0.0), axis=1)
         plain = tl.where(class_mask[None, :], cos, float("-inf"))
@@ -76,17 +85,18 @@ def partial_stats_kernel(
     tl.store(out + 3 * plane, logit_sum, mask=row_mask)
     tl.store(out + 4 * plane, target_cos, mask=row_mask)
     tl.store(out + 5 * plane, best_cos, mask=row_mask)
+    tl.store(out + 6 * plane, nontarget_sum_exp, mask=row_mask)
     tl.store(best_class_ptr + split * N + rows, best_class.to(tl.int64), mask=row_mask)
 
 
 def combine_splits(stats, best_class):
-    """PartialStats of all classes from per-split partials (6, S, N) and (S, N), in split order."""
-    row_max, sum_exp, target_logit, logit_sum, target_cos, best_cos = stats.unbind(0)
+    """PartialStats of all classes from per-split partials (7, S, N) and (S, N), in split order."""
+    row_max, sum_exp, target_logit, logit_sum, target_cos, best_cos, nontarget_sum_exp = stats.unbind(0)
     merged_max = row_max.max(dim=0).values
-    merged_sum_exp = (sum_exp * torch.exp(row_max - merged_max)).sum(dim=0)
+    rescale = torch.exp(row_max - merged_max)
     # only the split holding the target wrote a nonzero target term
     winner = best_cos.argmax(dim=0, keepdim=True)  # first maximum: the lowest split, so the lowest class
     return PartialStats(
-        merged_max, merged_sum_exp, target_logit.sum(0), logit_sum.sum(0), target_cos.sum(0),
-        best_cos.gather(0, winner)[0], best_class.gather(0, winner)[0],
+        merged_max, (sum_exp * rescale).sum(dim=0), target_logit.sum(0), logit_sum.sum(0), target_cos.sum(0),
+        best_cos.gather(0, winner)[0], best_class.gather(0, winner)[0], (nontarget_sum_exp * rescale).sum(dim=0),
     )
