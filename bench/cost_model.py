@@ -27,9 +27,8 @@ from arcface_kernels.backends.common import DEFAULT_WORKSPACE_BUDGET
 from arcface_kernels.backends.triton.configs import CONFIGS
 
 from .compare import HEADLINE_SHAPES
+from .cost_model_cuda import HBM, TFLOPS, floor_seconds, predict  # one model of rates, passes and the floor
 
-TFLOPS = 798e12  # bf16 dense tensor rate (H100), also the floor's rate
-HBM = 3.0e12  # bytes / s
 SFU = 16 * 132 * 1.755e9  # exp / s
 TRITON_TILE_EFFICIENCY = 0.75  # assumed fraction of the tensor rate a Triton wgmma mainloop reaches
 CUBLAS_EFFICIENCY = 0.80  # assumed for the chunk GEMMs (K = chunk width >= 4096 at the headline shapes)
@@ -50,8 +49,9 @@ class Kernel(NamedTuple):
     hbm_bytes: float
     l2_bytes: float
 
-    def seconds(self):
-        tensor = self.flops / (TFLOPS * self.efficiency) if self.flops else 0.0
+    def seconds(self, gemm_efficiency=1.0):
+        """Predicted seconds; gemm_efficiency scales every tensor efficiency (a what-if)."""
+        tensor = self.flops / (TFLOPS * self.efficiency * gemm_efficiency) if self.flops else 0.0
         return tensor + self.exps / SFU + self.hbm_bytes / HBM
 
 
@@ -75,19 +75,6 @@ def triton_plan(n, c, d, budget=DEFAULT_WORKSPACE_BUDGET):
         Kernel("dW tail: fused projection", "backward", 0.0, 1.0, 0.0, TAIL_BYTES_PER_ENTRY * c * d, 0.0),
         Kernel("dX projection (fused)", "backward", 0.0, 1.0, 0.0, (F32 + BF16 + F32) * n * d, 0.0),
     ], n_chunks
-
-
-def predict(plan):
-    times = {"forward": 0.0, "backward": 0.0}
-    for kernel in plan:
-        times[kernel.pass_] += kernel.seconds()
-    times["total"] = times["forward"] + times["backward"]
-    return times
-
-
-def floor_seconds(n, c, d):
-    """4 x 2NCD at the bf16 tensor rate (docs/design.md eq. (25))."""
-    return 4 * 2.0 * n * c * d / TFLOPS
 
 
 def table(shapes=HEADLINE_SHAPES):
