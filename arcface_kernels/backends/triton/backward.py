@@ -12,7 +12,7 @@ G is written by exactly one program: no atomics, bit-reproducible.
 import triton
 import triton.language as tl
 
-from .tiles import class_cosines, cosine_gradient
+from .tiles import class_cosines, cosine_gradient, load_row_terms
 
 
 @triton.jit
@@ -26,11 +26,7 @@ def grad_tile_kernel(
     classes = first_class + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     class_mask = classes < stop_class
-    rx = tl.load(rx_ptr + rows, mask=row_mask, other=0.0)
-    labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1).to(tl.int32)
-    m1 = tl.load(m1_ptr + rows, mask=row_mask, other=1.0)
-    m2 = tl.load(m2_ptr + rows, mask=row_mask, other=0.0)
-    m3 = tl.load(m3_ptr + rows, mask=row_mask, other=0.0)
+    rx, labels, m1, m2, m3 = load_row_terms(rows, row_mask, rx_ptr, labels_ptr, m1_ptr, m2_ptr, m3_ptr)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     grad = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)  # 0 on ignored and padding rows
     cos, pick = class_cosines(x_ptr, rows, row_mask, rx, stride_x, w_ptr, rw_ptr, classes, class_mask, stride_w, D,

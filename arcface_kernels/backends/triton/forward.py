@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ..contract import PartialStats
-from .tiles import class_cosines, target_terms
+from .tiles import class_cosines, load_row_terms, target_terms
 
 
 @triton.jit
@@ -26,11 +26,7 @@ def partial_stats_kernel(
     split = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
-    rx = tl.load(rx_ptr + rows, mask=row_mask, other=0.0)
-    labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1).to(tl.int32)
-    m1 = tl.load(m1_ptr + rows, mask=row_mask, other=1.0)
-    m2 = tl.load(m2_ptr + rows, mask=row_mask, other=0.0)
-    m3 = tl.load(m3_ptr + rows, mask=row_mask, other=0.0)
+    rx, labels, m1, m2, m3 = load_row_terms(rows, row_mask, rx_ptr, labels_ptr, m1_ptr, m2_ptr, m3_ptr)
 
     row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     sum_exp = tl.zeros((BLOCK_M,), tl.float32)

@@ -20,6 +20,17 @@ def load_rows(ptr, rows, row_mask, stride, first_col, D, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def load_row_terms(rows, row_mask, rx_ptr, labels_ptr, m1_ptr, m2_ptr, m3_ptr):
+    """A row block's inverse norms, labels (-1 on padding rows) and per-row margins."""
+    rx = tl.load(rx_ptr + rows, mask=row_mask, other=0.0)
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1).to(tl.int32)
+    m1 = tl.load(m1_ptr + rows, mask=row_mask, other=1.0)
+    m2 = tl.load(m2_ptr + rows, mask=row_mask, other=0.0)
+    m3 = tl.load(m3_ptr + rows, mask=row_mask, other=0.0)
+    return rx, labels, m1, m2, m3
+
+
+@triton.jit
 def cosine(x_ptr, rows, row_mask, rx, stride_x, w_ptr, w_rows, w_mask, rw, stride_w, D,
            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """(BLOCK_M, BLOCK_N) float32 cosines of rows of X and rows of W, walking D in BLOCK_K steps."""
