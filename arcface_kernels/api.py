@@ -4,14 +4,13 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.autograd import forward_ad
 
 from . import op
 from .backends import resolve_backend
 from .backends.reference import reference_loss
-from .dtypes import compute_dtype
+from .entry import prepare_loss_inputs
 from .options import LossOptions, Margin
-from .validation import check_tensors
+from .validation import boolean
 
 
 class MarginLossStats(NamedTuple):
@@ -32,36 +31,6 @@ def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     return resolve_backend(backend, device, dtype)
 
 
-def _autocast(embeddings, weight):
-    """Under torch.autocast, embeddings and weight in the autocast dtype (float64 is left alone,
-    as autocast does); autograd casts each gradient back to its input's dtype."""
-    device_type = embeddings.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return embeddings, weight
-    dtype = torch.get_autocast_dtype(device_type)
-    cast = [t if t.dtype == torch.float64 else t.to(dtype) for t in (embeddings, weight)]
-    return tuple(cast)
-
-
-def _refuse_unsupported_autodiff(embeddings, weight):
-    """torch.func transforms and forward-mode AD would otherwise get a silent zero tangent or an
-    obscure error: the op registers reverse-mode autograd only."""
-    if torch.compiler.is_compiling():
-        return
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        raise NotImplementedError(
-            "margin_softmax_loss does not support torch.func transforms (grad, vjp, jvp, vmap, jacrev, "
-            "jacfwd, hessian): its custom op has reverse-mode autograd only. Use loss.backward() or "
-            "torch.autograd.grad."
-        )
-    if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None
-                                               for t in (embeddings, weight)):
-        raise NotImplementedError(
-            "margin_softmax_loss does not support forward-mode AD (torch.autograd.forward_ad): "
-            "it registers reverse-mode autograd only. Use loss.backward() or torch.autograd.grad."
-        )
-
-
 class _StatsCarryNoGradient(torch.autograd.Function):
     """Passes lse and target_cos through; differentiating a loss built on them raises instead of
     giving a silent zero gradient. (Under torch.compile the stats are plain non-differentiable
@@ -80,7 +49,9 @@ class _StatsCarryNoGradient(torch.autograd.Function):
         )
 
 
-def _stats(embeddings, weight, lse, target_cos, top1):
+def stats_without_gradient(embeddings, weight, lse, target_cos, top1):
+    """MarginLossStats whose lse and target_cos raise when a loss built on them is differentiated
+    (every entry path returns its stats through this)."""
     if torch.is_grad_enabled() and not torch.compiler.is_compiling() and (
             embeddings.requires_grad or weight.requires_grad):
         lse, target_cos = _StatsCarryNoGradient.apply(embeddings, weight, lse, target_cos)
@@ -89,28 +60,24 @@ def _stats(embeddings, weight, lse, target_cos, top1):
 
 def loss_from_options(embeddings, weight, labels, options: LossOptions, *, return_stats=False, backend="auto"):
     """margin_softmax_loss with its settings in a LossOptions (what the heads call)."""
-    for name, t in (("embeddings", embeddings), ("weight", weight)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    _refuse_unsupported_autodiff(embeddings, weight)
-    embeddings, weight = _autocast(embeddings, weight)
-    check_tensors(embeddings, weight, labels, options.sub_centers)
-    device, dtype = embeddings.device, embeddings.dtype
-    rows_options = options.for_rows(embeddings.shape[0], device, compute_dtype(dtype))
+    return_stats = boolean("return_stats", return_stats)
+    inputs = prepare_loss_inputs(embeddings, weight, labels, options)
+    device, dtype = embeddings.device, inputs.operand_dtype
     name = _resolve(backend, device, dtype)
-    if name == "reference":
-        num_classes = weight.shape[0] // options.sub_centers
-        # A custom op, so that the label check also runs inside a torch.compile'd graph.
-        targets = op.target_labels(labels, options.ignore_index, num_classes)
-        rows, lse, target_cos, top1 = reference_loss(embeddings, weight, targets, rows_options)
-        rows = rows.to(compute_dtype(dtype))
-    else:
-        with torch.autocast(device.type, enabled=False):
+    x, w = (t if t.dtype == dtype else t.to(dtype) for t in (embeddings, weight))
+    with torch.autocast(device.type, enabled=False):
+        if name == "reference":
+            num_classes = weight.shape[0] // options.sub_centers
+            # A custom op, so that the label check also runs inside a torch.compile'd graph.
+            targets = op.target_labels(inputs.labels, options.ignore_index, num_classes)
+            rows, lse, target_cos, top1 = reference_loss(x, w, targets, inputs.options)
+            rows = rows.to(inputs.compute_dtype)
+        else:
             rows, lse, target_cos, top1 = op.fused_loss_rows(
-                embeddings.contiguous(), weight.contiguous(), labels.contiguous(), rows_options, name)
-    loss = _reduce(rows, labels != options.ignore_index, options.reduction)
+                x.contiguous(), w.contiguous(), inputs.labels.contiguous(), inputs.options, name)
+    loss = reduce_rows(rows, inputs.labels != options.ignore_index, options.reduction)
     if return_stats:
-        return loss, _stats(embeddings, weight, lse, target_cos, top1)
+        return loss, stats_without_gradient(embeddings, weight, lse, target_cos, top1)
     return loss
 
 
@@ -146,7 +113,8 @@ def margin_softmax_loss(
     return loss_from_options(embeddings, weight, labels, options, return_stats=return_stats, backend=backend)
 
 
-def _reduce(rows, active, reduction):
+def reduce_rows(rows, active, reduction):
+    """The reduction of per-row losses; `active`: the rows whose label is not ignore_index."""
     if reduction == "none":
         return rows
     total = rows.sum()

@@ -35,12 +35,13 @@ import torch.distributed as dist
 from torch import nn
 
 from . import op
-from .api import MarginLossStats, _autocast
+from .api import reduce_rows, stats_without_gradient
 from .backends import PartialStats, get_backend, resolve_backend, row_norms
-from .dtypes import compute_dtype, saturating_cast
-from .options import MARGIN_NAMES, LossOptions
-from .partial_fc import ClassSampler, check_sample_rate, class_rows
-from .validation import check_tensors, invalid_labels, label_error
+from .dtypes import saturating_cast
+from .entry import prepare_loss_inputs
+from .options import MARGIN_NAMES, LossOptions, make_options
+from .partial_fc import ClassSampler, class_rows
+from .validation import boolean, check_tensors, fraction, integer, invalid_labels, label_error, positive_int
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 
@@ -189,13 +190,14 @@ def sharded_loss_from_options(embeddings, weight_shard, labels, options: LossOpt
                               return_stats=False, process_group=None, backend="auto", embedding_grad_scale=1.0):
     """sharded_margin_softmax_loss with its settings in a LossOptions; the embeddings' gradient
     is multiplied by embedding_grad_scale (ShardedMarginLoss's DDP correction)."""
-    embeddings, weight_shard = _autocast(embeddings, weight_shard)
-    check_tensors(embeddings, weight_shard, labels, options.sub_centers)
+    return_stats = boolean("return_stats", return_stats)
+    inputs = prepare_loss_inputs(embeddings, weight_shard, labels, options)
+    dtype, labels, options = inputs.operand_dtype, inputs.labels, inputs.options
+    embeddings, weight_shard = (t if t.dtype == dtype else t.to(dtype) for t in (embeddings, weight_shard))
     ignore_index, reduction = options.ignore_index, options.reduction
+    num_classes, class_offset = positive_int("num_classes", num_classes), integer("class_offset", class_offset)
     group = process_group if process_group is not None else dist.group.WORLD
-    options = options.for_rows(embeddings.shape[0], embeddings.device, compute_dtype(embeddings.dtype))
-    labels = labels.long()
-    sizes = _check_agreement(embeddings, weight_shard, labels, options, int(num_classes), int(class_offset), group)
+    sizes = _check_agreement(embeddings, weight_shard, labels, options, num_classes, class_offset, group)
     name = resolve_backend(backend, embeddings.device, embeddings.dtype)
     if name == "reference":
         name = "torch"  # the reference materializes N x C; the sharded path needs partial statistics
@@ -203,15 +205,13 @@ def sharded_loss_from_options(embeddings, weight_shard, labels, options: LossOpt
     rows, lse, target_cos, top1 = _ShardedMarginSoftmax.apply(
         embeddings.contiguous(), weight_shard.contiguous(), targets, options, int(num_classes), int(class_offset),
         sizes, name, group, float(embedding_grad_scale))
-    if reduction == "none":
-        loss = rows
-    elif reduction == "sum":
-        loss = rows.sum()
-    else:
+    if reduction == "mean":  # over the non-ignored rows of every rank
         active = _all_reduce((targets >= 0).sum().to(rows.dtype), dist.ReduceOp.SUM, group)
         loss = rows.sum() / active.clamp_min(1)
+    else:
+        loss = reduce_rows(rows, targets >= 0, reduction)
     if return_stats:
-        return loss, MarginLossStats(lse, target_cos, top1)
+        return loss, stats_without_gradient(embeddings, weight_shard, lse, target_cos, top1)
     return loss
 
 
@@ -232,12 +232,16 @@ class ShardedMarginLoss(nn.Module):
                  process_group=None, sample_rate=1.0, seed=0, ddp_backbone=True, backend="auto", device=None,
                  dtype=None, **loss_options):
         super().__init__()
-        self.options = LossOptions(scale=scale, m1=m1, m2=m2, m3=m3, sub_centers=sub_centers, **loss_options)
+        owner = type(self).__name__
+        self.options = make_options(owner, scale=scale, m1=m1, m2=m2, m3=m3, sub_centers=sub_centers, **loss_options)
+        num_classes, embedding_size = positive_int("num_classes", num_classes), positive_int(
+            "embedding_size", embedding_size)
         self.group = process_group if process_group is not None else dist.group.WORLD
         rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.class_start, self.class_stop = shard_bounds(num_classes, world, rank)
-        self.num_classes, self.embedding_size, self.sub_centers = num_classes, embedding_size, sub_centers
-        self.sample_rate = check_sample_rate(sample_rate)
+        self.num_classes, self.embedding_size, self.sub_centers = num_classes, embedding_size, self.options.sub_centers
+        self.sample_rate = fraction("sample_rate", sample_rate)
+        ddp_backbone = boolean("ddp_backbone", ddp_backbone)
         self.embedding_grad_scale = float(world) if ddp_backbone else 1.0
         self.backend = backend
         local_rows = (self.class_stop - self.class_start) * sub_centers
@@ -253,6 +257,7 @@ class ShardedMarginLoss(nn.Module):
         if self.sampler is None or not self.training:
             return sharded_loss_from_options(embeddings, self.weight, labels, self.options,
                                              class_offset=self.class_start, num_classes=self.num_classes, **common)
+        labels = check_tensors(embeddings, self.weight, labels, self.sub_centers)  # the label rule, before sampling
         classes, remapped, counts = self._sample(labels, self.options.ignore_index)
         rank = dist.get_rank(self.group)
         self.sampled_classes = classes + self.class_start
@@ -272,7 +277,7 @@ class ShardedMarginLoss(nn.Module):
         number of sampled classes."""
         device = labels.device
         sizes = _gather_counts(labels.shape[0], device, self.group)
-        all_labels = _gather_rows(labels.long(), sizes, self.group)
+        all_labels = _gather_rows(labels, sizes, self.group)
         ignored = all_labels == ignore_index
         if torch.any(invalid_labels(all_labels, ignore_index, self.num_classes)):
             # every rank sees the same gathered labels, so every rank raises

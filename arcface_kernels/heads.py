@@ -13,10 +13,10 @@ from torch import nn
 from .api import loss_from_options
 from .backends import get_workspace_budget
 from .dtypes import compute_dtype
-from .options import LossOptions
-from .partial_fc import ClassSampler, check_sample_rate, class_rows
+from .options import make_options
+from .partial_fc import ClassSampler, class_rows
 from .predict import topk_classes
-from .validation import target_labels
+from .validation import angle, boolean, check_rows, check_tensors, fraction, integer, positive_int, target_labels
 
 OUTLIER_THRESHOLD = math.radians(75)  # pytorch-metric-learning's default, 75 degrees
 
@@ -39,15 +39,18 @@ class CombinedMarginLoss(nn.Module):
     def __init__(self, num_classes, embedding_size, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0,
                  sub_centers=1, sample_rate=1.0, seed=0, backend="auto", device=None, dtype=None, **loss_options):
         super().__init__()
-        self.options = LossOptions(scale=scale, m1=m1, m2=m2, m3=m3, sub_centers=sub_centers, **loss_options)
-        if num_classes < 1 or embedding_size < 1:
-            raise ValueError(f"num_classes and embedding_size must be positive, got {num_classes}, {embedding_size}")
-        self.num_classes, self.embedding_size, self.sub_centers = num_classes, embedding_size, sub_centers
+        # Validated once, here: forward reuses them (and validates only per-call overrides).
+        self.options = make_options(type(self).__name__, scale=scale, m1=m1, m2=m2, m3=m3, sub_centers=sub_centers,
+                                    **loss_options)
+        self.num_classes = positive_int("num_classes", num_classes)
+        self.embedding_size = positive_int("embedding_size", embedding_size)
+        self.sub_centers = self.options.sub_centers
         self.backend = backend
-        self.sample_rate = check_sample_rate(sample_rate)
-        self.sampler = ClassSampler(sample_rate, seed) if sample_rate < 1 else None
+        self.sample_rate = fraction("sample_rate", sample_rate)
+        self.sampler = ClassSampler(self.sample_rate, integer("seed", seed)) if self.sample_rate < 1 else None
         self.sampled_classes = None
-        self.weight = nn.Parameter(torch.empty(num_classes * sub_centers, embedding_size, device=device, dtype=dtype))
+        self.weight = nn.Parameter(torch.empty(self.num_classes * self.sub_centers, self.embedding_size, device=device,
+                                               dtype=dtype))
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -55,11 +58,12 @@ class CombinedMarginLoss(nn.Module):
         nn.init.normal_(self.weight, std=0.01)
 
     def forward(self, embeddings, labels, *, return_stats=False, backend=None, **overrides):
-        options = self.options.replace(**overrides) if overrides else self.options
+        options = self.options.replace(f"{type(self).__name__}.forward()", **overrides) if overrides else self.options
         backend = self.backend if backend is None else backend
         if self.sampler is None or not self.training:
             return loss_from_options(embeddings, self.weight, labels, options, return_stats=return_stats,
                                      backend=backend)
+        labels = check_tensors(embeddings, self.weight, labels, self.sub_centers)  # the label rule, before sampling
         classes, sampled_labels = self._sample(labels, options.ignore_index)
         out = loss_from_options(embeddings, self.weight[class_rows(classes, self.sub_centers)], sampled_labels,
                                 options, return_stats=return_stats, backend=backend)
@@ -79,13 +83,14 @@ class CombinedMarginLoss(nn.Module):
         return classes, torch.where(targets >= 0, renumbered, ignore_index)
 
     def predict(self, embeddings, k=1):
-        """Top-k classes and their cosines, (N, k) each, without building N x C."""
+        """Top-k classes and their cosines, (N, k) each, without building N x C (topk_classes)."""
         return topk_classes(embeddings, self.weight, k=k, sub_centers=self.sub_centers)
 
     @torch.no_grad()
     def get_logits(self, embeddings):
         """scale * cosine to every class, (N, C), without the margin (pytorch-metric-learning's
         get_logits). It materializes N x C: for small C only; predict() is the chunked top-k."""
+        check_rows(embeddings, self.weight, self.sub_centers)
         x = F.normalize(embeddings.to(compute_dtype(embeddings.dtype)), dim=1)
         w = F.normalize(self.weight.to(x.dtype), dim=1)
         cos = (x @ w.T).view(x.shape[0], self.num_classes, self.sub_centers).amax(dim=2)
@@ -135,13 +140,17 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
 
         A class's dominant sub-centre is the one nearest to most of its rows in this batch (ties:
         the lowest index). A row is an outlier when its angle to its class's dominant sub-centre
-        exceeds `threshold` (radians; PML's default 75 degrees). Returns the outlier row indices
+        exceeds `threshold` (radians in [0, pi]; PML's default 75 degrees; a threshold in degrees
+        is refused with its conversion). Returns the outlier row indices
         (int64, ordered by label, then row, as PML) and, with return_dominant_centers, the
         (num_classes, D) dominant centres (PML returns their transpose; classes with no row in
         the batch get sub-centre 0). Rows labelled ignore_index are never outliers.
         Memory: O(N * K) cosines plus chunks of rows bounded by the workspace budget, never N x C.
         """
         k, d = self.sub_centers, self.embedding_size
+        threshold = angle("threshold", threshold)
+        return_dominant_centers = boolean("return_dominant_centers", return_dominant_centers)
+        labels = check_tensors(embeddings, self.weight, labels, k)
         targets = target_labels(labels, self.options.ignore_index, self.num_classes)
         kept = torch.nonzero(targets >= 0).flatten()
         kept_targets = targets[kept]

@@ -7,6 +7,7 @@ object. Adding an option means a field here, its rule in validation.py, and the 
 uses it.
 """
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -53,16 +54,20 @@ class LossOptions:
         """margin_grad == "straight_through": dphi/dc is taken as 1."""
         return self.margin_grad == "straight_through"
 
-    def replace(self, **changes) -> "LossOptions":
-        """A copy with some settings changed (validated again)."""
+    def replace(self, owner: str = "LossOptions.replace()", **changes) -> "LossOptions":
+        """A copy with some settings changed (validated again); an unknown name is a TypeError
+        naming `owner`, the caller the user called."""
+        _check_names(owner, changes)
         return dataclasses.replace(self, **changes)
 
     def for_rows(self, n: int, device: torch.device, dtype: torch.dtype) -> "LossOptions":
         """The same options with m1, m2, m3 as (N,) tensors of `dtype` on `device` (floats
         broadcast). Margins carry no gradient: a margin tensor that requires grad is refused
         at construction (validation.py)."""
-        margins = {name: validation.row_margin(name, getattr(self, name), n, device, dtype) for name in MARGIN_NAMES}
-        return dataclasses.replace(self, **margins)
+        rows = copy.copy(self)  # not validated again: only the margins change, checked by row_margin
+        for name in MARGIN_NAMES:
+            object.__setattr__(rows, name, validation.row_margin(name, getattr(self, name), n, device, dtype))
+        return rows
 
     # -- the torch.library boundary ------------------------------------------------------------
 
@@ -76,6 +81,22 @@ class LossOptions:
         return cls(m1=m1, m2=m2, m3=m3, **scalars)
 
 
+def make_options(owner: str, **settings) -> LossOptions:
+    """LossOptions from keyword settings, where an unknown name (a typo, or another library's
+    keyword such as insightface's margin_list) is a TypeError naming `owner`, the head or
+    function the user called, and listing the settings it takes."""
+    _check_names(owner, settings)
+    return LossOptions(**settings)
+
+
+def _check_names(owner, settings):
+    unknown = sorted(set(settings) - OPTION_NAMES)
+    if unknown:
+        raise TypeError(f"{owner} got an unexpected keyword argument {unknown[0]!r}; "
+                        f"its loss settings are {', '.join(sorted(OPTION_NAMES))}")
+
+
+OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(LossOptions))
 _SCALAR_FIELDS = tuple(f for f in dataclasses.fields(LossOptions) if f.name not in MARGIN_NAMES)
 
 

@@ -16,11 +16,7 @@ import math
 import torch
 from torch import nn
 
-
-def check_sample_rate(sample_rate):
-    if not 0.0 < sample_rate <= 1.0:
-        raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}")
-    return float(sample_rate)
+from .validation import fraction
 
 
 class ClassSampler(nn.Module):
@@ -29,7 +25,7 @@ class ClassSampler(nn.Module):
 
     def __init__(self, sample_rate, seed):
         super().__init__()
-        self.sample_rate = check_sample_rate(sample_rate)
+        self.sample_rate = fraction("sample_rate", sample_rate)
         self.generator = torch.Generator().manual_seed(seed)
 
     def forward(self, is_positive):

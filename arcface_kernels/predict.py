@@ -5,6 +5,7 @@ import torch
 from .backends.chunked import ChunkCosines
 from .backends.common import classes_per_chunk, overflow_safe_rows
 from .dtypes import compute_dtype
+from .validation import check_rows, integer, positive_int
 
 
 def _classes_per_chunk(n_rows, sub_centers, dim, dtype):
@@ -21,15 +22,10 @@ def topk_classes(embeddings, weight, k=1, sub_centers=1):
 
     With sub-centers a class's cosine is the max over its rows. Ties go to the lower class index.
     """
-    n_rows_w = weight.shape[0]
-    if embeddings.dim() != 2 or weight.dim() != 2 or embeddings.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"embeddings (N, D) and weight (C * sub_centers, D) must share D, got "
-            f"{tuple(embeddings.shape)} and {tuple(weight.shape)}"
-        )
-    if sub_centers < 1 or n_rows_w % sub_centers:
-        raise ValueError(f"sub_centers={sub_centers} must divide the {n_rows_w} weight rows")
-    n_classes = n_rows_w // sub_centers
+    sub_centers = positive_int("sub_centers", sub_centers)
+    check_rows(embeddings, weight, sub_centers)
+    n_classes = weight.shape[0] // sub_centers
+    k = integer("k", k)
     if not 1 <= k <= n_classes:
         raise ValueError(f"k must lie in [1, {n_classes}], got {k}")
     cdt = compute_dtype(embeddings.dtype)

@@ -37,12 +37,13 @@ def _real(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    # comparisons, not math.isfinite: they trace under torch.compile(dynamic=True)
+    if not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be finite, got {value}")
     return value
 
 
-def _integer(name, value):
+def integer(name, value):
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got bool")
     if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point():
@@ -53,7 +54,33 @@ def _integer(name, value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
 
 
-def _boolean(name, value):
+def positive_int(name, value):
+    """A positive Python int (bools and floats refused: ArcFaceLoss(5.5, 8) is a TypeError naming
+    the argument, not a torch-internal message)."""
+    value = integer(name, value)
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return value
+
+
+def fraction(name, value):
+    """A float in (0, 1] (Partial FC's sample_rate)."""
+    value = _real(name, value)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must lie in (0, 1], got {value}")
+    return value
+
+
+def angle(name, value):
+    """An angle in radians within [0, pi]; a larger value is almost always degrees."""
+    value = _real(name, value)
+    if not 0.0 <= value <= math.pi:
+        hint = f" ({value:g} degrees = {math.radians(value):.4f} rad)" if math.pi < value <= 180.0 else ""
+        raise ValueError(f"{name}={value:g} must be an angle in radians within [0, pi]{hint}")
+    return value
+
+
+def boolean(name, value):
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     return value
@@ -101,11 +128,11 @@ def check_options(options) -> dict:
         "m1": _margin("m1", options.m1),
         "m2": _margin("m2", options.m2),
         "m3": _margin("m3", options.m3),
-        "sub_centers": _integer("sub_centers", options.sub_centers),
-        "easy_margin": _boolean("easy_margin", options.easy_margin),
+        "sub_centers": integer("sub_centers", options.sub_centers),
+        "easy_margin": boolean("easy_margin", options.easy_margin),
         "margin_grad": _choice("margin_grad", options.margin_grad, MARGIN_GRADS),
         "label_smoothing": _real("label_smoothing", options.label_smoothing),
-        "ignore_index": _integer("ignore_index", options.ignore_index),
+        "ignore_index": integer("ignore_index", options.ignore_index),
         "reduction": _choice("reduction", options.reduction, REDUCTIONS),
     }
     if values["scale"] <= 0:
@@ -134,48 +161,78 @@ def row_margin(name, value, n, device, dtype):
     return torch.full((n,), float(value), dtype=dtype, device=device)
 
 
-def check_tensors(embeddings, weight, labels, sub_centers):
-    """Shapes, dtypes and devices of the op's tensors."""
-    for name, t in (("embeddings", embeddings), ("weight", weight), ("labels", labels)):
+def check_labels(labels, n_rows: int) -> Tensor:
+    """The label rule of every entry path: a 1-D int64 or uint8 tensor (the class-index dtypes
+    F.cross_entropy takes) with one entry per row, returned as int64. Widened once, here, so that
+    every later comparison is on the values the user meant: uint8 156 is class 156, never
+    ignore_index=-100 wrapped modulo 256. Float, bool and int32 labels are refused, not truncated."""
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"labels must be int64 (or uint8), as F.cross_entropy takes them, got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != n_rows:
+        raise ValueError(f"labels must be 1-D with N={n_rows} entries, got shape {tuple(labels.shape)}")
+    return labels.long()
+
+
+def check_rows(embeddings, weight, sub_centers):
+    """Shapes, dtypes and devices of the embeddings (N, D) and the class rows (C * K, D)."""
+    for name, t in (("embeddings", embeddings), ("weight", weight)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
     if embeddings.dim() != 2:
         raise ValueError(f"embeddings must be 2-D (N, D), got shape {tuple(embeddings.shape)}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (C * sub_centers, D), got shape {tuple(weight.shape)}")
     if embeddings.shape[1] != weight.shape[1]:
+        hint = (" (rows are classes: a (D, C) weight such as pytorch-metric-learning's W must be transposed)"
+                if weight.shape[0] == embeddings.shape[1] else "")
         raise ValueError(
-            f"embeddings and weight must share D: embeddings {tuple(embeddings.shape)}, weight {tuple(weight.shape)}"
+            f"weight must be (C * sub_centers, D) with the embeddings' D: embeddings {tuple(embeddings.shape)}, "
+            f"weight {tuple(weight.shape)}{hint}"
         )
     if embeddings.shape[1] == 0:
         raise ValueError("embeddings and weight must have D >= 1")
-    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(
-            f"labels must be 1-D with N={embeddings.shape[0]} entries, got shape {tuple(labels.shape)}"
-        )
-    if labels.dtype not in LABEL_DTYPES:
-        raise TypeError(f"labels must be int64 (or uint8), as F.cross_entropy takes them, got {labels.dtype}")
-    for name, t in (("embeddings", embeddings), ("weight", weight)):
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
-    if embeddings.dtype != weight.dtype:
-        raise TypeError(
-            f"embeddings ({embeddings.dtype}) and weight ({weight.dtype}) must have the same dtype "
-            "(or run under torch.autocast)"
-        )
-    if not (embeddings.device == weight.device == labels.device):
-        raise ValueError(
-            f"embeddings, weight and labels must be on one device, got "
-            f"{embeddings.device}, {weight.device}, {labels.device}"
-        )
+    if embeddings.device != weight.device:
+        raise ValueError(f"embeddings and weight must be on one device, got {embeddings.device}, {weight.device}")
     if weight.shape[0] == 0 or weight.shape[0] % sub_centers:
         raise ValueError(
             f"weight has {weight.shape[0]} rows, which is not a positive multiple of sub_centers={sub_centers}"
         )
 
 
+def operand_dtype(embeddings, weight) -> torch.dtype:
+    """The dtype the backends multiply in: under torch.autocast the autocast dtype (float64 is left
+    alone, as autocast does), else the inputs' common dtype. The tensors are not cast here: the op
+    casts its operands and returns each gradient in its input's own dtype (a float32 master
+    weight gets its float32 gradient)."""
+    device_type = embeddings.device.type
+    if torch.is_autocast_enabled(device_type):
+        autocast_dtype = torch.get_autocast_dtype(device_type)
+        x_dtype, w_dtype = (t.dtype if t.dtype == torch.float64 else autocast_dtype for t in (embeddings, weight))
+    else:
+        x_dtype, w_dtype = embeddings.dtype, weight.dtype
+    if x_dtype != w_dtype:
+        raise TypeError(
+            f"embeddings ({embeddings.dtype}) and weight ({weight.dtype}) must have the same dtype "
+            "(or run under torch.autocast)"
+        )
+    return x_dtype
+
+
+def check_tensors(embeddings, weight, labels, sub_centers) -> Tensor:
+    """Every tensor rule of the loss; returns the labels as int64 (check_labels)."""
+    check_rows(embeddings, weight, sub_centers)
+    labels = check_labels(labels, embeddings.shape[0])
+    if labels.device != embeddings.device:
+        raise ValueError(f"labels must be on the embeddings' device {embeddings.device}, got {labels.device}")
+    return labels
+
+
 def invalid_labels(labels: Tensor, ignore_index: int, num_classes: int) -> Tensor:
-    """Mask of the labels outside [0, num_classes) that are not ignore_index."""
+    """Mask of the int64 labels outside [0, num_classes) that are not ignore_index."""
     return (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
 
 
@@ -184,9 +241,10 @@ def label_error(ignore_index: int, num_classes: int, detail: str) -> ValueError:
 
 
 def target_labels(labels: Tensor, ignore_index: int, num_classes: int) -> Tensor:
-    """Labels as backends take them: int64, -1 on ignored rows. ValueError on a label outside
-    [0, num_classes) other than ignore_index. (It reads the labels: one host sync.)"""
-    labels = labels.long()
+    """int64 labels (check_labels) as backends take them: -1 on ignored rows. ValueError on a label
+    outside [0, num_classes) other than ignore_index. (It reads the labels: one host sync.)"""
+    if labels.dtype != torch.int64:
+        raise TypeError(f"target_labels takes the int64 labels of check_labels, got {labels.dtype}")
     bad = invalid_labels(labels, ignore_index, num_classes)
     if bool(bad.any()):
         raise label_error(ignore_index, num_classes, f"got {int(labels[bad][0])}")

@@ -18,7 +18,7 @@ def call(x=None, w=None, y=None, **kwargs):
     [
         (dict(x=torch.randn(4, 5, 1)), ValueError, "embeddings must be 2-D"),
         (dict(w=torch.randn(6)), ValueError, "weight must be 2-D"),
-        (dict(w=torch.randn(6, 7)), ValueError, "share D"),
+        (dict(w=torch.randn(6, 7)), ValueError, "with the embeddings. D"),
         (dict(y=torch.zeros(3, dtype=torch.long)), ValueError, "labels must be 1-D with N=4"),
         (dict(y=torch.zeros(4)), TypeError, "labels must be int64"),
         (dict(y=torch.zeros(4, dtype=torch.int32)), TypeError, "labels must be int64"),  # as F.cross_entropy

@@ -38,7 +38,7 @@ class ChunkCosines:
         if k == 1:
             self.cos, self.pick = raw, None
         else:
-            self.cos, self.pick = raw.view(raw.shape[0], -1, k).max(dim=2)
+            self.cos, self.pick = raw.view(raw.shape[0], stop - start, k).max(dim=2)
 
 
 def _target_in_chunk(labels, start, stop):
@@ -126,8 +126,9 @@ def backward(grad_rows, x, w, labels, lse, options, num_classes, norms):
         dcos = dz.mul_((s * g)[:, None])
         dcos[rows, local] = torch.where(inside, dz_y * (s * g) * slope, dcos[rows, local])
         if k > 1:  # route each class's gradient to its winning sub-center
-            dcos = torch.zeros_like(tile.raw).view(n, -1, k).scatter_(2, tile.pick[:, :, None], dcos[:, :, None])
-            dcos = dcos.view(n, -1)
+            routed = torch.zeros_like(tile.raw).view(n, stop - start, k)
+            dcos = routed.scatter_(2, tile.pick[:, :, None], dcos[:, :, None])
+            dcos = dcos.view(n, (stop - start) * k)
             tile.cos = tile.pick = None
         dcos_cos = dcos * tile.raw
         row_terms, col_terms = dcos_cos.sum(1), dcos_cos.sum(0)

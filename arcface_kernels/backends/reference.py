@@ -37,7 +37,7 @@ def reference_logits(embeddings, weight, labels, m1, m2, m3, *, scale, sub_cente
     w = F.normalize(weight.to(cdt) * overflow_scales(weight, cdt)[:, None], dim=1, eps=NORM_EPS)
     cos = x @ w.T
     if sub_centers > 1:
-        cos = cos.view(cos.shape[0], -1, sub_centers).max(dim=2).values
+        cos = cos.view(cos.shape[0], weight.shape[0] // sub_centers, sub_centers).max(dim=2).values
     has_target = labels >= 0
     safe = torch.where(has_target, labels, 0)
     cos_y = cos.gather(1, safe[:, None])[:, 0]
