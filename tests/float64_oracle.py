@@ -73,7 +73,7 @@ def oracle(x, w, y, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0, k=1, eps=0.0, ignore_
     x = x.detach().double().requires_grad_(True)
     w = w.detach().double().requires_grad_(True)
     xn, wn = _normalize(x), _normalize(w)
-    cos = (xn @ wn.T).view(x.shape[0], -1, k).amax(dim=2)
+    cos = (xn @ wn.T).view(x.shape[0], w.shape[0] // k, k).amax(dim=2)
     n, c = cos.shape
     active = y != ignore_index
     target = torch.where(active, y, 0).long()

@@ -55,20 +55,22 @@ def _safe_exponent(dtype: torch.dtype) -> int:
 def _exponents_and_unit_norms(v: torch.Tensor, dtype: torch.dtype):
     """Per row, e with max_k |v_ik| = m 2**e (m in [0.5, 1)) and |v_i| / 2**e, the norm taken of the
     row scaled by 2**-e (exact): no square overflows or underflows, whatever the row's magnitude."""
-    exponents = torch.empty(v.shape[0], dtype=torch.int32, device=v.device)
+    # float exponents (exact small integers): an int32 buffer here miscompiles in inductor's CPU
+    # code for dynamic shapes (torch 2.14)
+    exponents = torch.empty(v.shape[0], dtype=dtype, device=v.device)
     unit_norms = torch.empty(v.shape[0], dtype=dtype, device=v.device)
     step = max(1, _NORM_SLICE_BYTES // (max(v.shape[1], 1) * 8))
     for start in range(0, v.shape[0], step):
         rows = v[start : start + step].to(dtype)
         peak = torch.linalg.vector_norm(rows, ord=math.inf, dim=1)
-        e = torch.frexp(peak).exponent.clamp_min(_MIN_EXPONENT)
+        e = torch.frexp(peak).exponent.to(dtype).clamp_min(_MIN_EXPONENT)
         exponents[start : start + step] = e
-        unit_norms[start : start + step] = torch.linalg.vector_norm(rows * torch.exp2(-e.to(dtype))[:, None], dim=1)
+        unit_norms[start : start + step] = torch.linalg.vector_norm(rows * torch.exp2(-e)[:, None], dim=1)
     return exponents, unit_norms
 
 
 def _inverse(unit_norms, exponents, dtype):
-    return 1.0 / (unit_norms * torch.exp2(exponents.to(dtype))).clamp_min(NORM_EPS)
+    return 1.0 / (unit_norms * torch.exp2(exponents)).clamp_min(NORM_EPS)
 
 
 def inverse_norms(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -85,7 +87,7 @@ def _overflow_shifts(exponents, dtype):
 def overflow_scales(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Per row, the power of two (1 for all but huge rows) that overflow_safe_rows multiplies it by."""
     exponents, _ = _exponents_and_unit_norms(v, dtype)
-    return torch.exp2(-_overflow_shifts(exponents, dtype).to(dtype))
+    return torch.exp2(-_overflow_shifts(exponents, dtype))
 
 
 def overflow_safe_rows(v: torch.Tensor, dtype: torch.dtype):
@@ -103,7 +105,7 @@ def overflow_safe_rows(v: torch.Tensor, dtype: torch.dtype):
     inverse = _inverse(unit_norms, exponents - shift, dtype)
     if not bool(shift.any()):
         return v, inverse, None
-    scale = torch.exp2(-shift.to(dtype))
+    scale = torch.exp2(-shift)
     return v * scale[:, None].to(v.dtype), inverse, scale
 
 
