@@ -57,6 +57,21 @@ def test_stats_carry_no_gradient(path):
         (loss + stats.lse.sum()).backward()
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("where", ["embeddings", "weight"])
+@pytest.mark.parametrize("path", PATHS)
+def test_non_finite_inputs_propagate(path, where, value):
+    """The documented rule (README, "Non-finite inputs"): no check (it would cost a host sync per
+    step), but never a finite wrong answer: the loss is NaN and so is some gradient, which
+    GradScaler and anomaly checks see."""
+    x, w, y, options = CASES["sub_centers_and_margins"]()
+    (x if where == "embeddings" else w)[1, 2] = value
+    loss, x_leaf, w_leaf = run(PATHS[path], x, w, y, options)
+    loss.backward()
+    assert torch.isnan(loss)
+    assert not (torch.isfinite(x_leaf.grad).all() and torch.isfinite(w_leaf.grad).all())
+
+
 @pytest.mark.parametrize("backward_inside", [False, True], ids=["backward-outside", "backward-inside"])
 @pytest.mark.parametrize("path", PATHS)
 def test_autocast_with_float32_master_tensors(path, backward_inside):
