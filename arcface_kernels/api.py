@@ -102,12 +102,12 @@ def loss_from_options(embeddings, weight, labels, options: LossOptions, *, retur
         num_classes = weight.shape[0] // options.sub_centers
         # A custom op, so that the label check also runs inside a torch.compile'd graph.
         targets = op.target_labels(labels, options.ignore_index, num_classes)
-        rows, lse, target_cos, top1 = reference_loss(embeddings, weight, targets, rows_options)
+        rows, lse, target_cos, top1 = reference_loss(embeddings, weight, targets, rows_options, dtype)
         rows = rows.to(compute_dtype(dtype))
     else:
         with torch.autocast(device.type, enabled=False):
             rows, lse, target_cos, top1 = op.fused_loss_rows(
-                embeddings.contiguous(), weight.contiguous(), labels.contiguous(), rows_options, name)
+                embeddings.contiguous(), weight.contiguous(), labels.contiguous(), rows_options, name, dtype)
     loss = _reduce(rows, labels != options.ignore_index, options.reduction)
     if return_stats:
         return loss, _stats(embeddings, weight, lse, target_cos, top1)

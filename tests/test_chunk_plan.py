@@ -27,7 +27,7 @@ def _autograd(x, w, dcos):
     return x.grad, w.grad
 
 
-def _plan(x, w, dcos, k, grad_dtype, budget):
+def _plan(x, w, dcos, k, grad_dtype, budget, dw_dtype=None):
     norms = row_norms(x, w)
     chunks = []
 
@@ -36,7 +36,7 @@ def _plan(x, w, dcos, k, grad_dtype, budget):
         rows = slice(first * k, stop * k)
         out.copy_(dcos[:, rows] * norms.rx.double()[:, None] * norms.rw.double()[None, rows])
 
-    dx, dw = chunked_backward(x, w, norms, k, grad_dtype, fill_grad, workspace_budget=budget)
+    dx, dw = chunked_backward(x, w, norms, k, grad_dtype, fill_grad, dw_dtype or w.dtype, workspace_budget=budget)
     return dx, dw, chunks
 
 
@@ -62,6 +62,24 @@ def test_float16_inputs_within_float16_tolerance():
     ref_dx, ref_dw = _autograd(x, w, dcos)
     assert dx.dtype == torch.float32 and dw.dtype == torch.float16
     assert rel_err(dx, ref_dx) < 5e-3 and rel_err(dw, ref_dw) < 5e-3
+
+
+def test_dw_in_the_master_dtype_and_overflow_to_inf():
+    # float16 operands, a float32 master weight: dW accumulated and written in float32, never
+    # rounded through float16 on the way.
+    x, w, dcos = _problem(16, 40, 32, 1, torch.float16, seed=3)
+    ref_dx, ref_dw = _autograd(x, w, dcos)
+    _, dw, _ = _plan(x, w, dcos, 1, gradient_dtype(x.dtype), budget=4096, dw_dtype=torch.float32)
+    assert dw.dtype == torch.float32 and rel_err(dw, ref_dw) < 1e-5
+    # Gradients beyond float16's range (a GradScaler's 2**16 on a large gradient) are inf, as a
+    # cast gives them, never clamped to 65504: the scaler must see the overflow.
+    big = 2.0**16 * 40
+    dx, dw, _ = _plan(x, w, dcos * big, 1, gradient_dtype(x.dtype), budget=4096)
+    ref = ref_dw * big
+    over = ref.abs() > torch.finfo(torch.float16).max + 16  # past the midpoint that rounds to inf
+    assert over.any() and torch.isinf(dw[over]).all()
+    assert rel_err(dw[~over], ref[~over]) < 5e-3
+    assert torch.isfinite(dx).all()  # dx stays float32 (the op rounds it into the embeddings' dtype)
 
 
 def test_chunk_sizing():

@@ -26,7 +26,6 @@ import contextlib
 
 import torch
 
-from ..dtypes import saturating_cast
 from .common import get_workspace_budget, projection_scale
 
 # Largest gradient buffer: it stays resident in an H100's 50 MB L2 between writer and readers.
@@ -97,15 +96,16 @@ def _matmul_fp32(a, b, accumulate=None):
 
 def project_rows(grad, v, v_proj, out):
     """out = grad - v_proj * (v . grad) v per row (the normalization term of the gradient, eqs.
-    (23)-(24)), saturated into out's dtype. In torch element-wise ops; a backend may pass a fused
-    kernel with the same signature to chunked_backward."""
+    (23)-(24)), rounded to nearest into out's dtype (inf where it overflows). In torch
+    element-wise ops; a backend may pass a fused kernel with the same signature to
+    chunked_backward."""
     v = v.to(grad.dtype)
-    out.copy_(saturating_cast(grad - (v_proj * (v * grad).sum(1))[:, None] * v, out.dtype))
+    out.copy_(grad - (v_proj * (v * grad).sum(1))[:, None] * v)
 
 
-def chunked_backward(x, w, norms, sub_centers, grad_dtype, fill_grad, workspace_budget=None, align=1,
+def chunked_backward(x, w, norms, sub_centers, grad_dtype, fill_grad, dw_dtype, workspace_budget=None, align=1,
                      project=project_rows):
-    """(dx float32 (N, D), dw in w's dtype (C * K, D)) from the backend's `fill_grad` (module
+    """(dx float32 (N, D), dw in dw_dtype (C * K, D)) from the backend's `fill_grad` (module
     docstring). `align`: chunks hold a multiple of this many classes (the backend's tile width).
     `project`: the row projection (project_rows, or a backend's fused kernel). float64 inputs give
     float64 dx."""
@@ -114,7 +114,7 @@ def chunked_backward(x, w, norms, sub_centers, grad_dtype, fill_grad, workspace_
     n_classes = w.shape[0] // k
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     b = torch.zeros(n, dim, dtype=acc_dtype, device=x.device)
-    dw = torch.empty_like(w)
+    dw = torch.empty(w.shape, dtype=dw_dtype, device=w.device)
     if n_classes == 0:
         return b, dw
     step = chunk_classes(n, n_classes, k, dim, grad_dtype, workspace_budget, align)
