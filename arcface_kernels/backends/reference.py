@@ -46,6 +46,22 @@ class _RoundTo(torch.autograd.Function):
         return grad.to(ctx.dtype), None, None
 
 
+class _Cosines(torch.autograd.Function):
+    """x @ w.T whose backward runs with autocast off: loss.backward() may be called inside the
+    autocast region, where mm's backward would recast its operands to the autocast dtype."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x @ w.T
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):
+            return grad @ w, grad.T @ x
+
+
 def reference_logits(x, w, labels, m1, m2, m3, *, scale, sub_centers, easy_margin=False, straight_through=False):
     """The full N x C margined logits (target margin only where label >= 0) and the cosines of
     rows x, w already in the compute dtype."""
@@ -54,7 +70,7 @@ def reference_logits(x, w, labels, m1, m2, m3, *, scale, sub_centers, easy_margi
     # fused backends: F.normalize's squared norm would overflow.
     x = F.normalize(x * overflow_scales(x.detach(), cdt)[:, None], dim=1, eps=NORM_EPS)
     w = F.normalize(w * overflow_scales(w.detach(), cdt)[:, None], dim=1, eps=NORM_EPS)
-    cos = x @ w.T
+    cos = _Cosines.apply(x, w)
     if sub_centers > 1:
         cos = cos.view(cos.shape[0], -1, sub_centers).max(dim=2).values
     has_target = labels >= 0
