@@ -73,10 +73,10 @@ def forward(x, w, labels, options, norms):
     return PartialStats(*stats)
 
 
-def backward_budget(n_rows, dim, grad_dtype):
+def backward_budget(n_rows, dim, grad_dtype, split=False):
     """The shared plan's workspace budget, less what grad_chunk's float32 dots (N x chunk * K,
     allocated by the op) take per weight row, so that the whole chunk fits the user's budget."""
-    per_row = chunk_plan.workspace_bytes_per_row(max(n_rows, 1), dim, grad_dtype)
+    per_row = chunk_plan.workspace_bytes_per_row(max(n_rows, 1), dim, grad_dtype, split)
     return max(1, get_workspace_budget() * per_row // (per_row + 4 * max(n_rows, 1)))
 
 
@@ -91,8 +91,8 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
             x_rows, w[rows], labels, norms.rx, norms.rw[rows], lse, grad_rows, target_dcos, out, first_class,
             options.scale, k, options.label_smoothing / num_classes)
 
-    return chunk_plan.chunked_backward(x, w, norms, k, grad_dtype, fill_grad, dw_dtype,
-                                       backward_budget(*x.shape, grad_dtype))
+    budget = backward_budget(*x.shape, grad_dtype, chunk_plan.split_operands(x.dtype))
+    return chunk_plan.chunked_backward(x, w, norms, k, grad_dtype, fill_grad, dw_dtype, budget)
 
 
 register_backend(Backend(

@@ -14,6 +14,7 @@ import triton
 
 from ...dtypes import KERNEL_DTYPES
 from ..chunk_plan import chunked_backward, gradient_dtype
+from ..common import float32_matmul_uses_tf32
 from ..contract import Backend, PartialStats
 from ..registry import register_backend
 from .backward import grad_tile_kernel, project_rows_kernel
@@ -41,7 +42,7 @@ def _available(device):
 
 def _dot_precision(dtype):
     """float32 dots use tf32 only where torch's own matmul setting allows it."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _interpreted():
+    if dtype == torch.float32 and not _interpreted() and float32_matmul_uses_tf32():
         return "tf32"
     return "ieee"
 
