@@ -64,17 +64,16 @@ def loss_from_options(embeddings, weight, labels, options: LossOptions, *, retur
     inputs = prepare_loss_inputs(embeddings, weight, labels, options)
     device, dtype = embeddings.device, inputs.operand_dtype
     name = _resolve(backend, device, dtype)
-    x, w = (t if t.dtype == dtype else t.to(dtype) for t in (embeddings, weight))
-    with torch.autocast(device.type, enabled=False):
-        if name == "reference":
-            num_classes = weight.shape[0] // options.sub_centers
-            # A custom op, so that the label check also runs inside a torch.compile'd graph.
-            targets = op.target_labels(inputs.labels, options.ignore_index, num_classes)
-            rows, lse, target_cos, top1 = reference_loss(x, w, targets, inputs.options)
-            rows = rows.to(inputs.compute_dtype)
-        else:
+    if name == "reference":
+        num_classes = weight.shape[0] // options.sub_centers
+        # A custom op, so that the label check also runs inside a torch.compile'd graph.
+        targets = op.target_labels(inputs.labels, options.ignore_index, num_classes)
+        rows, lse, target_cos, top1 = reference_loss(embeddings, weight, targets, inputs.options, dtype)
+        rows = rows.to(inputs.compute_dtype)
+    else:
+        with torch.autocast(device.type, enabled=False):
             rows, lse, target_cos, top1 = op.fused_loss_rows(
-                x.contiguous(), w.contiguous(), inputs.labels.contiguous(), inputs.options, name)
+                embeddings.contiguous(), weight.contiguous(), inputs.labels.contiguous(), inputs.options, name, dtype)
     loss = reduce_rows(rows, inputs.labels != options.ignore_index, options.reduction)
     if return_stats:
         return loss, stats_without_gradient(embeddings, weight, lse, target_cos, top1)

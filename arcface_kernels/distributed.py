@@ -36,8 +36,7 @@ from torch import nn
 
 from . import op
 from .api import reduce_rows, stats_without_gradient
-from .backends import PartialStats, get_backend, resolve_backend, row_norms
-from .dtypes import saturating_cast
+from .backends import PartialStats, resolve_backend
 from .entry import prepare_loss_inputs
 from .options import MARGIN_NAMES, LossOptions, make_options
 from .partial_fc import ClassSampler, class_rows
@@ -110,11 +109,13 @@ def _check_agreement(embeddings, weight_shard, labels, options, num_classes, cla
 
 
 def _merge_stats(stats: PartialStats, class_offset, group):
-    """Global statistics of every row from each shard's partials (docs/design.md section 4)."""
+    """Global statistics of every row from each shard's partials (docs/design.md eq. (14)): the
+    non-target sum merges like sum_exp, so op.finalize keeps a confident row's precision."""
     global_max = _all_reduce(stats.row_max.clone(), dist.ReduceOp.MAX, group)
-    sum_exp = _all_reduce(stats.sum_exp * torch.exp(stats.row_max - global_max), dist.ReduceOp.SUM, group)
-    sums = torch.stack([stats.target_logit, stats.logit_sum, stats.target_cos])
-    target_logit, logit_sum, target_cos = _all_reduce(sums, dist.ReduceOp.SUM, group)
+    rescale = torch.exp(stats.row_max - global_max)
+    sums = torch.stack([stats.sum_exp * rescale, stats.nontarget_sum_exp * rescale, stats.target_logit,
+                        stats.logit_sum, stats.target_cos])
+    sum_exp, nontarget_sum_exp, target_logit, logit_sum, target_cos = _all_reduce(sums, dist.ReduceOp.SUM, group)
     world = dist.get_world_size(group)
     best_cos = [torch.empty_like(stats.best_cos) for _ in range(world)]
     best_class = [torch.empty_like(stats.best_class) for _ in range(world)]
@@ -124,46 +125,52 @@ def _merge_stats(stats: PartialStats, class_offset, group):
     winner = torch.stack(best_cos).argmax(dim=0)
     top1 = torch.stack(best_class).gather(0, winner[None])[0]
     return PartialStats(global_max, sum_exp, target_logit, logit_sum, target_cos,
-                        torch.stack(best_cos).max(dim=0).values, top1)
+                        torch.stack(best_cos).max(dim=0).values, top1, nontarget_sum_exp)
 
 
 class _ShardedMarginSoftmax(torch.autograd.Function):
+    """The op's forward and backward cores (op.forward_stats, op.backward_core) on the gathered
+    rows and this rank's class shard, with the partial statistics merged across ranks: the same
+    overflow-safe rows, precise loss and target gradient, and exact-or-inf gradients."""
+
     @staticmethod
     def forward(ctx, embeddings, weight_shard, labels, options, num_classes, class_offset, sizes, backend, group,
-                embedding_grad_scale):
+                embedding_grad_scale, operand_dtype):
         rank = dist.get_rank(group)
         rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-        all_x = _gather_rows(embeddings.detach(), sizes, group)
         all_labels = _gather_rows(labels, sizes, group)         # -1 on ignored rows
         options = options.replace(**{m: _gather_rows(getattr(options, m), sizes, group) for m in MARGIN_NAMES})
         local_classes = weight_shard.shape[0] // options.sub_centers
         owned = (all_labels >= class_offset) & (all_labels < class_offset + local_classes)
         shard_labels = torch.where(owned, all_labels - class_offset, -1)
-        fused = get_backend(backend)
         # the backend computes in its own dtypes: autocast must not recast its matmuls
-        with torch.autocast(all_x.device.type, enabled=False):
-            norms = row_norms(all_x, weight_shard.detach())
-            partial = fused.forward(all_x, weight_shard.detach(), shard_labels, options, norms)
-        stats = _merge_stats(partial, class_offset, group)
-        loss, lse = op.finalize(stats, all_labels >= 0, options.label_smoothing, num_classes)
-        ctx.save_for_backward(all_x, weight_shard, shard_labels, all_labels, lse)
-        ctx.settings = (options, num_classes, norms, sizes, rows, backend, group, embeddings.dtype,
-                        embedding_grad_scale)
-        outputs = (loss[rows], lse[rows].clone(), stats.target_cos[rows].clone(), stats.best_class[rows].clone())
+        with torch.autocast(embeddings.device.type, enabled=False):
+            all_x = _gather_rows(op.operands(embeddings.detach(), operand_dtype), sizes, group)
+            w = op.operands(weight_shard.detach(), operand_dtype)
+            fwd = op.forward_stats(all_x, w, shard_labels, all_labels >= 0, options, backend, num_classes,
+                                   merge=lambda stats: _merge_stats(stats, class_offset, group))
+        ctx.save_for_backward(all_x, weight_shard, shard_labels, all_labels)
+        ctx.forward = fwd._replace(loss=None, stats=None)
+        ctx.settings = (options, num_classes, sizes, rows, backend, group, embeddings.dtype, embedding_grad_scale,
+                        operand_dtype)
+        outputs = (fwd.loss[rows], fwd.lse[rows].clone(), fwd.stats.target_cos[rows].clone(),
+                   fwd.stats.best_class[rows].clone())
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        all_x, weight_shard, shard_labels, all_labels, lse = ctx.saved_tensors
-        options, num_classes, norms, sizes, rows, backend, group, x_dtype, embedding_grad_scale = ctx.settings
+        all_x, weight_shard, shard_labels, all_labels = ctx.saved_tensors
+        options, num_classes, sizes, rows, backend, group, x_dtype, embedding_grad_scale, operand_dtype = ctx.settings
+        lse = ctx.forward.lse
         grad_all = _gather_rows(grad_loss.to(lse.dtype).contiguous(), sizes, group)
         grad_all = torch.where(all_labels >= 0, grad_all, 0.0)
         with torch.autocast(all_x.device.type, enabled=False):
-            dx_all, dw = get_backend(backend).backward(grad_all, all_x, weight_shard, shard_labels, lse, options,
-                                                       num_classes, norms)
+            dx_all, dw = op.backward_core(grad_all, all_x, op.operands(weight_shard, operand_dtype), shard_labels,
+                                          ctx.forward, options, backend, num_classes, weight_shard.dtype)
         dx_all = _all_reduce(dx_all.contiguous(), dist.ReduceOp.SUM, group)
-        return (saturating_cast(dx_all[rows] * embedding_grad_scale, x_dtype), dw) + (None,) * 8
+        # rounded once into the embeddings' dtype: inf where it overflows, never clamped
+        return ((dx_all[rows] * embedding_grad_scale).to(x_dtype), dw) + (None,) * 9
 
 
 def sharded_margin_softmax_loss(embeddings, weight_shard, labels, *, class_offset, num_classes,
@@ -193,18 +200,17 @@ def sharded_loss_from_options(embeddings, weight_shard, labels, options: LossOpt
     return_stats = boolean("return_stats", return_stats)
     inputs = prepare_loss_inputs(embeddings, weight_shard, labels, options)
     dtype, labels, options = inputs.operand_dtype, inputs.labels, inputs.options
-    embeddings, weight_shard = (t if t.dtype == dtype else t.to(dtype) for t in (embeddings, weight_shard))
     ignore_index, reduction = options.ignore_index, options.reduction
     num_classes, class_offset = positive_int("num_classes", num_classes), integer("class_offset", class_offset)
     group = process_group if process_group is not None else dist.group.WORLD
     sizes = _check_agreement(embeddings, weight_shard, labels, options, num_classes, class_offset, group)
-    name = resolve_backend(backend, embeddings.device, embeddings.dtype)
+    name = resolve_backend(backend, embeddings.device, dtype)
     if name == "reference":
         name = "torch"  # the reference materializes N x C; the sharded path needs partial statistics
     targets = torch.where(labels == ignore_index, -1, labels)
     rows, lse, target_cos, top1 = _ShardedMarginSoftmax.apply(
-        embeddings.contiguous(), weight_shard.contiguous(), targets, options, int(num_classes), int(class_offset),
-        sizes, name, group, float(embedding_grad_scale))
+        embeddings.contiguous(), weight_shard.contiguous(), targets, options, num_classes, class_offset,
+        sizes, name, group, float(embedding_grad_scale), dtype)
     if reduction == "mean":  # over the non-ignored rows of every rank
         active = _all_reduce((targets >= 0).sum().to(rows.dtype), dist.ReduceOp.SUM, group)
         loss = rows.sum() / active.clamp_min(1)

@@ -1,19 +1,30 @@
-"""The fused op as torch.library custom ops, with registered autograd.
+"""The fused op as torch.library custom ops, with registered autograd, and the forward and
+backward cores that the sharded path (distributed.py) shares with it.
 
 `arcface_kernels::margin_softmax_fwd` returns per-row loss and stats;
 `arcface_kernels::margin_softmax_bwd` returns (dX, dW). Both dispatch by name to a fused
 backend from the registry. The LossOptions travel flattened (`LossOptions.flatten`): the
-schemas take tensors and plain scalars only. Only O(N + C) numbers (the log-sum-exp and the
-inverse norms, computed once per call) are saved for backward, which recomputes the cosines
-(docs/design.md section 5).
+schemas take tensors and plain scalars only. Only O(N + C) numbers (the log-sum-exp, the
+target cosine's gradient factor and the inverse norms, computed once per call) are saved for
+backward, which recomputes the cosines (docs/design.md section 5).
+
+Dtypes (docs/design.md section 2, "Dtypes"): the op takes embeddings and weight as the user
+holds them (e.g. a float16 activation and a float32 master weight under autocast) and an
+operand dtype; it computes on the inputs rounded to the operand dtype and returns each gradient
+in its input's dtype, rounded once to nearest (inf where it overflows, never clamped). The
+rounded copies are made again in backward rather than saved: a C x D operand copy of a float32
+weight is not held between forward and backward, at the cost of one more read of the weight.
 """
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .backends import PartialStats, RowNorms, get_backend
 from .backends.common import overflow_safe_rows
-from .dtypes import compute_dtype, saturating_cast
+from .dtypes import compute_dtype
+from .margins import dphi_dcos
 from .options import LossOptions
 from .validation import target_labels as _target_labels
 
@@ -31,114 +42,193 @@ def _(labels, ignore_index, num_classes):
 
 
 def finalize(stats: PartialStats, active: Tensor, label_smoothing: float, num_classes: int):
-    """Per-row loss and lse from merged partial statistics (F.cross_entropy's smoothing).
+    """Per-row (loss, lse, gap) from merged partial statistics (F.cross_entropy's smoothing);
+    gap = lse - z_y, the unsmoothed loss (0 where the row is not active).
 
-    With the non-target sum, lse - z_y = log(1 + sum_{j != y} exp(z_j - z_y)) is computed as
-    logaddexp(0, log(sum_{j != y} exp(z_j - m)) + m - z_y): a well-classified row's loss of 2e-7
-    keeps its relative precision instead of being the difference of two numbers near lse.
+    With the non-target sum, gap = log(1 + sum_{j != y} exp(z_j - z_y)) is computed as
+    logaddexp(0, log(sum_{j != y} exp(z_j - m)) + m - z_y) (docs/design.md eq. (12a)): a
+    well-classified row's loss of 2e-7 keeps its relative precision instead of being the
+    difference of two numbers near lse, and so does its target gradient expm1(-gap) (eq. (16)).
     """
     lse = stats.row_max + torch.log(stats.sum_exp)
     if stats.nontarget_sum_exp is None:
-        loss = lse - stats.target_logit
+        gap = lse - stats.target_logit
     else:
         margin = torch.log(stats.nontarget_sum_exp) + stats.row_max - stats.target_logit
-        loss = torch.logaddexp(torch.zeros_like(margin), margin)
+        gap = torch.logaddexp(torch.zeros_like(margin), margin)
+    gap = torch.where(active, gap, 0.0)
+    loss = gap
     if label_smoothing:
         loss = loss + label_smoothing * stats.target_logit - (label_smoothing / num_classes) * stats.logit_sum
-    return torch.where(active, loss, 0.0), lse
+    return torch.where(active, loss, 0.0), lse, gap
+
+
+def target_cosine_gradient(gap: Tensor, target_cos: Tensor, active: Tensor, options: LossOptions, num_classes: int):
+    """d loss_i / d cos_iy per unit upstream gradient, once per row (docs/design.md eqs. (16)-(17)):
+    s (expm1(-gap) + eps - eps/C) dphi/dc(cos_iy), with p_y - 1 = expm1(-gap) from the precise
+    gap of `finalize`; 0 on rows without a target. Backends write g_i times it at the target
+    entry instead of recomputing phi and dphi/dc in every tile."""
+    eps = options.label_smoothing
+    slope = dphi_dcos(target_cos, options.m1, options.m2, options.m3, options.easy_margin, options.straight_through)
+    return torch.where(active, options.scale * (torch.expm1(-gap) + (eps - eps / num_classes)) * slope, 0.0)
+
+
+class Forward(NamedTuple):
+    """What forward_stats computes: the reported rows, and what backward needs (O(N + C))."""
+
+    loss: Tensor         # (N,) compute dtype, 0 on rows without a target
+    lse: Tensor          # (N,)
+    stats: PartialStats  # merged
+    target_grad: Tensor  # (N,) target_cosine_gradient
+    rx: Tensor           # inverse norms of the rows the backend saw
+    rw: Tensor
+    sx: Tensor | None    # common.overflow_safe_rows' scales (None: every row seen as given)
+    sw: Tensor | None
+
+
+def operands(v: Tensor, operand_dtype: torch.dtype) -> Tensor:
+    """v rounded to the operand dtype (v itself when it already has it)."""
+    return v if v.dtype == operand_dtype else v.to(operand_dtype)
+
+
+def forward_stats(x: Tensor, w: Tensor, labels: Tensor, active: Tensor, options: LossOptions, backend: str,
+                  num_classes: int, merge=None) -> Forward:
+    """The forward of the op on operands x, w (one dtype): the overflow-safe rows, the backend's
+    partial statistics, merge(stats) when given (the sharded path's all-reduces, eq. (14)), the
+    precise loss and the target gradient factor. labels: local targets (-1 where absent);
+    active: rows that have a target in the whole problem."""
+    dtype = compute_dtype(x.dtype)
+    x_seen, rx, sx = overflow_safe_rows(x, dtype)
+    w_seen, rw, sw = overflow_safe_rows(w, dtype)
+    stats = get_backend(backend).forward(x_seen, w_seen, labels, options, RowNorms(rx, rw))
+    if merge is not None:
+        stats = merge(stats)
+    loss, lse, gap = finalize(stats, active, options.label_smoothing, num_classes)
+    target_grad = target_cosine_gradient(gap, stats.target_cos, active, options, num_classes)
+    return Forward(loss, lse, stats, target_grad, rx, rw, sx, sw)
+
+
+def _rows_seen(v: Tensor, scale: Tensor | None):
+    """The rows a backend saw in forward (common.overflow_safe_rows), or None where it saw v."""
+    if scale is None or not bool((scale != 1).any()):
+        return None
+    return v * scale[:, None].to(v.dtype)
+
+
+def backward_core(grad_rows: Tensor, x: Tensor, w: Tensor, labels: Tensor, fwd: Forward, options: LossOptions,
+                  backend: str, num_classes: int, dw_dtype: torch.dtype):
+    """(dx in the compute dtype, dw in dw_dtype) of operands x, w from forward_stats' results.
+    grad_rows: (N,) in the compute dtype, 0 on ignored rows. dw is rounded once into dw_dtype
+    (the master weight's dtype): to nearest, inf on overflow."""
+    x_seen, w_seen = _rows_seen(x, fwd.sx), _rows_seen(w, fwd.sw)
+    target_dcos = grad_rows * fwd.target_grad
+    # Huge rows: dw in the compute dtype, scaled, then rounded once.
+    dw_out = dw_dtype if w_seen is None else compute_dtype(x.dtype)
+    dx, dw = get_backend(backend).backward(
+        grad_rows, x if x_seen is None else x_seen, w if w_seen is None else w_seen, labels, fwd.lse, target_dcos,
+        options, num_classes, RowNorms(fwd.rx, fwd.rw), dw_out)
+    # d/dv of a function of the seen rows s * v is s times the gradient with respect to them.
+    if x_seen is not None:
+        dx = dx * fwd.sx[:, None]
+    if w_seen is not None:
+        dw = (dw * fwd.sw[:, None]).to(dw_dtype)
+    return dx, dw
 
 
 def _scale_or_ones(scale, n, dtype, device):
     return torch.ones(n, dtype=dtype, device=device) if scale is None else scale
 
 
-def _rows_seen(v: Tensor, scale: Tensor):
-    """The rows a backend saw in forward (common.overflow_safe_rows), or None where it saw v."""
-    if not bool((scale != 1).any()):
-        return None
-    return v * scale[:, None].to(v.dtype)
+def _targets(labels: Tensor, ignore_index: int) -> Tensor:
+    return torch.where(labels == ignore_index, -1, labels.long())
 
 
 @torch.library.custom_op("arcface_kernels::margin_softmax_fwd", mutates_args=())
 def margin_softmax_fwd(
     embeddings: Tensor, weight: Tensor, labels: Tensor, m1: Tensor, m2: Tensor, m3: Tensor,
-    options: list[float], backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    options: list[float], backend: str, operand_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns loss_rows (0 on ignored rows), lse, target_cos (compute dtype), int64 top-1 class,
-    and for backward the inverse norms rx, rw of the rows the backend saw and the power-of-two
-    scales sx, sw that made those rows from the given ones (1 for all but huge rows)."""
+    and for backward the target gradient factor, the inverse norms rx, rw of the rows the backend
+    saw and the power-of-two scales sx, sw that made those rows from the given ones (1 for all but
+    huge rows)."""
     opts = LossOptions.unflatten(options, m1, m2, m3)
     num_classes = weight.shape[0] // opts.sub_centers
     labels = _target_labels(labels, opts.ignore_index, num_classes)
-    dtype = compute_dtype(embeddings.dtype)
-    x_seen, rx, sx = overflow_safe_rows(embeddings, dtype)
-    w_seen, rw, sw = overflow_safe_rows(weight, dtype)
-    stats = get_backend(backend).forward(x_seen, w_seen, labels, opts, RowNorms(rx, rw))
-    loss, lse = finalize(stats, labels >= 0, opts.label_smoothing, num_classes)
-    return (loss, lse, stats.target_cos.clone(), stats.best_class.clone(), rx, rw,
-            _scale_or_ones(sx, embeddings.shape[0], dtype, embeddings.device),
-            _scale_or_ones(sw, weight.shape[0], dtype, weight.device))
+    with torch.autocast(embeddings.device.type, enabled=False):
+        x, w = operands(embeddings, operand_dtype), operands(weight, operand_dtype)
+        fwd = forward_stats(x, w, labels, labels >= 0, opts, backend, num_classes)
+    dtype = compute_dtype(operand_dtype)
+    return (fwd.loss, fwd.lse, fwd.stats.target_cos.clone(), fwd.stats.best_class.clone(), fwd.target_grad,
+            fwd.rx, fwd.rw, _scale_or_ones(fwd.sx, x.shape[0], dtype, x.device),
+            _scale_or_ones(fwd.sw, w.shape[0], dtype, w.device))
 
 
 @margin_softmax_fwd.register_fake
-def _(embeddings, weight, labels, m1, m2, m3, options, backend):
-    n, dtype = embeddings.shape[0], compute_dtype(embeddings.dtype)
+def _(embeddings, weight, labels, m1, m2, m3, options, backend, operand_dtype):
+    n, dtype = embeddings.shape[0], compute_dtype(operand_dtype)
     row = embeddings.new_empty((n,), dtype=dtype)
     class_row = weight.new_empty((weight.shape[0],), dtype=dtype)
-    return (row, row.clone(), row.clone(), embeddings.new_empty((n,), dtype=torch.int64), row.clone(),
+    return (row, row.clone(), row.clone(), embeddings.new_empty((n,), dtype=torch.int64), row.clone(), row.clone(),
             class_row, row.clone(), class_row.clone())
 
 
 @torch.library.custom_op("arcface_kernels::margin_softmax_bwd", mutates_args=())
 def margin_softmax_bwd(
     grad_rows: Tensor, embeddings: Tensor, weight: Tensor, labels: Tensor, m1: Tensor, m2: Tensor, m3: Tensor,
-    lse: Tensor, rx: Tensor, rw: Tensor, sx: Tensor, sw: Tensor, options: list[float], backend: str,
+    lse: Tensor, target_grad: Tensor, rx: Tensor, rw: Tensor, sx: Tensor, sw: Tensor, options: list[float],
+    backend: str, operand_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
     opts = LossOptions.unflatten(options, m1, m2, m3)
     num_classes = weight.shape[0] // opts.sub_centers
-    labels = torch.where(labels == opts.ignore_index, -1, labels.long())
-    grad_rows = torch.where(labels >= 0, grad_rows.to(compute_dtype(embeddings.dtype)), 0.0)
-    x_seen, w_seen = _rows_seen(embeddings, sx), _rows_seen(weight, sw)
-    dx, dw = get_backend(backend).backward(
-        grad_rows, embeddings if x_seen is None else x_seen, weight if w_seen is None else w_seen, labels, lse, opts,
-        num_classes, RowNorms(rx, rw))
-    # d/dv of a function of the seen rows s * v is s times the gradient with respect to them.
-    if x_seen is not None:
-        dx = dx * sx[:, None]
-    if w_seen is not None:
-        dw = dw * sw[:, None].to(dw.dtype)
-    return saturating_cast(dx, embeddings.dtype), saturating_cast(dw, weight.dtype)
+    labels = _targets(labels, opts.ignore_index)
+    # loss.backward() may run inside the autocast region: the backend computes in its own dtypes.
+    with torch.autocast(embeddings.device.type, enabled=False):
+        x, w = operands(embeddings, operand_dtype), operands(weight, operand_dtype)
+        grad_rows = torch.where(labels >= 0, grad_rows.to(lse.dtype), 0.0)
+        fwd = Forward(None, lse, None, target_grad, rx, rw, sx, sw)
+        dx, dw = backward_core(grad_rows, x, w, labels, fwd, opts, backend, num_classes, weight.dtype)
+    return dx.to(embeddings.dtype), dw
 
 
 @margin_softmax_bwd.register_fake
-def _(grad_rows, embeddings, weight, labels, m1, m2, m3, lse, rx, rw, sx, sw, options, backend):
+def _(grad_rows, embeddings, weight, labels, m1, m2, m3, lse, target_grad, rx, rw, sx, sw, options, backend,
+      operand_dtype):
     return torch.empty_like(embeddings), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
-    embeddings, weight, labels, m1, m2, m3, options, backend = inputs
-    ctx.settings = (options, backend)
-    loss, lse, target_cos, top1, rx, rw, sx, sw = output
+    embeddings, weight, labels, m1, m2, m3, options, backend, operand_dtype = inputs
+    ctx.settings = (options, backend, operand_dtype)
+    loss, lse, target_cos, top1, target_grad, rx, rw, sx, sw = output
     # Reported, not differentiated: api.py makes a loss built on them raise (in eager mode).
-    ctx.mark_non_differentiable(lse, target_cos, top1, rx, rw, sx, sw)
-    ctx.save_for_backward(embeddings, weight, labels, m1, m2, m3, lse, rx, rw, sx, sw)
+    ctx.mark_non_differentiable(lse, target_cos, top1, target_grad, rx, rw, sx, sw)
+    ctx.save_for_backward(embeddings, weight, labels, m1, m2, m3, lse, target_grad, rx, rw, sx, sw)
 
 
 def _backward(ctx, grad_loss, *grad_reported):
-    embeddings, weight, labels, m1, m2, m3, lse, rx, rw, sx, sw = ctx.saved_tensors
+    embeddings, weight, labels, m1, m2, m3, lse, target_grad, rx, rw, sx, sw = ctx.saved_tensors
     if grad_loss is None:
         grad_loss = torch.zeros_like(lse)
-    dx, dw = margin_softmax_bwd(grad_loss, embeddings, weight, labels, m1, m2, m3, lse, rx, rw, sx, sw,
+    dx, dw = margin_softmax_bwd(grad_loss, embeddings, weight, labels, m1, m2, m3, lse, target_grad, rx, rw, sx, sw,
                                 *ctx.settings)
-    return dx, dw, None, None, None, None, None, None
+    return dx, dw, None, None, None, None, None, None, None
 
 
 # Only the loss rows are differentiated; the stats, the norms and the scales are reported.
 torch.library.register_autograd("arcface_kernels::margin_softmax_fwd", _backward, setup_context=_setup_context)
 
 
-def fused_loss_rows(embeddings: Tensor, weight: Tensor, labels: Tensor, options: LossOptions, backend: str):
-    """The op on validated inputs whose margins are (N,) tensors: (loss_rows, lse, target_cos, top1)."""
+def fused_loss_rows(embeddings: Tensor, weight: Tensor, labels: Tensor, options: LossOptions, backend: str,
+                    operand_dtype: torch.dtype):
+    """The op: (loss_rows, lse, target_cos, top1), the first differentiable.
+
+    embeddings (N, D) and weight (C * K, D) as the user holds them, each float16, bfloat16,
+    float32 or float64 and contiguous; operand_dtype: the dtype the op computes on (the autocast
+    dtype, or the inputs' common dtype). Each gradient comes back in its input's dtype. labels:
+    int64 (N,), each in [0, C) or equal to options.ignore_index (ignored rows; the op maps them
+    to -1 and raises ValueError on any other label). options: margins as (N,) tensors in the
+    compute dtype (LossOptions.for_rows). backend: a resolved fused backend name."""
     outputs = margin_softmax_fwd(embeddings, weight, labels, options.m1, options.m2, options.m3,
-                                 options.flatten(), backend)
+                                 options.flatten(), backend, operand_dtype)
     return outputs[:4]

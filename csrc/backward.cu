@@ -2,8 +2,9 @@
 // docs/design.md section 5): `grad_chunk` writes one class chunk's gradient tile
 // G = dcos * rx * rw^T. A cuBLAS GEMM (through ATen) recomputes the chunk's raw dot products in
 // float32, then `gradient_tile` on a rows x class-segments grid turns each entry into dcos (the
-// target through expm1 and dphi/dc), routes it to the class's winning sub-centre column and
-// writes it in G's dtype. The driver then runs the dX / dW GEMMs on G.
+// target entry takes the row's target_dcos, computed once per row by the op), routes it to the
+// class's winning sub-centre column and writes it in G's dtype, rounded to nearest (inf on
+// overflow, never clamped). The driver then runs the dX / dW GEMMs on G.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,17 +19,6 @@
 
 namespace arcface_kernels {
 namespace {
-
-template <typename GradT>
-__device__ __forceinline__ GradT to_grad(float value) {
-  return static_cast<GradT>(value);
-}
-
-// float16 saturates at its largest finite value instead of overflowing to inf.
-template <>
-__device__ __forceinline__ c10::Half to_grad<c10::Half>(float value) {
-  return static_cast<c10::Half>(fminf(fmaxf(value, -65504.f), 65504.f));
-}
 
 template <typename GradT>
 __global__ void gradient_tile(const float* __restrict__ dots, const float* __restrict__ rw_chunk, RowInputs in,
@@ -48,7 +38,7 @@ __global__ void gradient_tile(const float* __restrict__ dots, const float* __res
     const float dcos = entry_cosine_gradient(c, j == target, terms, loss);
     for (int k = 0; k < k_count; ++k) {
       const int64_t col = j * k_count + k;
-      row_grad[col] = to_grad<GradT>(k == pick ? dcos * rx * rw_chunk[col] : 0.f);
+      row_grad[col] = static_cast<GradT>(k == pick ? dcos * rx * rw_chunk[col] : 0.f);
     }
   }
 }
@@ -56,27 +46,25 @@ __global__ void gradient_tile(const float* __restrict__ dots, const float* __res
 }  // namespace
 
 void grad_chunk(const at::Tensor& x_in, const at::Tensor& w_rows_in, const at::Tensor& labels_in,
-                const at::Tensor& m1_in, const at::Tensor& m2_in, const at::Tensor& m3_in, const at::Tensor& rx_in,
-                const at::Tensor& rw_rows_in, const at::Tensor& lse_in, const at::Tensor& grad_rows_in,
-                at::Tensor& out, int64_t first_class, double scale, int64_t sub_centers, bool easy_margin,
-                bool straight_through, double label_smoothing, int64_t num_classes) {
+                const at::Tensor& rx_in, const at::Tensor& rw_rows_in, const at::Tensor& lse_in,
+                const at::Tensor& grad_rows_in, const at::Tensor& target_dcos_in, at::Tensor& out, int64_t first_class,
+                double scale, int64_t sub_centers, double smoothing_per_class) {
   check_inputs(x_in, w_rows_in, labels_in, sub_centers);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous(), w_rows = w_rows_in.contiguous(), labels = labels_in.contiguous();
   const int64_t n = x.size(0), width = w_rows.size(0), chunk_classes = width / sub_centers;
   TORCH_CHECK(out.is_cuda() && out.is_contiguous() && out.dim() == 2 && out.size(0) == n && out.size(1) == width,
               "cuda backend: grad_chunk's out must be a contiguous (N, chunk * K) tensor");
-  const auto m1 = row_vector(m1_in, n, "m1"), m2 = row_vector(m2_in, n, "m2"), m3 = row_vector(m3_in, n, "m3");
   const auto rx = row_vector(rx_in, n, "rx"), rw_rows = row_vector(rw_rows_in, width, "rw_rows");
   const auto lse = row_vector(lse_in, n, "lse"), grad_rows = row_vector(grad_rows_in, n, "grad_rows");
+  const auto target_dcos = row_vector(target_dcos_in, n, "target_dcos");
   if (n == 0 || width == 0) return;
   auto dots = at::empty({n, width}, x.options().dtype(at::kFloat));
   chunk_dots(x, w_rows, dots);
-  const RowInputs in{labels.data_ptr<int64_t>(), rx.data_ptr<float>(), m1.data_ptr<float>(), m2.data_ptr<float>(),
-                     m3.data_ptr<float>(), lse.data_ptr<float>(), grad_rows.data_ptr<float>()};
-  const LossSettings loss{static_cast<float>(scale), static_cast<float>(label_smoothing),
-                          static_cast<float>(label_smoothing / static_cast<double>(num_classes)), easy_margin,
-                          straight_through};
+  const RowInputs in{labels.data_ptr<int64_t>(), rx.data_ptr<float>(),    nullptr,
+                     nullptr,                     nullptr,                lse.data_ptr<float>(),
+                     grad_rows.data_ptr<float>(), target_dcos.data_ptr<float>()};
+  const LossSettings loss{static_cast<float>(scale), static_cast<float>(smoothing_per_class), false};
   const int64_t blocks_per_row = std::min<int64_t>((chunk_classes + kThreads - 1) / kThreads, 65535);
   const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(blocks_per_row));
   const auto stream = c10::cuda::getCurrentCUDAStream();

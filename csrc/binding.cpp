@@ -12,9 +12,9 @@ namespace arcface_kernels {
 TORCH_LIBRARY(arcface_kernels_cuda, m) {
   m.def("partial_stats(Tensor x, Tensor w, Tensor labels, Tensor m1, Tensor m2, Tensor m3, Tensor rx, Tensor rw, "
         "float scale, int sub_centers, bool easy_margin, int workspace_bytes) -> Tensor[]");
-  m.def("grad_chunk(Tensor x, Tensor w_rows, Tensor labels, Tensor m1, Tensor m2, Tensor m3, Tensor rx, "
-        "Tensor rw_rows, Tensor lse, Tensor grad_rows, Tensor(a!) out, int first_class, float scale, "
-        "int sub_centers, bool easy_margin, bool straight_through, float label_smoothing, int num_classes) -> ()");
+  m.def("grad_chunk(Tensor x, Tensor w_rows, Tensor labels, Tensor rx, Tensor rw_rows, Tensor lse, "
+        "Tensor grad_rows, Tensor target_dcos, Tensor(a!) out, int first_class, float scale, int sub_centers, "
+        "float smoothing_per_class) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(arcface_kernels_cuda, CUDA, m) {

@@ -12,7 +12,8 @@ namespace arcface_kernels {
 
 constexpr int kThreads = 256;
 
-// Per-row inputs as device pointers; lse and grad_rows are null in forward.
+// Per-row inputs as device pointers: the margins are null in backward, lse, grad_rows and
+// target_dcos in forward.
 struct RowInputs {
   const int64_t* labels;  // -1 where the row has no target among these classes
   const float* rx;        // inverse norms (contract.RowNorms)
@@ -20,12 +21,14 @@ struct RowInputs {
   const float* m2;
   const float* m3;
   const float* lse;
-  const float* grad_rows;  // 0 on ignored rows
+  const float* grad_rows;    // 0 on ignored rows
+  const float* target_dcos;  // d loss / d cos of the target entry (op.target_cosine_gradient * grad)
 };
 
 __device__ __forceinline__ RowTerms load_row(const RowInputs& in, int64_t row) {
-  return RowTerms{in.m1[row], in.m2[row], in.m3[row], in.lse ? in.lse[row] : 0.f,
-                  in.grad_rows ? in.grad_rows[row] : 0.f};
+  return RowTerms{in.m1 ? in.m1[row] : 0.f,   in.m2 ? in.m2[row] : 0.f,
+                  in.m3 ? in.m3[row] : 0.f,   in.lse ? in.lse[row] : 0.f,
+                  in.grad_rows ? in.grad_rows[row] : 0.f, in.target_dcos ? in.target_dcos[row] : 0.f};
 }
 
 // The chunk-local target class of a row, or -1 when the chunk [first, first + count) lacks it.

@@ -21,6 +21,7 @@ namespace {
 struct RowStats {
   float* row_max;
   float* sum_exp;
+  float* nontarget_sum_exp;
   float* logit_sum;
   float* target_logit;
   float* target_cos;
@@ -42,7 +43,7 @@ __global__ void segment_stats(const float* __restrict__ dots, const float* __res
   for (int64_t j = segment.first + threadIdx.x; j < segment.stop; j += kThreads) {
     int pick;
     const float c = class_cosine(row_dots, rw_chunk, rx, j, k_count, &pick);
-    add_entry(partial, entry_logit(c, j == target, terms, loss), c, first_class + j);
+    add_entry(partial, entry_logit(c, j == target, terms, loss), c, first_class + j, j == target);
   }
   partial = block_reduce(partial, [](const RowPartial& a, const RowPartial& b) { return merge(a, b); }, scratch);
   if (threadIdx.x == 0) partials[row * gridDim.y + blockIdx.y] = partial;
@@ -54,11 +55,12 @@ __global__ void merge_segments(const RowPartial* __restrict__ partials, int64_t 
                                int k_count, LossSettings loss) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= rows) return;
-  RowPartial total{stats.row_max[row], stats.sum_exp[row], stats.logit_sum[row], stats.best_cos[row],
-                   stats.best_class[row]};
+  RowPartial total{stats.row_max[row],  stats.sum_exp[row],  stats.nontarget_sum_exp[row],
+                   stats.logit_sum[row], stats.best_cos[row], stats.best_class[row]};
   for (int64_t s = 0; s < segments; ++s) total = merge(total, partials[row * segments + s]);
   stats.row_max[row] = total.max;
   stats.sum_exp[row] = total.sum_exp;
+  stats.nontarget_sum_exp[row] = total.nontarget_sum_exp;
   stats.logit_sum[row] = total.logit_sum;
   stats.best_cos[row] = total.best_cos;
   stats.best_class[row] = total.best_class;
@@ -86,14 +88,16 @@ std::vector<at::Tensor> partial_stats(const at::Tensor& x_in, const at::Tensor& 
   const auto f32 = x.options().dtype(at::kFloat);
   const float inf = std::numeric_limits<float>::infinity();
   auto row_max = at::full({n}, -inf, f32), sum_exp = at::zeros({n}, f32), logit_sum = at::zeros({n}, f32);
+  auto nontarget_sum_exp = at::zeros({n}, f32);
   auto target_logit = at::zeros({n}, f32), target_cos = at::zeros({n}, f32), best_cos = at::full({n}, -inf, f32);
   auto best_class = at::zeros({n}, x.options().dtype(at::kLong));
-  const RowStats stats{row_max.data_ptr<float>(), sum_exp.data_ptr<float>(), logit_sum.data_ptr<float>(),
+  const RowStats stats{row_max.data_ptr<float>(),      sum_exp.data_ptr<float>(),
+                       nontarget_sum_exp.data_ptr<float>(), logit_sum.data_ptr<float>(),
                        target_logit.data_ptr<float>(), target_cos.data_ptr<float>(), best_cos.data_ptr<float>(),
                        best_class.data_ptr<int64_t>()};
   const RowInputs in{labels.data_ptr<int64_t>(), rx.data_ptr<float>(), m1.data_ptr<float>(), m2.data_ptr<float>(),
-                     m3.data_ptr<float>(), nullptr, nullptr};
-  const LossSettings loss{static_cast<float>(scale), 0.f, 0.f, easy_margin, false};
+                     m3.data_ptr<float>(), nullptr, nullptr, nullptr};
+  const LossSettings loss{static_cast<float>(scale), 0.f, easy_margin};
   const int64_t chunk = classes_per_chunk(n, sub_centers, n_classes, workspace_bytes);
   auto buffer = at::empty({n * chunk * sub_centers}, f32);
   // one RowPartial (24 bytes) per row and segment, as raw bytes
@@ -116,7 +120,7 @@ std::vector<at::Tensor> partial_stats(const at::Tensor& x_in, const at::Tensor& 
         static_cast<int>(sub_centers), loss);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return {row_max, sum_exp, target_logit, logit_sum, target_cos, best_cos, best_class};
+  return {row_max, sum_exp, target_logit, logit_sum, target_cos, best_cos, best_class, nontarget_sum_exp};
 }
 
 }  // namespace arcface_kernels

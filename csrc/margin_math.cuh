@@ -1,6 +1,7 @@
-// The target-angle margin phi(c) and d phi / d c: the same rules and constants as
-// arcface_kernels/margins.py (docs/design.md section 3). Host and device functions: the
-// host build is checked against margins.py in tests/test_cuda_math_host.py.
+// The target-angle margin phi(c) of the forward: the same rules and constants as
+// arcface_kernels/margins.py (docs/design.md section 3). Backward needs no margin math: the op
+// computes the target's dcos once per row (op.target_cosine_gradient). Host and device
+// functions: the host build is checked against margins.py in tests/test_cuda_math_host.py.
 #pragma once
 
 #include <cmath>
@@ -14,7 +15,6 @@
 namespace arcface_kernels {
 
 constexpr float kPi = 3.14159265358979323846f;
-constexpr float kSinFloor = 1e-4f;  // margins.SIN_FLOOR
 constexpr float kNormEps = 1e-12f;  // margins.NORM_EPS
 
 struct AngleTerms {
@@ -37,24 +37,6 @@ ARCFACE_HD float phi(float cos_value, float m1, float m2, float m3, bool easy_ma
                                           : t.sign * cosf(t.angle) - 2.f * t.k - m3;
   if (easy_margin && !(t.c > 0.f)) value = t.c;
   return value;
-}
-
-// sin(x) / x, 1 at x = 0
-ARCFACE_HD float sinc(float x) { return x == 0.f ? 1.f : sinf(x) / x; }
-
-ARCFACE_HD float dphi_dcos(float cos_value, float m1, float m2, bool easy_margin, bool straight_through) {
-  if (straight_through) return 1.f;
-  const AngleTerms t = angle_terms(cos_value, m1, m2);
-  const float theta = acosf(t.c);
-  const float sin_theta = fmaxf(sqrtf(fmaxf(1.f - t.c * t.c, 0.f)), kSinFloor);
-  // d/dc cos(m1 theta + m2) = m1 [cos(m2) sin(m1 theta) + sin(m2) cos(m1 theta)] / sin(theta)
-  // (margins.dphi_dcos): below pi/2 sin(m1 theta) / sin(theta) = m1 sinc(m1 theta) / sinc(theta),
-  // so that at c = 1 the derivative is its limit m1^2 when m2 = 0; elsewhere sin(theta) is floored.
-  const float sin_ratio = theta < 0.5f * kPi ? m1 * sinc(m1 * theta) / sinc(theta) : sinf(m1 * theta) / sin_theta;
-  const float nominal = t.sign * m1 * (cosf(m2) * sin_ratio + sinf(m2) * cosf(m1 * theta) / sin_theta);
-  float grad = (m1 == 1.f && t.k >= 1.f) ? 1.f : nominal;
-  if (easy_margin && !(t.c > 0.f)) grad = 1.f;
-  return grad;
 }
 
 }  // namespace arcface_kernels

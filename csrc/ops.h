@@ -17,11 +17,11 @@ std::vector<at::Tensor> partial_stats(const at::Tensor& x, const at::Tensor& w, 
 
 // Writes into `out` (N x chunk * K, float32, bfloat16 or float16) the gradient tile
 // G = dcos * rx * rw^T of the weight rows w_rows = w[first_class * K : stop * K], given the final
-// log-sum-exp (docs/design.md section 5).
-void grad_chunk(const at::Tensor& x, const at::Tensor& w_rows, const at::Tensor& labels, const at::Tensor& m1,
-                const at::Tensor& m2, const at::Tensor& m3, const at::Tensor& rx, const at::Tensor& rw_rows,
-                const at::Tensor& lse, const at::Tensor& grad_rows, at::Tensor& out, int64_t first_class,
-                double scale, int64_t sub_centers, bool easy_margin, bool straight_through, double label_smoothing,
-                int64_t num_classes);
+// log-sum-exp and each row's target dcos (docs/design.md section 5): dcos = s g (p - eps / C) off
+// the target, target_dcos on it.
+void grad_chunk(const at::Tensor& x, const at::Tensor& w_rows, const at::Tensor& labels, const at::Tensor& rx,
+                const at::Tensor& rw_rows, const at::Tensor& lse, const at::Tensor& grad_rows,
+                const at::Tensor& target_dcos, at::Tensor& out, int64_t first_class, double scale,
+                int64_t sub_centers, double smoothing_per_class);
 
 }  // namespace arcface_kernels

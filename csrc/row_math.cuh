@@ -11,19 +11,19 @@
 
 namespace arcface_kernels {
 
-// Per-row inputs of the loss: margins, and in backward the row's lse and incoming gradient.
+// Per-row inputs of the loss: margins, and in backward the row's lse, incoming gradient and the
+// target entry's dcos (computed once per row by the op: op.target_cosine_gradient).
 struct RowTerms {
   float m1, m2, m3;
-  float lse;   // backward only
-  float grad;  // backward only; 0 on ignored rows
+  float lse;          // backward only
+  float grad;         // backward only; 0 on ignored rows
+  float target_dcos;  // backward only
 };
 
 struct LossSettings {
   float scale;
-  float smoothing;            // label smoothing eps
-  float smoothing_per_class;  // eps / C
-  bool easy_margin;
-  bool straight_through;
+  float smoothing_per_class;  // eps / C (backward)
+  bool easy_margin;           // forward
 };
 
 // z = s * cos, with the margin on the target (docs/design.md section 3).
@@ -31,40 +31,43 @@ ARCFACE_HD float entry_logit(float c, bool is_target, const RowTerms& row, const
   return loss.scale * (is_target ? phi(c, row.m1, row.m2, row.m3, loss.easy_margin) : c);
 }
 
-// d loss / d cos of one entry (docs/design.md section 5): dz = g (p - (1 - eps) [j = y] - eps / C),
-// the target through expm1 (never 1 - p in low precision) and dphi/dc.
+// d loss / d cos of one entry (docs/design.md eqs. (15)-(17)): s g (p - eps / C) off the target; the
+// target's was computed once per row from the precise loss (no margin math in backward).
 ARCFACE_HD float entry_cosine_gradient(float c, bool is_target, const RowTerms& row, const LossSettings& loss) {
-  const float z = entry_logit(c, is_target, row, loss);
-  const float dz = is_target ? (expm1f(z - row.lse) + loss.smoothing - loss.smoothing_per_class) *
-                                   dphi_dcos(c, row.m1, row.m2, loss.easy_margin, loss.straight_through)
-                             : expf(z - row.lse) - loss.smoothing_per_class;
-  return loss.scale * row.grad * dz;
+  if (is_target) return row.target_dcos;
+  return loss.scale * row.grad * (expf(loss.scale * c - row.lse) - loss.smoothing_per_class);
 }
 
 // Softmax statistics of a set of a row's entries (contract.PartialStats without the target terms):
-// running max and sum of exp(z - max), logit sum, and the best plain cosine with its class (the
+// running max and sum of exp(z - max), the same sum without the target's term (op.finalize keeps a
+// confident row's loss precise with it), logit sum, and the best plain cosine with its class (the
 // lower class on ties).
 struct RowPartial {
   float max;
   float sum_exp;
+  float nontarget_sum_exp;
   float logit_sum;
   float best_cos;
   int64_t best_class;
 };
 
-ARCFACE_HD RowPartial empty_partial() { return RowPartial{-INFINITY, 0.f, 0.f, -INFINITY, 0}; }
+ARCFACE_HD RowPartial empty_partial() { return RowPartial{-INFINITY, 0.f, 0.f, 0.f, -INFINITY, 0}; }
 
 ARCFACE_HD bool wins(float cos_a, int64_t class_a, float cos_b, int64_t class_b) {
   return cos_a > cos_b || (cos_a == cos_b && class_a < class_b);
 }
 
 // Add one entry: a single exp per entry (online softmax).
-ARCFACE_HD void add_entry(RowPartial& p, float z, float c, int64_t cls) {
+ARCFACE_HD void add_entry(RowPartial& p, float z, float c, int64_t cls, bool is_target) {
   if (z > p.max) {
-    p.sum_exp = p.sum_exp * expf(p.max - z) + 1.f;
+    const float rescale = expf(p.max - z);
+    p.sum_exp = p.sum_exp * rescale + 1.f;
+    p.nontarget_sum_exp = p.nontarget_sum_exp * rescale + (is_target ? 0.f : 1.f);
     p.max = z;
   } else {
-    p.sum_exp += expf(z - p.max);
+    const float e = expf(z - p.max);
+    p.sum_exp += e;
+    if (!is_target) p.nontarget_sum_exp += e;
   }
   p.logit_sum += z;
   if (wins(c, cls, p.best_cos, p.best_class)) {
@@ -78,7 +81,10 @@ ARCFACE_HD RowPartial merge(const RowPartial& a, const RowPartial& b) {
   RowPartial r;
   r.max = fmaxf(a.max, b.max);
   // both empty: exp(-inf - -inf) would be NaN
-  r.sum_exp = r.max == -INFINITY ? 0.f : a.sum_exp * expf(a.max - r.max) + b.sum_exp * expf(b.max - r.max);
+  const bool empty = r.max == -INFINITY;
+  const float scale_a = empty ? 0.f : expf(a.max - r.max), scale_b = empty ? 0.f : expf(b.max - r.max);
+  r.sum_exp = a.sum_exp * scale_a + b.sum_exp * scale_b;
+  r.nontarget_sum_exp = a.nontarget_sum_exp * scale_a + b.nontarget_sum_exp * scale_b;
   r.logit_sum = a.logit_sum + b.logit_sum;
   const bool b_wins = wins(b.best_cos, b.best_class, a.best_cos, a.best_class);
   r.best_cos = b_wins ? b.best_cos : a.best_cos;

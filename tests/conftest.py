@@ -17,12 +17,22 @@ BACKENDS = [name for name in FUSED_BACKEND_NAMES if ak.backend_status(name, DEVI
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request):
+def _runnable(request):
     dtype = request.node.callspec.params.get("dtype") if hasattr(request.node, "callspec") else None
     if request.param == "triton" and INTERPRETED and dtype == torch.bfloat16:
         pytest.skip("bf16 tl.dot gives wrong results under the Triton interpreter; bf16 is checked on a GPU")
     return request.param
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return _runnable(request)
+
+
+@pytest.fixture(params=BACKENDS + ["reference"])
+def any_backend(request):
+    """Every fused backend and the materializing reference: the rules every path must keep."""
+    return _runnable(request)
 
 
 @pytest.fixture

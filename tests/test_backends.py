@@ -7,7 +7,7 @@ import torch
 
 import arcface_kernels as ak
 from conftest import DEVICE
-from helpers import TOL, assert_matches_reference, loss_and_grads, make_problem, rel_err
+from helpers import TOL, assert_matches_reference, loss_and_grads, make_problem, reference64, rel_err
 
 
 def make_problem_on(*args, **kwargs):
@@ -85,10 +85,20 @@ def test_zero_vectors_give_finite_results(dtype, backend):
     w[y[3]] = 0.0                   # zero class centre
     x, w = x.to(dtype), w.to(dtype)
     loss, dx, dw = loss_and_grads(x, w, y, backend=backend, reduction="none")
-    for t in (loss, dx, dw):
-        assert torch.isfinite(t).all()
-    if dtype != torch.float16:  # the 1 / eps gradient of a zero vector saturates in float16
+    if dtype != torch.float16:
+        for t in (loss, dx, dw):
+            assert torch.isfinite(t).all()
         assert_matches_reference(x, w, y, backend, reduction="none")
+        return
+    # A zero vector's gradient carries 1 / NORM_EPS (as through F.normalize), beyond float16: it
+    # overflows to inf, exactly as a cast would, never clamped to 65504 (docs/design.md section 2).
+    assert torch.isinf(dx[2]).any() and torch.isinf(dw[y[3]]).any()
+    assert not (dx.abs() == torch.finfo(dtype).max).any() and not (dw.abs() == torch.finfo(dtype).max).any()
+    ref = reference64(x, w, y, reduction="none")
+    others, other_classes = torch.arange(5) != 2, torch.arange(9, device=DEVICE) != y[3]
+    assert rel_err(loss, ref[0]) <= TOL[dtype]
+    assert rel_err(dx[others], ref[1][others]) <= TOL[dtype]
+    assert rel_err(dw[other_classes], ref[2][other_classes]) <= TOL[dtype]
 
 
 def test_all_rows_ignored_gives_zero_loss_and_gradients(backend):

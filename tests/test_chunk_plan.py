@@ -6,8 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from arcface_kernels.backends.chunk_plan import GRAD_BUFFER_BYTES, chunk_classes, chunked_backward, gradient_dtype
-from arcface_kernels.backends.common import row_norms
+from arcface_kernels.backends.chunk_plan import (
+    GRAD_BUFFER_BYTES,
+    _pieces,
+    chunk_classes,
+    chunked_backward,
+    gradient_dtype,
+    split_operands,
+)
+from arcface_kernels.backends.common import float32_matmul_uses_tf32, row_norms
 from helpers import rel_err
 
 
@@ -27,7 +34,7 @@ def _autograd(x, w, dcos):
     return x.grad, w.grad
 
 
-def _plan(x, w, dcos, k, grad_dtype, budget):
+def _plan(x, w, dcos, k, grad_dtype, budget, dw_dtype=None):
     norms = row_norms(x, w)
     chunks = []
 
@@ -36,7 +43,7 @@ def _plan(x, w, dcos, k, grad_dtype, budget):
         rows = slice(first * k, stop * k)
         out.copy_(dcos[:, rows] * norms.rx.double()[:, None] * norms.rw.double()[None, rows])
 
-    dx, dw = chunked_backward(x, w, norms, k, grad_dtype, fill_grad, workspace_budget=budget)
+    dx, dw = chunked_backward(x, w, norms, k, grad_dtype, fill_grad, dw_dtype or w.dtype, workspace_budget=budget)
     return dx, dw, chunks
 
 
@@ -52,7 +59,7 @@ def test_matches_autograd_in_float64_over_several_chunks(k):
 
 def test_gradient_dtypes():
     assert gradient_dtype(torch.bfloat16) == torch.bfloat16
-    assert gradient_dtype(torch.float16) == torch.float32  # TF32 GEMMs on a GPU, exact on float16 values
+    assert gradient_dtype(torch.float16) == torch.float32  # GEMMs on exact bfloat16 pieces (split_operands)
     assert gradient_dtype(torch.float32) == torch.float32 and gradient_dtype(torch.float64) == torch.float64
 
 
@@ -61,7 +68,51 @@ def test_float16_inputs_within_float16_tolerance():
     dx, dw, _ = _plan(x, w, dcos, 1, gradient_dtype(x.dtype), budget=4096)
     ref_dx, ref_dw = _autograd(x, w, dcos)
     assert dx.dtype == torch.float32 and dw.dtype == torch.float16
-    assert rel_err(dx, ref_dx) < 5e-3 and rel_err(dw, ref_dw) < 5e-3
+    assert rel_err(dx, ref_dx) < 1e-4 and rel_err(dw, ref_dw) < 5e-3  # dw rounded once to float16
+
+
+def test_split_pieces_hold_float16_exactly_and_float32_to_16_bits():
+    # float16 operands split into bfloat16 hi + lo with nothing lost (W keeps its direction); a
+    # float32 G keeps 16 significant bits, more than TF32's 11 (chunk_plan.split_operands).
+    assert split_operands(torch.float16) and not split_operands(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(4096, generator=g) * torch.logspace(-7, 4, 4096)
+    halves = torch.cat([v.half(), torch.tensor([65504.0, -65504.0, 6e-8, 2.0**-14]).half()])
+    hi, lo = _pieces(halves, True, torch.float32)
+    assert hi.dtype == lo.dtype == torch.bfloat16
+    assert torch.equal(hi.float() + lo.float(), halves.float())
+    hi, lo = _pieces(v, True, torch.float32)
+    assert ((hi.double() + lo.double() - v.double()).abs() <= 2.0**-16 * v.double().abs()).all()
+
+
+def test_tf32_setting_read_through_the_current_api():
+    # torch >= 2.9: once fp32_precision is set, reading the legacy allow_tf32 raises
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        for value, expected in (("tf32", True), ("ieee", False)):
+            matmul.fp32_precision = value
+            assert float32_matmul_uses_tf32() is expected
+    finally:
+        matmul.fp32_precision = before
+
+
+def test_dw_in_the_master_dtype_and_overflow_to_inf():
+    # float16 operands, a float32 master weight: dW accumulated and written in float32, never
+    # rounded through float16 on the way.
+    x, w, dcos = _problem(16, 40, 32, 1, torch.float16, seed=3)
+    ref_dx, ref_dw = _autograd(x, w, dcos)
+    _, dw, _ = _plan(x, w, dcos, 1, gradient_dtype(x.dtype), budget=4096, dw_dtype=torch.float32)
+    assert dw.dtype == torch.float32 and rel_err(dw, ref_dw) < 1e-5
+    # Gradients beyond float16's range (a GradScaler's 2**16 on a large gradient) are inf, as a
+    # cast gives them, never clamped to 65504: the scaler must see the overflow.
+    big = 2.0**16 * 40
+    dx, dw, _ = _plan(x, w, dcos * big, 1, gradient_dtype(x.dtype), budget=4096)
+    ref = ref_dw * big
+    over = ref.abs() > torch.finfo(torch.float16).max + 16  # past the midpoint that rounds to inf
+    assert over.any() and torch.isinf(dw[over]).all()
+    assert rel_err(dw[~over], ref[~over]) < 5e-3
+    assert torch.isfinite(dx).all()  # dx stays float32 (the op rounds it into the embeddings' dtype)
 
 
 def test_chunk_sizing():

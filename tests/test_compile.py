@@ -39,6 +39,6 @@ def test_fake_kernel_matches_real_outputs():
     w = torch.randn(9, 4)
     y = torch.tensor([0, 1, 2, -100, 8])
     options = ak.LossOptions(label_smoothing=0.1).for_rows(5, x.device, torch.float32)
-    args = (x, w, y, options.m1, options.m2, options.m3, options.flatten(), "torch")
+    args = (x, w, y, options.m1, options.m2, options.m3, options.flatten(), "torch", torch.float32)
     torch.library.opcheck(torch.ops.arcface_kernels.margin_softmax_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))

@@ -9,9 +9,9 @@ import importlib
 import pytest
 import torch
 
+from arcface_kernels import op
 from arcface_kernels.backends import RowNorms, chunk_plan, row_norms, workspace_budget
 from arcface_kernels.backends import chunked as torch_backend
-from arcface_kernels.margins import dphi_dcos, phi
 from arcface_kernels.options import LossOptions
 from helpers import make_problem, rel_err
 
@@ -30,10 +30,11 @@ def partial_stats(x, w, labels, m1, m2, m3, rx, rw, scale, sub_centers, easy_mar
     return list(torch_backend.forward(x, w, labels, options, RowNorms(rx, rw)))
 
 
-def grad_chunk(x, w_rows, labels, m1, m2, m3, rx, rw_rows, lse, grad_rows, out, first_class, scale, sub_centers,
-               easy_margin, straight_through, label_smoothing, num_classes):
+def grad_chunk(x, w_rows, labels, rx, rw_rows, lse, grad_rows, target_dcos, out, first_class, scale, sub_centers,
+               smoothing_per_class):
     """csrc/ops.h grad_chunk: out = dcos * rx * rw^T for the weight rows of classes
-    [first_class, first_class + len(w_rows) / K), each class's dcos on its winning sub-centre."""
+    [first_class, first_class + len(w_rows) / K), each class's dcos on its winning sub-centre:
+    s g (p - eps / C) off the target, target_dcos on it."""
     n, k = x.shape[0], sub_centers
     cos = ((x.float() @ w_rows.float().T) * rx[:, None] * rw_rows[None, :]).view(n, -1, k)
     cos, pick = cos.max(2)
@@ -41,13 +42,8 @@ def grad_chunk(x, w_rows, labels, m1, m2, m3, rx, rw_rows, lse, grad_rows, out, 
     is_target = torch.zeros_like(cos, dtype=torch.bool)
     inside = (labels >= 0) & (target >= 0) & (target < cos.shape[1])
     is_target[inside, target[inside]] = True
-    m1, m2, m3 = m1[:, None], m2[:, None], m3[:, None]
-    z = scale * torch.where(is_target, phi(cos, m1, m2, m3, easy_margin), cos)
-    smooth = label_smoothing / num_classes
-    slope = dphi_dcos(cos, m1, m2, m3, easy_margin, straight_through)
-    dz = torch.where(is_target, (torch.expm1(z - lse[:, None]) + label_smoothing - smooth) * slope,
-                     torch.exp(z - lse[:, None]) - smooth)
-    dcos = scale * grad_rows[:, None] * dz
+    others = scale * grad_rows[:, None] * (torch.exp(scale * cos - lse[:, None]) - smoothing_per_class)
+    dcos = torch.where(is_target, target_dcos[:, None], others)
     routed = torch.zeros(n, cos.shape[1], k).scatter_(2, pick[..., None], dcos[..., None]).view(n, -1)
     out.copy_(routed * rx[:, None] * rw_rows[None, :])
 
@@ -82,12 +78,15 @@ def test_cuda_backend_glue_matches_the_torch_backend(cpu_ops, k, settings, dtype
     ref_stats = torch_backend.forward(x.double(), w.double(), labels, settings_64, norms_64)
     for name, out, ref in zip(stats._fields, stats, ref_stats):
         assert rel_err(out, ref) < 1e-5, name
-    lse = (ref_stats.row_max + torch.log(ref_stats.sum_exp))
-    grad_rows = torch.where(labels >= 0, torch.linspace(0.5, 1.5, n, dtype=torch.float64), 0.0)
+    active = labels >= 0
+    _, lse, gap = op.finalize(ref_stats, active, settings_64.label_smoothing, num_classes)
+    grad_rows = torch.where(active, torch.linspace(0.5, 1.5, n, dtype=torch.float64), 0.0)
+    target_dcos = grad_rows * op.target_cosine_gradient(gap, ref_stats.target_cos, active, settings_64, num_classes)
     with workspace_budget(n * k * 6 * 5):
-        dx, dw = cuda_backend.backward(grad_rows.float(), x, w, labels, lse.float(), options, num_classes, norms)
-    ref_dx, ref_dw = torch_backend.backward(grad_rows, x.double(), w.double(), labels, lse, settings_64, num_classes,
-                                            norms_64)
+        dx, dw = cuda_backend.backward(grad_rows.float(), x, w, labels, lse.float(), target_dcos.float(), options,
+                                       num_classes, norms, w.dtype)
+    ref_dx, ref_dw = torch_backend.backward(grad_rows, x.double(), w.double(), labels, lse, target_dcos, settings_64,
+                                            num_classes, norms_64, torch.float64)
     tol = 1e-5 if dtype == torch.float32 else 5e-3
     assert dx.dtype == torch.float32 and dw.dtype == w.dtype
     assert rel_err(dx, ref_dx) < tol

@@ -5,6 +5,7 @@ CPU processes with gloo everywhere; one GPU per process with NCCL where there ar
 import pytest
 import torch
 import torch.distributed as dist
+from float64_oracle import oracle
 from spawn import run_ranks
 
 import arcface_kernels as ak
@@ -118,6 +119,65 @@ def _check_errors(rank, world):
         sharded_margin_softmax_loss(x, w, bad, class_offset=start, num_classes=N_CLASSES)
 
 
+def _sharded_rows(x, w, y, rank, world, upstream=1.0, **options):
+    """This rank's loss rows, dX rows and weight-shard gradient of sum(loss rows) * upstream."""
+    sizes = [x.shape[0] // world + (r < x.shape[0] % world) for r in range(world)]
+    rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    n_classes = w.shape[0]
+    start, stop = shard_bounds(n_classes, world, rank)
+    x_local = x[rows].clone().requires_grad_(True)
+    w_shard = w[start:stop].clone().requires_grad_(True)
+    loss = sharded_margin_softmax_loss(x_local, w_shard, y[rows], class_offset=start, num_classes=n_classes,
+                                       reduction="none", backend="torch", **options)
+    (loss.sum() * upstream).backward()
+    return loss.detach(), x_local.grad, w_shard.grad, rows, slice(start, stop)
+
+
+def _check_hard_rows(rank, world):
+    """Rows the sharded path must treat as the single-device op does (op.forward_stats and
+    op.backward_core): entries near float32's largest value, well-classified rows, and float16
+    gradients past 65504, against the float64 oracle."""
+    # entries near 3e38: overflow-safe rows (docs/design.md section 2), no NaN
+    x, w, y = _problem(1, torch.float32, seed=11)
+    x, w = x / x.abs().amax(1, keepdim=True), w / w.abs().amax(1, keepdim=True)
+    x[0] *= 3e38
+    w[y[2]] *= 3e38
+    y[1] = 0
+    loss, dx, dw, rows, shard = _sharded_rows(x, w, y, rank, world, scale=8.0)
+    want = oracle(x.cpu(), w.cpu(), y.cpu(), scale=8.0, reduction="none")
+    for got, ref, what in ((loss, want[0][rows], "huge rows' loss"), (dx, want[1][rows], "huge rows' dX"),
+                           (dw, want[2][shard], "huge rows' dW")):
+        assert torch.isfinite(got).all(), what
+        _close(got, ref, 1e-4, what)
+    # well-classified rows: losses of 1e-7 keep their relative precision, and so do the gradients
+    c = 8
+    g = torch.Generator().manual_seed(0)
+    w = torch.eye(c, c)
+    y = torch.randint(0, c, (10,), generator=g)
+    x = w[y] + 0.25 * w[(y + 1) % c] + 0.01 * torch.randn(10, c, generator=g)
+    want = oracle(x, w, y, scale=30.0, reduction="none")
+    assert want[0].max() < 1e-6
+    loss, dx, dw, rows, shard = _sharded_rows(x, w, y, rank, world, scale=30.0)
+    _close(loss, want[0][rows], 1e-4, "confident loss")
+    _close(dx, want[1][rows], 1e-4, "confident dX")
+    _close(dw, want[2][shard], 1e-4, "confident dW")
+    # float16 gradients scaled by a GradScaler's 2**16: inf past float16's range, never clamped
+    x, w, y = _problem(1, torch.float32, seed=12)
+    x = (x / x.norm(dim=1, keepdim=True) * torch.logspace(-3, 2, x.shape[0])[:, None]).half()
+    w = w.half()
+    scale = 2.0**16
+    _, dx, dw, rows, shard = _sharded_rows(x, w, y, rank, world, upstream=scale)
+    want = oracle(x.cpu(), w.cpu(), y.cpu(), reduction="none")
+    limit = torch.finfo(torch.float16).max
+    for got, ref in ((dx, want[1][rows] * scale), (dw, want[2][shard] * scale)):
+        over, under = ref.abs() > 1.01 * limit, ref.abs() < 0.99 * limit
+        assert torch.isinf(got[over]).all() and not (got.abs() == limit).any()
+        _close(got[under], ref[under], 5e-3, "float16 gradient")
+    overflowed = torch.tensor([float(torch.isinf(dx).any())])
+    dist.all_reduce(overflowed)
+    assert overflowed.item() > 0  # the smallest rows' gradients did overflow somewhere
+
+
 def _worker(rank, world):
     per_row = torch.linspace(0.2, 0.6, sum(BATCH_SIZES[world]), dtype=torch.float64)
     cases = [
@@ -142,6 +202,10 @@ def test_sharded_loss_equals_single_process(world, comm):
     if comm == "nccl" and not _enough_gpus(world):
         pytest.skip(f"NCCL needs {world} GPU(s)")
     run_ranks(_worker, world, comm=comm)
+
+
+def test_sharded_hard_rows_follow_the_single_device_rules():
+    run_ranks(_check_hard_rows, 2)
 
 
 def test_shard_bounds_tile_the_classes():

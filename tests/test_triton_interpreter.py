@@ -22,7 +22,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 def test_backend_suite_under_the_triton_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     tests = [os.path.join(TESTS, name) for name in ("test_backends.py", "test_entry_paths.py", "test_no_nxc.py",
-                                                  "test_work_count.py",
+                                                  "test_work_count.py", "test_gradient_rules.py",
                                                   "test_triton_production_tiles.py")]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton",
            "-W", "error::RuntimeWarning", *tests]

@@ -67,7 +67,7 @@ def test_triton_forward_and_backward_do_four_units_of_2ncd(dot_flops, sub_center
     with ak.workspace_budget(16 * 1024), MatmulFlops() as matmuls:
         stats = triton_backend.forward(x, w, labels, options, norms)
         lse = stats.row_max + stats.sum_exp.log()
-        triton_backend.backward(torch.ones(n), x, w, labels, lse, options, c, norms)
+        triton_backend.backward(torch.ones(n), x, w, labels, lse, torch.zeros(n), options, c, norms, w.dtype)
     unit = 2 * n * c * sub_centers * d
     units = (dot_flops["flops"] + matmuls.flops) / unit
     print(f"K={sub_centers}: tl.dot {dot_flops['flops'] / unit:.2f} + torch matmuls {matmuls.flops / unit:.2f} "

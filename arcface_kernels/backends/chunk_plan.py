@@ -8,7 +8,8 @@ A backend supplies only the gradient tile of a class chunk,
                                               dcos routed to each class's winning sub-centre row,
                                               0 on the others,
 
-and `chunked_backward` does the rest with tensor-core GEMMs through torch:
+and `chunked_backward` does the rest with tensor-core GEMMs through torch (float16 inputs: on
+exact bfloat16 pieces of the operands, `split_operands`):
 
     B   += G W_c                       float32, accumulated over chunks in a fixed order
     A_c  = G^T X                       float32
@@ -22,11 +23,8 @@ by GRAD_BUFFER_BYTES (it should stay in L2 between the kernel that writes it and
 that read it), never by C. No atomics, fixed chunk order: bit-reproducible.
 """
 
-import contextlib
-
 import torch
 
-from ..dtypes import saturating_cast
 from .common import get_workspace_budget, projection_scale
 
 # Largest gradient buffer: it stays resident in an H100's 50 MB L2 between writer and readers.
@@ -34,12 +32,12 @@ GRAD_BUFFER_BYTES = 32 * 2**20
 
 
 def gradient_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of G and of the gradient GEMMs' operands for inputs of `dtype`.
+    """The dtype of G for inputs of `dtype`.
 
     bfloat16 for bfloat16: tensor cores, float32's exponent range (G can exceed float16's:
     dphi/dc grows like 1 / sin(theta), inverse norms like 1 / |v|). float16 inputs take float32
-    G and float32 operands multiplied in TF32 on the tensor cores (`_tf32_for`): TF32 holds every
-    float16 value exactly, so W keeps its direction. Rounding a float16 W to bfloat16 instead
+    G, and their GEMMs run on bfloat16 pieces (`split_operands`): float16 operands split exactly
+    into two bfloat16 pieces, so W keeps its direction. Rounding a float16 W to bfloat16 instead
     turns a class centre parallel to an embedding into a non-parallel one, and the tangent
     projection of dX (eq. (23)) then keeps an error of order |G_iy| * 2^-9, which at theta -> 0
     (dphi/dc ~ 1 / SIN_FLOOR) is larger than the gradient itself. float32 and float64 keep
@@ -47,47 +45,60 @@ def gradient_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else (torch.float64 if dtype == torch.float64 else torch.float32)
 
 
-@contextlib.contextmanager
-def _tf32_for(dtype: torch.dtype, device: torch.device):
-    """TF32 tensor-core GEMMs for float16 inputs on a GPU (exact on float16 operands), whatever
-    the global matmul setting; float32 inputs follow torch's own setting."""
-    if dtype != torch.float16 or device.type != "cuda":
-        yield
-        return
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+def split_operands(dtype: torch.dtype) -> bool:
+    """Do the gradient GEMMs of inputs of `dtype` run on bfloat16 hi + lo pieces (float16 inputs)?
+
+    v = hi + lo with hi = bf16(v), lo = bf16(v - hi): exact for a float16 v (11 significant bits
+    = 8 + 3), 16 significant bits of a float32 G (TF32 keeps 11). A product of two split operands
+    is hi hi + hi lo + lo hi (the lo lo term is below 2^-16 relative): three bf16 tensor-core
+    GEMMs with float32 accumulation, the time of 1.5 TF32 GEMMs, with no global TF32 switch (a
+    process-wide setting that other threads would see) and whatever the user's matmul setting."""
+    return dtype == torch.float16
 
 
-def workspace_bytes_per_row(n_rows: int, dim: int, grad_dtype: torch.dtype) -> int:
+def _pieces(v: torch.Tensor, split: bool, dtype: torch.dtype) -> tuple:
+    """v as GEMM operands: (hi, lo) bfloat16 pieces when split, else (v in dtype,)."""
+    if not split:
+        return (v.to(dtype),)
+    hi = v.to(torch.bfloat16)
+    return hi, (v.to(torch.float32) - hi).to(torch.bfloat16)
+
+
+def workspace_bytes_per_row(n_rows: int, dim: int, grad_dtype: torch.dtype, split: bool = False) -> int:
     """Workspace one weight row of a chunk costs: its column of G, its float32 rows of A_c and of
-    w_c, and w_c in grad_dtype."""
+    w_c, and w_c as GEMM operands; with split operands also G's and w_c's bfloat16 pieces and the
+    float32 remainder each split makes."""
+    if split:
+        return n_rows * (grad_dtype.itemsize + 8) + dim * (8 + 8)
     return n_rows * grad_dtype.itemsize + dim * (8 + grad_dtype.itemsize)
 
 
-def chunk_classes(n_rows, n_classes, sub_centers, dim, grad_dtype, budget=None, align=1) -> int:
+def chunk_classes(n_rows, n_classes, sub_centers, dim, grad_dtype, budget=None, align=1, split=False) -> int:
     """Classes per chunk: G within GRAD_BUFFER_BYTES and the chunk's workspace within the budget,
     rounded down to a multiple of `align` (a kernel's class tile) when at least one such multiple
     fits."""
     budget = get_workspace_budget() if budget is None else budget
     n_rows = max(n_rows, 1)
     by_buffer = GRAD_BUFFER_BYTES // (n_rows * grad_dtype.itemsize * sub_centers)
-    by_budget = budget // (workspace_bytes_per_row(n_rows, dim, grad_dtype) * sub_centers)
+    by_budget = budget // (workspace_bytes_per_row(n_rows, dim, grad_dtype, split) * sub_centers)
     classes = max(1, min(by_buffer, by_budget, n_classes))
     return classes // align * align if classes >= align else classes
 
 
+# aten::addmm.dtype_out (CUDA): B accumulated in place, with no new tensor per chunk.
+_ADDMM_DTYPE_OUT = "dtype_out" in torch.ops.aten.addmm.overloads()
+
+
 def _matmul_fp32(a, b, accumulate=None):
     """a @ b (+ accumulate) with a float32 result. On a GPU low-precision operands stay in their
-    dtype on the tensor cores and accumulate in float32 (aten mm.dtype / addmm.dtype, CUDA only);
-    elsewhere they are upcast (CPU tests)."""
+    dtype on the tensor cores and accumulate in float32 (aten mm.dtype / addmm.dtype, CUDA only),
+    unless TunableOp is on (it rejects out_dtype): then, and on the CPU (tests), they are upcast."""
     if a.dtype != torch.float32 and a.dtype != torch.float64:
-        if a.is_cuda:
+        if a.is_cuda and not torch.cuda.tunable.is_enabled():
             if accumulate is None:
                 return torch.mm(a, b, out_dtype=torch.float32)
+            if _ADDMM_DTYPE_OUT:
+                return torch.addmm(accumulate, a, b, out_dtype=torch.float32, out=accumulate)
             return torch.addmm(accumulate, a, b, out_dtype=torch.float32)
         a, b = a.float(), b.float()
     if accumulate is None:
@@ -95,17 +106,27 @@ def _matmul_fp32(a, b, accumulate=None):
     return accumulate.addmm_(a, b)
 
 
+def _product(a_pieces, b_pieces, accumulate=None):
+    """sum of a_i @ b_j over the pieces with i + j < 2 (+ accumulate), float32 (split_operands)."""
+    out = accumulate
+    for i, a in enumerate(a_pieces):
+        for b in b_pieces[: 2 - i]:
+            out = _matmul_fp32(a, b, out)
+    return out
+
+
 def project_rows(grad, v, v_proj, out):
     """out = grad - v_proj * (v . grad) v per row (the normalization term of the gradient, eqs.
-    (23)-(24)), saturated into out's dtype. In torch element-wise ops; a backend may pass a fused
-    kernel with the same signature to chunked_backward."""
+    (23)-(24)), rounded to nearest into out's dtype (inf where it overflows). In torch
+    element-wise ops; a backend may pass a fused kernel with the same signature to
+    chunked_backward."""
     v = v.to(grad.dtype)
-    out.copy_(saturating_cast(grad - (v_proj * (v * grad).sum(1))[:, None] * v, out.dtype))
+    out.copy_(grad - (v_proj * (v * grad).sum(1))[:, None] * v)
 
 
-def chunked_backward(x, w, norms, sub_centers, grad_dtype, fill_grad, workspace_budget=None, align=1,
+def chunked_backward(x, w, norms, sub_centers, grad_dtype, fill_grad, dw_dtype, workspace_budget=None, align=1,
                      project=project_rows):
-    """(dx float32 (N, D), dw in w's dtype (C * K, D)) from the backend's `fill_grad` (module
+    """(dx float32 (N, D), dw in dw_dtype (C * K, D)) from the backend's `fill_grad` (module
     docstring). `align`: chunks hold a multiple of this many classes (the backend's tile width).
     `project`: the row projection (project_rows, or a backend's fused kernel). float64 inputs give
     float64 dx."""
@@ -114,23 +135,24 @@ def chunked_backward(x, w, norms, sub_centers, grad_dtype, fill_grad, workspace_
     n_classes = w.shape[0] // k
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     b = torch.zeros(n, dim, dtype=acc_dtype, device=x.device)
-    dw = torch.empty_like(w)
+    dw = torch.empty(w.shape, dtype=dw_dtype, device=w.device)
     if n_classes == 0:
         return b, dw
-    step = chunk_classes(n, n_classes, k, dim, grad_dtype, workspace_budget, align)
+    split = split_operands(x.dtype)
+    step = chunk_classes(n, n_classes, k, dim, grad_dtype, workspace_budget, align, split)
     buffer = torch.empty(n * step * k, dtype=grad_dtype, device=x.device)
-    x_operand = x.to(grad_dtype)
+    x_pieces = _pieces(x, split, grad_dtype)
     proj_w = projection_scale(norms.rw)
-    with _tf32_for(x.dtype, x.device):
-        for first in range(0, n_classes, step):
-            stop = min(first + step, n_classes)
-            rows = slice(first * k, stop * k)
-            g = buffer[: n * (stop - first) * k].view(n, (stop - first) * k)
-            fill_grad(first, stop, g)
-            w_rows = w[rows]
-            b = _matmul_fp32(g, w_rows.to(grad_dtype), accumulate=b)  # a new tensor on the GPU path
-            a = _matmul_fp32(g.T, x_operand)
-            project(a, w_rows, proj_w[rows], dw[rows])
+    for first in range(0, n_classes, step):
+        stop = min(first + step, n_classes)
+        rows = slice(first * k, stop * k)
+        g = buffer[: n * (stop - first) * k].view(n, (stop - first) * k)
+        fill_grad(first, stop, g)
+        w_rows = w[rows]
+        g_pieces = _pieces(g, split, grad_dtype)
+        b = _product(g_pieces, _pieces(w_rows, split, grad_dtype), accumulate=b)
+        a = _product([p.T for p in g_pieces], x_pieces)
+        project(a, w_rows, proj_w[rows], dw[rows])
     dx = torch.empty_like(b)
     project(b, x, projection_scale(norms.rx), dx)
     return dx, dw

@@ -8,8 +8,8 @@ backward).
 
 import torch
 
-from ..dtypes import FLOAT_DTYPES, compute_dtype, saturating_cast
-from ..margins import dphi_dcos, phi
+from ..dtypes import FLOAT_DTYPES, compute_dtype
+from ..margins import phi
 from .common import classes_per_chunk, projection_scale
 from .contract import Backend, PartialStats
 from .registry import register_backend
@@ -95,36 +95,30 @@ def forward(x, w, labels, options, norms):
                         nontarget_sum_exp)
 
 
-def backward(grad_rows, x, w, labels, lse, options, num_classes, norms):
+def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, norms, dw_dtype):
     cdt = compute_dtype(x.dtype)
     n, dim = x.shape
     k = options.sub_centers
-    m1, m2, m3 = options.m1, options.m2, options.m3
     n_classes = w.shape[0] // k
     xc = x.to(cdt)
     rx, rw = norms
     rx2, rw2 = projection_scale(rx), projection_scale(rw)
     g = grad_rows.to(cdt)
     lse = lse.to(cdt)
-    s, eps = options.scale, options.label_smoothing
-    smooth = eps / num_classes
+    s = options.scale
+    smooth = options.label_smoothing / num_classes
     rows = torch.arange(n, device=x.device)
     dx = torch.zeros(n, dim, dtype=cdt, device=x.device)
-    dw = torch.empty_like(w)
+    dw = torch.empty(w.shape, dtype=dw_dtype, device=w.device)
     step = chunk_classes(n, k, dim, cdt)
     # Tiles are updated in place: at most three live at once (chunk_classes).
     for start in range(0, n_classes, step):
         stop = min(start + step, n_classes)
         tile = ChunkCosines(xc, rx, w, rw, start, stop, k)
         inside, local = _target_in_chunk(labels, start, stop)
-        cos_y = tile.cos[rows, local]
-        z_y = s * phi(cos_y, m1, m2, m3, options.easy_margin)
-        # dz = g * (p - (1 - eps) [j = y] - eps / C); target via expm1 (docs/design.md section 5)
-        dz = (tile.cos * s).sub_(lse[:, None]).exp_().sub_(smooth)
-        dz_y = torch.expm1(z_y - lse) + eps - smooth
-        slope = dphi_dcos(cos_y, m1, m2, m3, options.easy_margin, options.straight_through)
-        dcos = dz.mul_((s * g)[:, None])
-        dcos[rows, local] = torch.where(inside, dz_y * (s * g) * slope, dcos[rows, local])
+        # dcos = s g (p - eps / C) off the target, the op's target_dcos on it (docs/design.md eqs. (15)-(17))
+        dcos = (tile.cos * s).sub_(lse[:, None]).exp_().sub_(smooth).mul_((s * g)[:, None])
+        dcos[rows, local] = torch.where(inside, target_dcos.to(cdt), dcos[rows, local])
         if k > 1:  # route each class's gradient to its winning sub-center
             routed = torch.zeros_like(tile.raw).view(n, stop - start, k)
             dcos = routed.scatter_(2, tile.pick[:, :, None], dcos[:, :, None])
@@ -138,8 +132,8 @@ def backward(grad_rows, x, w, labels, lse, options, num_classes, norms):
         dx.addmm_(grad_tile, w_rows)
         dx.addcmul_(xc, (rx2 * row_terms)[:, None], value=-1.0)
         dw_rows = (grad_tile.T @ xc).addcmul_(w_rows, (rw2[start * k : stop * k] * col_terms)[:, None], value=-1.0)
-        dw[start * k : stop * k] = saturating_cast(dw_rows, w.dtype)
-        del tile, dz, dcos, grad_tile, w_rows, dw_rows  # free this chunk's tiles before the next chunk's
+        dw[start * k : stop * k] = dw_rows  # rounded to nearest: inf where it overflows dw_dtype
+        del tile, dcos, grad_tile, w_rows, dw_rows  # free this chunk's tiles before the next chunk's
     return dx, dw
 
 

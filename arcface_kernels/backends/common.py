@@ -115,6 +115,16 @@ def row_norms(x: torch.Tensor, w: torch.Tensor) -> RowNorms:
     return RowNorms(inverse_norms(x, dtype), inverse_norms(w, dtype))
 
 
+def float32_matmul_uses_tf32() -> bool:
+    """torch's own setting for float32 CUDA matmuls. torch.backends.cuda.matmul.fp32_precision
+    ("tf32", "ieee", or "none" when unset; the legacy allow_tf32 and
+    torch.set_float32_matmul_precision set it too) where torch has it; allow_tf32 on a torch
+    without it. Reading allow_tf32 raises on a recent torch once the new API has been used."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    return bool(matmul.allow_tf32) if precision is None else precision == "tf32"
+
+
 def projection_scale(r: torch.Tensor) -> torch.Tensor:
     """r^2 where the row's norm exceeds eps, else 0: the weight of the normalization term of the
     gradient (docs/design.md section 5), which F.normalize drops for rows clamped at eps."""

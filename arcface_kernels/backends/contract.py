@@ -7,17 +7,24 @@ forward(x, w, labels, options, norms) -> PartialStats
     per-row *partial* statistics over the classes it is given: the op turns them into the
     loss (op.finalize); the distributed module merges the partials of several class shards
     with the same rule before finalizing.
-backward(grad_rows, x, w, labels, lse, options, num_classes, norms) -> (dx, dw)
-    the gradients given the final log-sum-exp of every row. dx is float32 (float64 for
-    float64 inputs) and is this call's contribution only (shards sum theirs); dw has w's
-    dtype and covers exactly the rows of w.
+backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, norms, dw_dtype) -> (dx, dw)
+    the gradients given the final log-sum-exp of every row and the target entries' dcos. dx is
+    float32 (float64 for float64 inputs) and is this call's contribution only (shards sum
+    theirs); dw covers exactly the rows of w, accumulated in the compute dtype and rounded once
+    into dw_dtype (the master weight's dtype, which may be wider than w's): to nearest, inf on
+    overflow, never clamped.
 
 labels: int64 (N,), local class indices, -1 where the row has no target among these classes
 (ignored, or owned by another shard): backends never see ignore_index. grad_rows: (N,) in the
 compute dtype, 0 on ignored rows. options: a LossOptions whose m1, m2, m3 are (N,) tensors in
 the compute dtype (LossOptions.for_rows). num_classes: C of the whole problem, over which label
-smoothing spreads its mass. norms: RowNorms, the inverse norms of x's and w's rows, computed once
-per call (common.row_norms) and saved by the op for backward: O(N + C) numbers.
+smoothing spreads its mass. target_dcos: (N,) in the compute dtype, d loss / d cos of each
+row's target class, computed once per row by the op (op.target_cosine_gradient times grad_rows,
+docs/design.md eqs. (16)-(17)): a backend writes it at the target entry (routed to the target
+class's winning sub-centre, eq. (18)) and computes only the non-target entries s g (p - eps/C);
+it never evaluates phi or dphi/dc in backward. norms: RowNorms, the inverse norms of x's and
+w's rows, computed once per call (common.row_norms) and saved by the op for backward: O(N + C)
+numbers.
 """
 
 from collections.abc import Callable

@@ -73,14 +73,14 @@ def forward(x, w, labels, options, norms):
     return PartialStats(*stats)
 
 
-def backward_budget(n_rows, dim, grad_dtype):
+def backward_budget(n_rows, dim, grad_dtype, split=False):
     """The shared plan's workspace budget, less what grad_chunk's float32 dots (N x chunk * K,
     allocated by the op) take per weight row, so that the whole chunk fits the user's budget."""
-    per_row = chunk_plan.workspace_bytes_per_row(max(n_rows, 1), dim, grad_dtype)
+    per_row = chunk_plan.workspace_bytes_per_row(max(n_rows, 1), dim, grad_dtype, split)
     return max(1, get_workspace_budget() * per_row // (per_row + 4 * max(n_rows, 1)))
 
 
-def backward(grad_rows, x, w, labels, lse, options, num_classes, norms):
+def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, norms, dw_dtype):
     k = options.sub_centers
     grad_dtype = chunk_plan.gradient_dtype(x.dtype)
     x_rows = x.contiguous()  # once, not per chunk inside the op
@@ -88,11 +88,11 @@ def backward(grad_rows, x, w, labels, lse, options, num_classes, norms):
     def fill_grad(first_class, stop_class, out):
         rows = slice(first_class * k, stop_class * k)
         torch.ops.arcface_kernels_cuda.grad_chunk(
-            x_rows, w[rows], labels, options.m1, options.m2, options.m3, norms.rx, norms.rw[rows], lse, grad_rows, out,
-            first_class, options.scale, k, options.easy_margin, options.straight_through, options.label_smoothing,
-            num_classes)
+            x_rows, w[rows], labels, norms.rx, norms.rw[rows], lse, grad_rows, target_dcos, out, first_class,
+            options.scale, k, options.label_smoothing / num_classes)
 
-    return chunk_plan.chunked_backward(x, w, norms, k, grad_dtype, fill_grad, backward_budget(*x.shape, grad_dtype))
+    budget = backward_budget(*x.shape, grad_dtype, chunk_plan.split_operands(x.dtype))
+    return chunk_plan.chunked_backward(x, w, norms, k, grad_dtype, fill_grad, dw_dtype, budget)
 
 
 register_backend(Backend(

@@ -1,13 +1,14 @@
 // Host build of the epilogue math (margin_math.cuh, row_math.cuh) for
 // tests/test_cuda_math_host.py: reads float32 records from stdin, writes float32 results to stdout.
 //
-//   math_harness margin               records (c, m1, m2, m3, easy, straight) -> (phi, dphi/dc)
-//   math_harness gradient             records (c, is_target, m1, m2, m3, lse, grad, scale, smoothing,
-//                                     smoothing_per_class, easy, straight) -> (z, dcos)
+//   math_harness margin               records (c, m1, m2, m3, easy) -> (phi)
+//   math_harness gradient             records (c, is_target, m1, m2, m3, lse, grad, target_dcos, scale,
+//                                     smoothing_per_class, easy) -> (z, dcos)
 //   math_harness class_cosine K       records (rx, K dots, K rw) -> (cos, pick)
 //   math_harness stats W S T          rows of W (z, c) pairs; classes in S contiguous segments, each
 //                                     accumulated by T strided "threads" merged in order, segments
-//                                     merged in order -> (max, sum_exp, logit_sum, best_cos, best_class)
+//                                     merged in order; class 0 is the target
+//                                     -> (max, sum_exp, nontarget_sum_exp, logit_sum, best_cos, best_class)
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -36,7 +37,7 @@ RowPartial row_stats(const std::vector<float>& row, int64_t width, int64_t segme
     RowPartial segment = empty_partial();
     for (int64_t t = 0; t < threads; ++t) {
       RowPartial thread = empty_partial();
-      for (int64_t j = first + t; j < stop; j += threads) add_entry(thread, row[2 * j], row[2 * j + 1], j);
+      for (int64_t j = first + t; j < stop; j += threads) add_entry(thread, row[2 * j], row[2 * j + 1], j, j == 0);
       segment = merge(segment, thread);
     }
     total = merge(total, segment);
@@ -50,16 +51,13 @@ int main(int argc, char** argv) {
   if (argc < 2) return 2;
   const char* mode = argv[1];
   if (!std::strcmp(mode, "margin")) {
-    std::vector<float> r(6);
-    while (read_record(r)) {
-      const bool easy = r[4] != 0.f, straight = r[5] != 0.f;
-      write({phi(r[0], r[1], r[2], r[3], easy), dphi_dcos(r[0], r[1], r[2], easy, straight)});
-    }
+    std::vector<float> r(5);
+    while (read_record(r)) write({phi(r[0], r[1], r[2], r[3], r[4] != 0.f)});
   } else if (!std::strcmp(mode, "gradient")) {
-    std::vector<float> r(12);
+    std::vector<float> r(11);
     while (read_record(r)) {
-      const RowTerms row{r[2], r[3], r[4], r[5], r[6]};
-      const LossSettings loss{r[7], r[8], r[9], r[10] != 0.f, r[11] != 0.f};
+      const RowTerms row{r[2], r[3], r[4], r[5], r[6], r[7]};
+      const LossSettings loss{r[8], r[9], r[10] != 0.f};
       const bool is_target = r[1] != 0.f;
       write({entry_logit(r[0], is_target, row, loss), entry_cosine_gradient(r[0], is_target, row, loss)});
     }
@@ -76,7 +74,7 @@ int main(int argc, char** argv) {
     std::vector<float> row(2 * width);
     while (read_record(row)) {
       const RowPartial p = row_stats(row, width, segments, threads);
-      write({p.max, p.sum_exp, p.logit_sum, p.best_cos, static_cast<float>(p.best_class)});
+      write({p.max, p.sum_exp, p.nontarget_sum_exp, p.logit_sum, p.best_cos, static_cast<float>(p.best_class)});
     }
   } else {
     return 2;

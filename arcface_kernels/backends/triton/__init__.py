@@ -14,6 +14,7 @@ import triton
 
 from ...dtypes import KERNEL_DTYPES
 from ..chunk_plan import chunked_backward, gradient_dtype
+from ..common import float32_matmul_uses_tf32
 from ..contract import Backend, PartialStats
 from ..registry import register_backend
 from .backward import grad_tile_kernel, project_rows_kernel
@@ -41,7 +42,7 @@ def _available(device):
 
 def _dot_precision(dtype):
     """float32 dots use tf32 only where torch's own matmul setting allows it."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _interpreted():
+    if dtype == torch.float32 and not _interpreted() and float32_matmul_uses_tf32():
         return "tf32"
     return "ieee"
 
@@ -91,26 +92,25 @@ def forward(x, w, labels, options, norms):
     return combine_splits(stats, best_class)
 
 
-def backward(grad_rows, x, w, labels, lse, options, num_classes, norms):
+def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, norms, dw_dtype):
     n, dim = x.shape
     k = options.sub_centers
     config = tile_config("grad_tile", _interpreted())
-    grad_rows, lse = grad_rows.float().contiguous(), lse.float().contiguous()
+    grad_rows, lse, target_dcos = (t.float().contiguous() for t in (grad_rows, lse, target_dcos))
 
     def fill_grad(first, stop, out):
         if n == 0:
             return
         grid = (triton.cdiv(n, config.block_m), triton.cdiv(stop - first, config.block_n))
         grad_tile_kernel[grid](
-            x, w, norms.rx, norms.rw, labels, options.m1, options.m2, options.m3, lse, grad_rows, out,
+            x, w, norms.rx, norms.rw, labels, lse, grad_rows, target_dcos, out,
             n, first, stop, dim, x.stride(0), w.stride(0), out.stride(0), options.scale,
-            options.label_smoothing, options.label_smoothing / num_classes,
-            K=k, EASY_MARGIN=options.easy_margin, STRAIGHT_THROUGH=options.straight_through,
-            DOT_PRECISION=_dot_precision(x.dtype), **_launch_options(config),
+            options.label_smoothing / num_classes,
+            K=k, DOT_PRECISION=_dot_precision(x.dtype), **_launch_options(config),
         )
 
     with _on_device(x.device):
-        return chunked_backward(x, w, norms, k, gradient_dtype(x.dtype), fill_grad, align=config.block_n,
+        return chunked_backward(x, w, norms, k, gradient_dtype(x.dtype), fill_grad, dw_dtype, align=config.block_n,
                                 project=project_rows)
 
 
@@ -122,8 +122,7 @@ def project_rows(grad, v, v_proj, out):
     block_d = triton.next_power_of_2(dim)
     block_r = max(1, 4096 // block_d)
     project_rows_kernel[(triton.cdiv(rows, block_r),)](
-        grad, v, v_proj, out, rows, dim, grad.stride(0), v.stride(0), out.stride(0), torch.finfo(out.dtype).max,
-        BLOCK_R=block_r, BLOCK_D=block_d,
+        grad, v, v_proj, out, rows, dim, grad.stride(0), v.stride(0), out.stride(0), BLOCK_R=block_r, BLOCK_D=block_d,
     )
 
 

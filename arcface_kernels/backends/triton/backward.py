@@ -2,9 +2,10 @@
 once per class chunk (docs/design.md sections 5-6).
 
 Each program owns a (row block, class block) of the chunk: it recomputes the cosines (the
-forward's mainloop, 1 x 2NCD over all chunks), turns them into dcos (eqs. (15)-(17)), routes each
-class's gradient to its winning sub-centre (eq. (18)) and writes G = dcos * rx * rw^T (eq. (19))
-in the buffer's dtype. The plan then runs the two gradient GEMMs (B += G W_c, A_c = G^T X) and
+forward's mainloop, 1 x 2NCD over all chunks), turns them into dcos (eqs. (15)-(17); the target
+entry takes the op's per-row target_dcos, so no margin math runs here), routes each class's
+gradient to its winning sub-centre (eq. (18)) and writes G = dcos * rx * rw^T (eq. (19)) in the
+buffer's dtype. The plan then runs the two gradient GEMMs (B += G W_c, A_c = G^T X) and
 the tangent projections, so no row or column sums of the tile are ever formed. Every entry of
 G is written by exactly one program: no atomics, bit-reproducible.
 """
@@ -12,27 +13,28 @@ G is written by exactly one program: no atomics, bit-reproducible.
 import triton
 import triton.language as tl
 
-from .tiles import class_cosines, cosine_gradient, load_row_terms
+from .tiles import class_cosines, cosine_gradient
 
 
 @triton.jit
 def grad_tile_kernel(
-    x_ptr, w_ptr, rx_ptr, rw_ptr, labels_ptr, m1_ptr, m2_ptr, m3_ptr, lse_ptr, grad_ptr, g_ptr,
-    N, first_class, stop_class, D, stride_x, stride_w, stride_g, scale, smoothing, smoothing_per_class,
-    K: tl.constexpr, EASY_MARGIN: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    x_ptr, w_ptr, rx_ptr, rw_ptr, labels_ptr, lse_ptr, grad_ptr, target_dcos_ptr, g_ptr,
+    N, first_class, stop_class, D, stride_x, stride_w, stride_g, scale, smoothing_per_class,
+    K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     classes = first_class + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     class_mask = classes < stop_class
-    rx, labels, m1, m2, m3 = load_row_terms(rows, row_mask, rx_ptr, labels_ptr, m1_ptr, m2_ptr, m3_ptr)
+    rx = tl.load(rx_ptr + rows, mask=row_mask, other=0.0)
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=-1).to(tl.int32)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     grad = tl.load(grad_ptr + rows, mask=row_mask, other=0.0)  # 0 on ignored and padding rows
+    target_dcos = tl.load(target_dcos_ptr + rows, mask=row_mask, other=0.0)
     cos, pick = class_cosines(x_ptr, rows, row_mask, rx, stride_x, w_ptr, rw_ptr, classes, class_mask, stride_w, D,
                               K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
-    dcos = cosine_gradient(cos, classes, class_mask, labels, m1, m2, m3, lse, grad, scale, smoothing,
-                           smoothing_per_class, EASY_MARGIN, STRAIGHT_THROUGH)
+    dcos = cosine_gradient(cos, classes, class_mask, labels, lse, grad, target_dcos, scale, smoothing_per_class)
     scaled = dcos * rx[:, None]
     mask = row_mask[:, None] & class_mask[None, :]
     for k in tl.static_range(K):
@@ -44,11 +46,12 @@ def grad_tile_kernel(
 
 
 @triton.jit
-def project_rows_kernel(grad_ptr, v_ptr, proj_ptr, out_ptr, R, D, stride_grad, stride_v, stride_out, limit,
+def project_rows_kernel(grad_ptr, v_ptr, proj_ptr, out_ptr, R, D, stride_grad, stride_v, stride_out,
                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out = grad - proj * (v . grad) v per row, saturated at +-limit, in one pass over a whole
-    row (BLOCK_D >= D): the dW / dX tail of the chunk plan (eqs. (23)-(24)) at 4 + 2 + 2 bytes per
-    entry for bf16, instead of a chain of element-wise torch ops."""
+    """out = grad - proj * (v . grad) v per row, rounded to nearest into out's dtype (inf where
+    it overflows, never clamped), in one pass over a whole row (BLOCK_D >= D): the dW / dX tail of
+    the chunk plan (eqs. (23)-(24)) at 4 + 2 + 2 bytes per entry for bf16, instead of a chain of
+    element-wise torch ops."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     mask = (rows < R)[:, None] & (cols < D)[None, :]
@@ -57,5 +60,4 @@ def project_rows_kernel(grad_ptr, v_ptr, proj_ptr, out_ptr, R, D, stride_grad, s
     v = tl.load(v_ptr + r64 * stride_v + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     proj = tl.load(proj_ptr + rows, mask=rows < R, other=0.0)
     out = grad - (proj * tl.sum(v * grad, axis=1))[:, None] * v
-    out = tl.minimum(tl.maximum(out, -limit), limit)
     tl.store(out_ptr + r64 * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)

@@ -8,7 +8,7 @@ accumulation keeps cosines near +-1 accurate, where dphi/dc amplifies errors.
 import triton
 import triton.language as tl
 
-from .math import dphi_dcos, expm1, phi
+from .math import phi
 
 
 @triton.jit
@@ -71,14 +71,10 @@ def target_terms(cos, classes, labels, m1, m2, m3, scale, EASY_MARGIN: tl.conste
 
 
 @triton.jit
-def cosine_gradient(cos, classes, class_mask, labels, m1, m2, m3, lse, grad_rows, scale,
-                    smoothing, smoothing_per_class,
-                    EASY_MARGIN: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr):
-    """dloss/dcos of a tile (docs/design.md section 5): s * g * (p - (1-eps)[j=y] - eps/C), the
-    target term through expm1 and times dphi/dc; 0 outside the valid classes."""
-    is_target, target_cos, target_logit = target_terms(cos, classes, labels, m1, m2, m3, scale, EASY_MARGIN)
+def cosine_gradient(cos, classes, class_mask, labels, lse, grad_rows, target_dcos, scale, smoothing_per_class):
+    """dloss/dcos of a tile (docs/design.md eqs. (15)-(17)): s * g * (p - eps/C) off the target,
+    the row's target_dcos (computed once per row by the op) on it; 0 outside the valid classes."""
+    is_target = classes[None, :] == labels[:, None]
     p = tl.exp(scale * cos - lse[:, None])
-    dz_target = expm1(target_logit - lse) + smoothing - smoothing_per_class
-    slope = dphi_dcos(target_cos, m1, m2, m3, EASY_MARGIN, STRAIGHT_THROUGH)
-    dz = tl.where(is_target, (dz_target * slope)[:, None], p - smoothing_per_class)
-    return tl.where(class_mask[None, :], dz * (scale * grad_rows)[:, None], 0.0)
+    dcos = tl.where(is_target, target_dcos[:, None], (p - smoothing_per_class) * (scale * grad_rows)[:, None])
+    return tl.where(class_mask[None, :], dcos, 0.0)
