@@ -1,7 +1,6 @@
 """Weights in and out of pytorch-metric-learning (checked against PML itself) and insightface's
 PartialFC_V2 shards (files written in its layout)."""
 
-import math
 
 import pytest
 import torch
@@ -9,80 +8,8 @@ from spawn import run_ranks
 
 import arcface_kernels as ak
 from arcface_kernels import compat
-from helpers import rel_err
-
-losses = pytest.importorskip("pytorch_metric_learning.losses")
 
 N, C, D = 9, 7, 5
-
-
-def _batch(w_t, k, seed=0):
-    """Float64 rows and labels; row 0 points almost opposite to its target, past pi - margin."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, D, generator=g, dtype=torch.float64)
-    y = torch.randint(0, C, (N,), generator=g)
-    x[0] = -w_t[y[0] * k] + 0.05 * torch.randn(D, generator=g, dtype=torch.float64)
-    return x, y
-
-
-def _loss_and_grads(loss_fn, params, x, y):
-    x = x.clone().requires_grad_(True)
-    loss = loss_fn(x, y)
-    grads = torch.autograd.grad(loss, [x, params])
-    return loss.detach(), grads[0], grads[1]
-
-
-PML_CASES = [
-    (lambda: losses.ArcFaceLoss(C, D), 1),
-    (lambda: losses.ArcFaceLoss(C, D, margin=40.0, scale=10.0), 1),
-    (lambda: losses.CosFaceLoss(C, D, margin=0.25, scale=30.0), 1),
-    (lambda: losses.SubCenterArcFaceLoss(num_classes=C, embedding_size=D, sub_centers=3), 3),
-]
-
-
-@pytest.mark.parametrize("case", range(len(PML_CASES)))
-@pytest.mark.parametrize("backend", ["torch", "reference"])
-def test_from_pml_equals_pml(case, backend):
-    make, k = PML_CASES[case]
-    torch.manual_seed(case)
-    pml = make()
-    pml.W.data = pml.W.data.double()
-    x, y = _batch(pml.W.data.T, k)
-    head = compat.from_pml(pml, backend=backend)
-    assert head.weight.shape == (C * k, D) and head.weight.dtype == torch.float64
-    if isinstance(pml, losses.ArcFaceLoss):
-        # the batch exercises PML's rule past pi - m, which ours shares (docs/design.md section 2)
-        cos0 = torch.nn.functional.cosine_similarity(x[0], pml.W.data[:, y[0] * k], dim=0)
-        assert math.acos(cos0) > math.pi - pml.margin
-    ref_loss, ref_dx, ref_dw = _loss_and_grads(pml, pml.W, x, y)
-    loss, dx, dw = _loss_and_grads(head, head.weight, x, y)
-    assert rel_err(loss, ref_loss) < 1e-12
-    assert rel_err(dx, ref_dx) < 1e-10
-    assert rel_err(dw, ref_dw.T) < 1e-10
-
-
-def test_pml_round_trip_and_degrees():
-    head = ak.SubCenterArcFaceLoss(C, D, margin=0.3, scale=20.0, dtype=torch.float64)
-    pml = compat.to_pml(head)
-    assert isinstance(pml, losses.SubCenterArcFaceLoss)
-    assert pml.margin == pytest.approx(0.3)            # radians after PML's own conversion
-    assert pml.W.shape == (D, C * 3) and torch.equal(pml.W.data, head.weight.data.T)
-    back = compat.from_pml(pml)
-    assert torch.equal(back.weight, head.weight) and back.options.m2 == pytest.approx(0.3)
-    x, y = _batch(head.weight.data, 3, seed=1)
-    torch.testing.assert_close(back(x, y), pml(x, y), rtol=1e-12, atol=0)
-
-
-def test_pml_refusals():
-    with pytest.raises(ValueError, match="weight_regularizer"):
-        from pytorch_metric_learning.regularizers import RegularFaceRegularizer
-        compat.from_pml(losses.ArcFaceLoss(C, D, weight_regularizer=RegularFaceRegularizer()))
-    with pytest.raises(TypeError, match="from_pml takes"):
-        compat.from_pml(losses.LargeMarginSoftmaxLoss(C, D))
-    with pytest.raises(ValueError, match="label_smoothing"):
-        compat.to_pml(ak.ArcFaceLoss(C, D, label_smoothing=0.1))
-    with pytest.raises(ValueError, match="m1 != 1"):
-        compat.to_pml(ak.SphereFaceLoss(C, D))
 
 
 # -- insightface -------------------------------------------------------------------------------
