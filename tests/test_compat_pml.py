@@ -106,7 +106,8 @@ def test_pml_checkpoint_loads():
 def test_dtypes_as_pml(dtype):
     """PML casts W to the embeddings' dtype in every forward and returns the loss in that dtype;
     ours does too, with the per-row losses from the fused op and reduced in float32: float16's
-    loss is the float64 loss correctly rounded (PML's is 2 ulps off here)."""
+    loss is the float64 loss (on the same float16 operands) correctly rounded."""
+    torch.manual_seed(3)
     ours = cpml.ArcFaceLoss(C, D, scale=16)
     pml = pml_losses.ArcFaceLoss(C, D, scale=16)
     pml.W.data = ours.W.data.clone()
@@ -117,9 +118,22 @@ def test_dtypes_as_pml(dtype):
     got, ref = ours(x, y), pml(x, y)
     assert got.dtype == ref.dtype == dtype and ours.W.dtype == pml.W.dtype == dtype
     if dtype == torch.float16:
-        assert got == want.half() and ref != want.half()
+        assert got == want.half()
     else:
         assert rel_err(got, want) < {torch.float32: 1e-6, torch.float64: 1e-13}[dtype]
+
+
+def test_autocast_as_pml():
+    """Under autocast PML's loss is float32 (its cross-entropy autocasts) and W follows PML's
+    cast_types; so do ours, within bf16 rounding of PML's value."""
+    ours = cpml.SubCenterArcFaceLoss(num_classes=C, embedding_size=D, scale=16)
+    pml = pml_losses.SubCenterArcFaceLoss(num_classes=C, embedding_size=D, scale=16)
+    pml.W.data = ours.W.data.clone()
+    x, y = _batch(ours.W.data.double(), 3, seed=15, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, ref = ours(x, y), pml(x, y)
+    assert got.dtype == ref.dtype == torch.float32 and ours.W.dtype == pml.W.dtype
+    assert rel_err(got, ref) < 2e-2
 
 
 def test_errors_as_pml():

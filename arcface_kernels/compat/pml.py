@@ -12,9 +12,10 @@ PML's errors), so miners, `MultipleLosses` and `DistributedLossWrapper` take the
 per-row losses change: they come from `margin_softmax_loss(..., reduction="none")`, N x C is
 never built, and PML's reducer is applied on top. One extra keyword, `backend` ("auto").
 
-PML's dtype behaviour is kept: outside autocast, each forward casts W's data to the embeddings'
-dtype and device (PML's `cast_types`), and the loss comes back in that dtype (the per-row
-losses are reduced in float32, or float64, and then cast). `get_logits` and `get_outliers` are
+PML's dtype behaviour is kept: each forward casts W's data to the embeddings' dtype and device
+with PML's own `cast_types` (outside CUDA autocast), and the loss comes back in the embeddings'
+dtype outside autocast (the per-row losses are reduced in float32, or float64, then cast),
+float32 under autocast. `get_logits` and `get_outliers` are
 PML's materializing helpers, in PML's arithmetic and units (degrees, (D, C) dominant centres).
 
 What the fused op cannot honour is refused with a ValueError: a distance other than PML's
@@ -68,8 +69,11 @@ class _FusedLoss:
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         loss = super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        # PML's loss has its W's dtype, which forward set to the embeddings' (outside autocast).
-        return c_f.to_dtype(loss, dtype=embeddings.dtype) if isinstance(loss, torch.Tensor) else loss
+        # PML's loss has the embeddings' dtype outside autocast (its cross-entropy runs in W's
+        # dtype, cast to the embeddings'), float32 under autocast, like the fused op's.
+        if isinstance(loss, torch.Tensor) and not torch.is_autocast_enabled(embeddings.device.type):
+            loss = loss.to(embeddings.dtype)
+        return loss
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         c_f.labels_required(labels)
