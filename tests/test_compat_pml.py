@@ -3,6 +3,8 @@ from_pml / to_pml honour or refuse every setting."""
 
 import copy
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from pytorch_metric_learning.utils import distributed as pml_dist  # noqa: E402
 
 from arcface_kernels import compat  # noqa: E402
 from arcface_kernels.compat import pml as cpml  # noqa: E402
+from arcface_kernels.distributed import ShardedMarginLoss  # noqa: E402
 
 N, C, D = 12, 7, 5
 
@@ -28,6 +31,18 @@ PAIRS = [
     (cpml.SubCenterArcFaceLoss, pml_losses.SubCenterArcFaceLoss,
      dict(num_classes=C, embedding_size=D, margin=20.0, scale=16, sub_centers=3), 3),
 ]
+
+
+def test_pml_is_imported_only_when_used():
+    probe = ("import sys; import arcface_kernels, arcface_kernels.compat; "
+             "assert 'pytorch_metric_learning' not in sys.modules; "
+             "sys.modules['pytorch_metric_learning'] = None; "      # as if it were not installed
+             "from arcface_kernels import compat\n"
+             "try: compat.from_pml\n"
+             "except ImportError as e: assert 'pip install pytorch-metric-learning' in str(e), e\n"
+             "else: raise AssertionError('no ImportError')")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 def _twins(case, **extra):
@@ -297,6 +312,17 @@ def test_from_pml_refuses(setting, match):
 def test_to_pml_refuses_what_pml_cannot_express(head, match):
     with pytest.raises(ValueError, match=match):
         compat.to_pml(head())
+
+
+def _to_pml_of_a_shard(rank, world):
+    head = ShardedMarginLoss(C, D)
+    with pytest.raises(ValueError, match="a shard"):
+        compat.to_pml(head)
+
+
+@pytest.mark.slow
+def test_to_pml_refuses_a_shard():
+    run_ranks(_to_pml_of_a_shard, 2)
 
 
 @pytest.mark.parametrize("fused", [False, True])

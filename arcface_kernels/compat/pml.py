@@ -179,9 +179,13 @@ def to_pml(head, *, fused=False):
 
     Refused with a ValueError, as PML cannot express them: m1 != 1, both m2 and m3 non-zero,
     per-row margins, easy_margin, margin_grad="straight_through", label_smoothing, a
-    non-default ignore_index, reduction="none", Partial FC (sample_rate < 1).
+    non-default ignore_index, reduction="none", Partial FC (sample_rate < 1), a head holding a
+    shard of the classes.
     """
     o, k = head.options, head.sub_centers
+    if head.weight.shape[0] != head.num_classes * k:
+        raise ValueError(f"to_pml: the head holds {head.weight.shape[0]} class rows, not num_classes * sub_centers = "
+                         f"{head.num_classes * k} (a shard? build a single-device head with compat.from_insightface)")
     defaults = LossOptions()
     differing = [name for name in ("easy_margin", "margin_grad", "label_smoothing", "ignore_index")
                  if getattr(o, name) != getattr(defaults, name)]
