@@ -109,6 +109,14 @@ def test_pml_interface():
     assert torch.equal(init.W.data, torch.full((D, C), 0.5))
 
 
+@pytest.mark.parametrize("case", [0, 2, 3])
+def test_collect_stats_records_avg_angle(case):
+    ours, pml, k = _twins(case, collect_stats=True)
+    x, y = _batch(pml.W.data, k, seed=16)
+    ours(x, y), pml(x, y)
+    assert ours.avg_angle == pytest.approx(pml.avg_angle, rel=1e-12) and 0 < ours.avg_angle < 180
+
+
 def test_pml_checkpoint_loads():
     ours, pml, k = _twins(3)
     pml.W.data = torch.randn_like(pml.W.data)

@@ -15,8 +15,9 @@ never built, and PML's reducer is applied on top. One extra keyword, `backend` (
 PML's dtype behaviour is kept: each forward casts W's data to the embeddings' dtype and device
 with PML's own `cast_types` (outside CUDA autocast), and the loss comes back in the embeddings'
 dtype outside autocast (the per-row losses are reduced in float32, or float64, then cast),
-float32 under autocast. `get_logits` and `get_outliers` are
-PML's materializing helpers, in PML's arithmetic and units (degrees, (D, C) dominant centres).
+float32 under autocast. `get_logits` and `get_outliers` are PML's materializing helpers, in
+PML's arithmetic and units (degrees, (D, C) dominant centres). With collect_stats, `avg_angle`
+is recorded as PML records it.
 
 What the fused op cannot honour is refused with a ValueError: a distance other than PML's
 default `CosineSimilarity()` (p=2, power=1), an ArcFace margin of 90 degrees or more, a CosFace
