@@ -45,11 +45,11 @@ def test_pml_is_imported_only_when_used():
     assert out.returncode == 0, out.stderr[-2000:]
 
 
-def _twins(case, **extra):
+def _twins(case, backend="auto", **extra):
     """Our loss and PML's with the same (float64) W."""
     ours_cls, pml_cls, kwargs, k = PAIRS[case]
     torch.manual_seed(case)
-    ours = ours_cls(**kwargs, **copy.deepcopy(extra))
+    ours = ours_cls(**kwargs, backend=backend, **copy.deepcopy(extra))
     pml = pml_cls(**kwargs, **extra)
     ours.W.data = ours.W.data.double()
     pml.W.data = ours.W.data.clone()
@@ -81,8 +81,9 @@ def _assert_same(ours, pml, x, *args, tol=1e-12, **kwargs):
 
 
 @pytest.mark.parametrize("case", range(len(PAIRS)))
-def test_loss_and_gradients_equal_pml(case):
-    ours, pml, k = _twins(case)
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_loss_and_gradients_equal_pml(case, backend):
+    ours, pml, k = _twins(case, backend=backend)
     x, y = _batch(pml.W.data, k)
     if k == 1 and isinstance(pml, pml_losses.ArcFaceLoss):   # PML's rule past pi - m is exercised
         cos0 = torch.nn.functional.cosine_similarity(x[0], pml.W.data[:, y[0]], dim=0)
