@@ -225,7 +225,7 @@ class ShardedMarginLoss(nn.Module):
     """A margin-softmax head whose class centres are sharded over a process group.
 
     This rank's `weight` holds the rows of classes [class_start, class_stop) (shard_bounds, the
-    same split as insightface's PartialFC_V2, so its state_dict loads theirs: compat.py).
+    same split as insightface's PartialFC_V2, so its state_dict loads theirs: compat/insightface.py).
     `loss = head(embeddings, labels)` with this rank's rows and global labels; this rank's loss
     is its share of the global batch's loss (all_reduce the values for the batch loss).
     ddp_backbone=True (default) multiplies the embeddings' gradient by the world size, for a

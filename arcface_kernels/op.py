@@ -219,6 +219,17 @@ def _backward(ctx, grad_loss, *grad_reported):
 torch.library.register_autograd("arcface_kernels::margin_softmax_fwd", _backward, setup_context=_setup_context)
 
 
+def _refuse_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "margin_softmax_loss is differentiable once: its gradient (from backward with create_graph=True) "
+        "cannot be differentiated again (double backward, gradient penalties on the head, hessians)."
+    )
+
+
+torch.library.register_autograd("arcface_kernels::margin_softmax_bwd", _refuse_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
 def fused_loss_rows(embeddings: Tensor, weight: Tensor, labels: Tensor, options: LossOptions, backend: str,
                     operand_dtype: torch.dtype):
     """The op: (loss_rows, lse, target_cos, top1), the first differentiable.

@@ -54,3 +54,13 @@ def test_forward_mode_ad_is_refused_by_name():
             ak.margin_softmax_loss(dual, w, y, backend="torch")
         # A dual level with no dual input is no obstacle.
         assert torch.isfinite(ak.margin_softmax_loss(x, w, y, backend="torch"))
+
+
+
+def test_double_backward_is_refused_by_name():
+    x = torch.randn(4, 6, requires_grad=True)
+    w = torch.randn(5, 6, requires_grad=True)
+    loss = ak.margin_softmax_loss(x, w, torch.tensor([0, 1, 2, 3]), backend="torch")
+    (grad_x,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="differentiable once"):
+        grad_x.sum().backward()
