@@ -150,10 +150,10 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             fwd = op.forward_stats(all_x, w, shard_labels, all_labels >= 0, options, backend, num_classes,
                                    merge=lambda stats: _merge_stats(stats, class_offset, group))
         ctx.save_for_backward(all_x, weight_shard, shard_labels, all_labels)
-        ctx.forward = fwd._replace(loss=None, stats=None)
+        ctx.saved = fwd.saved
         ctx.settings = (options, num_classes, sizes, rows, backend, group, embeddings.dtype, embedding_grad_scale,
                         operand_dtype)
-        outputs = (fwd.loss[rows], fwd.lse[rows].clone(), fwd.stats.target_cos[rows].clone(),
+        outputs = (fwd.loss[rows], fwd.saved.lse[rows].clone(), fwd.stats.target_cos[rows].clone(),
                    fwd.stats.best_class[rows].clone())
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
@@ -162,12 +162,12 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused):
         all_x, weight_shard, shard_labels, all_labels = ctx.saved_tensors
         options, num_classes, sizes, rows, backend, group, x_dtype, embedding_grad_scale, operand_dtype = ctx.settings
-        lse = ctx.forward.lse
+        lse = ctx.saved.lse
         grad_all = _gather_rows(grad_loss.to(lse.dtype).contiguous(), sizes, group)
         grad_all = torch.where(all_labels >= 0, grad_all, 0.0)
         with torch.autocast(all_x.device.type, enabled=False):
             dx_all, dw = op.backward_core(grad_all, all_x, op.operands(weight_shard, operand_dtype), shard_labels,
-                                          ctx.forward, options, backend, num_classes, weight_shard.dtype)
+                                          ctx.saved, options, backend, num_classes, weight_shard.dtype)
         dx_all = _all_reduce(dx_all.contiguous(), dist.ReduceOp.SUM, group)
         # rounded once into the embeddings' dtype: inf where it overflows, never clamped
         return ((dx_all[rows] * embedding_grad_scale).to(x_dtype), dw) + (None,) * 9

@@ -3,7 +3,8 @@ backend shares (docs/design.md sections 3-5).
 
 phi(c) = cos(m1 * theta + m2) - m3 with theta = acos(c), plus the contract's rules
 past the point where cos(m1 * theta + m2) stops decreasing. Every backend uses
-these exact rules; the constants below are the ones the kernels copy.
+these exact rules; the forward kernels copy phi (and its constants), while dphi/dc is evaluated
+only here, once per row by the op (op.target_cosine_gradient) and by the reference.
 """
 
 import math

@@ -73,17 +73,21 @@ def target_cosine_gradient(gap: Tensor, target_cos: Tensor, active: Tensor, opti
     return torch.where(active, options.scale * (torch.expm1(-gap) + (eps - eps / num_classes)) * slope, 0.0)
 
 
-class Forward(NamedTuple):
-    """What forward_stats computes: the reported rows, and what backward needs (O(N + C))."""
+class Saved(NamedTuple):
+    """What backward needs from forward: O(N + C) numbers."""
 
-    loss: Tensor         # (N,) compute dtype, 0 on rows without a target
-    lse: Tensor          # (N,)
-    stats: PartialStats  # merged
+    lse: Tensor          # (N,) compute dtype
     target_grad: Tensor  # (N,) target_cosine_gradient
     rx: Tensor           # inverse norms of the rows the backend saw
     rw: Tensor
     sx: Tensor | None    # common.overflow_safe_rows' scales (None: every row seen as given)
     sw: Tensor | None
+
+
+class Forward(NamedTuple):
+    loss: Tensor         # (N,) compute dtype, 0 on rows without a target
+    stats: PartialStats  # merged
+    saved: Saved
 
 
 def operands(v: Tensor, operand_dtype: torch.dtype) -> Tensor:
@@ -105,7 +109,7 @@ def forward_stats(x: Tensor, w: Tensor, labels: Tensor, active: Tensor, options:
         stats = merge(stats)
     loss, lse, gap = finalize(stats, active, options.label_smoothing, num_classes)
     target_grad = target_cosine_gradient(gap, stats.target_cos, active, options, num_classes)
-    return Forward(loss, lse, stats, target_grad, rx, rw, sx, sw)
+    return Forward(loss, stats, Saved(lse, target_grad, rx, rw, sx, sw))
 
 
 def _rows_seen(v: Tensor, scale: Tensor | None):
@@ -115,23 +119,23 @@ def _rows_seen(v: Tensor, scale: Tensor | None):
     return v * scale[:, None].to(v.dtype)
 
 
-def backward_core(grad_rows: Tensor, x: Tensor, w: Tensor, labels: Tensor, fwd: Forward, options: LossOptions,
+def backward_core(grad_rows: Tensor, x: Tensor, w: Tensor, labels: Tensor, saved: Saved, options: LossOptions,
                   backend: str, num_classes: int, dw_dtype: torch.dtype):
-    """(dx in the compute dtype, dw in dw_dtype) of operands x, w from forward_stats' results.
+    """(dx in the compute dtype, dw in dw_dtype) of operands x, w, given what forward_stats saved.
     grad_rows: (N,) in the compute dtype, 0 on ignored rows. dw is rounded once into dw_dtype
     (the master weight's dtype): to nearest, inf on overflow."""
-    x_seen, w_seen = _rows_seen(x, fwd.sx), _rows_seen(w, fwd.sw)
-    target_dcos = grad_rows * fwd.target_grad
+    x_seen, w_seen = _rows_seen(x, saved.sx), _rows_seen(w, saved.sw)
+    target_dcos = grad_rows * saved.target_grad
     # Huge rows: dw in the compute dtype, scaled, then rounded once.
     dw_out = dw_dtype if w_seen is None else compute_dtype(x.dtype)
     dx, dw = get_backend(backend).backward(
-        grad_rows, x if x_seen is None else x_seen, w if w_seen is None else w_seen, labels, fwd.lse, target_dcos,
-        options, num_classes, RowNorms(fwd.rx, fwd.rw), dw_out)
+        grad_rows, x if x_seen is None else x_seen, w if w_seen is None else w_seen, labels, saved.lse, target_dcos,
+        options, num_classes, RowNorms(saved.rx, saved.rw), dw_out)
     # d/dv of a function of the seen rows s * v is s times the gradient with respect to them.
     if x_seen is not None:
-        dx = dx * fwd.sx[:, None]
+        dx = dx * saved.sx[:, None]
     if w_seen is not None:
-        dw = (dw * fwd.sw[:, None]).to(dw_dtype)
+        dw = (dw * saved.sw[:, None]).to(dw_dtype)
     return dx, dw
 
 
@@ -158,10 +162,10 @@ def margin_softmax_fwd(
     with torch.autocast(embeddings.device.type, enabled=False):
         x, w = operands(embeddings, operand_dtype), operands(weight, operand_dtype)
         fwd = forward_stats(x, w, labels, labels >= 0, opts, backend, num_classes)
-    dtype = compute_dtype(operand_dtype)
-    return (fwd.loss, fwd.lse, fwd.stats.target_cos.clone(), fwd.stats.best_class.clone(), fwd.target_grad,
-            fwd.rx, fwd.rw, _scale_or_ones(fwd.sx, x.shape[0], dtype, x.device),
-            _scale_or_ones(fwd.sw, w.shape[0], dtype, w.device))
+    dtype, saved = compute_dtype(operand_dtype), fwd.saved
+    return (fwd.loss, saved.lse, fwd.stats.target_cos.clone(), fwd.stats.best_class.clone(), saved.target_grad,
+            saved.rx, saved.rw, _scale_or_ones(saved.sx, x.shape[0], dtype, x.device),
+            _scale_or_ones(saved.sw, w.shape[0], dtype, w.device))
 
 
 @margin_softmax_fwd.register_fake
@@ -186,8 +190,8 @@ def margin_softmax_bwd(
     with torch.autocast(embeddings.device.type, enabled=False):
         x, w = operands(embeddings, operand_dtype), operands(weight, operand_dtype)
         grad_rows = torch.where(labels >= 0, grad_rows.to(lse.dtype), 0.0)
-        fwd = Forward(None, lse, None, target_grad, rx, rw, sx, sw)
-        dx, dw = backward_core(grad_rows, x, w, labels, fwd, opts, backend, num_classes, weight.dtype)
+        saved = Saved(lse, target_grad, rx, rw, sx, sw)
+        dx, dw = backward_core(grad_rows, x, w, labels, saved, opts, backend, num_classes, weight.dtype)
     return dx.to(embeddings.dtype), dw
 
 

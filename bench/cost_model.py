@@ -14,7 +14,7 @@ function units (16 per SM per clock, 132 SMs at 1.755 GHz) and is not overlapped
 tensor cores (no warp specialization). The gradient tile G stays in L2 between the kernel that
 writes it and the two GEMMs that read it (chunk_plan: at most 32 MiB, H100 L2 50 MB): its bytes
 are L2 bytes. W is read once per pass (row blocks of one class split run together and share it
-in L2). The dW tail (tangent projection, saturating cast) is one fused pass over C x D
+in L2). The dW tail (tangent projection, rounding cast) is one fused pass over C x D
 (triton/backward.project_rows_kernel): read A_c (fp32) and w, write dW: TAIL_BYTES_PER_ENTRY.
 """
 

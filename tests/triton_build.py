@@ -21,7 +21,7 @@ _INPUTS = ("x_ptr", "w_ptr")
 # allocated by torch, and that specialization decides vectorized and pipelined loads.
 _ALIGNED_INTS = ("N", "D", "stride_x", "stride_w", "stride_g")
 _INTS = ("labels_ptr", "best_class_ptr")
-_FLOATS = ("scale", "smoothing", "smoothing_per_class")
+_FLOATS = ("scale", "smoothing_per_class")
 
 
 def _signature(fn, dtype):
@@ -46,7 +46,7 @@ def _signature(fn, dtype):
 
 def compile_kernel(kernel, config, arch, dtype="bf16", sub_centers=1):
     fn = KERNELS[kernel]
-    constants = dict(K=sub_centers, EASY_MARGIN=False, STRAIGHT_THROUGH=False, DOT_PRECISION="ieee",
+    constants = dict(K=sub_centers, EASY_MARGIN=False, DOT_PRECISION="ieee",
                      BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
     constants = {name: value for name, value in constants.items() if name in fn.arg_names}
     signature = _signature(fn, dtype)

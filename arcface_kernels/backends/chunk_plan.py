@@ -50,9 +50,12 @@ def split_operands(dtype: torch.dtype) -> bool:
 
     v = hi + lo with hi = bf16(v), lo = bf16(v - hi): exact for a float16 v (11 significant bits
     = 8 + 3), 16 significant bits of a float32 G (TF32 keeps 11). A product of two split operands
-    is hi hi + hi lo + lo hi (the lo lo term is below 2^-16 relative): three bf16 tensor-core
-    GEMMs with float32 accumulation, the time of 1.5 TF32 GEMMs, with no global TF32 switch (a
-    process-wide setting that other threads would see) and whatever the user's matmul setting."""
+    takes all four piece products: dropping lo lo (2^-17 relative) would leave an error that is
+    not along W's direction, which the tangent projection (eq. (23)) cannot remove and the large
+    G of a nearly parallel target (dphi/dc ~ 1 / SIN_FLOOR) amplifies past the gradient itself.
+    Four bf16 tensor-core GEMMs with float32 accumulation take twice the time of the two TF32
+    GEMMs they replace, with no global TF32 switch (process-wide: other threads, e.g. autograd's
+    per-device workers, would see it) and whatever the user's matmul setting."""
     return dtype == torch.float16
 
 
@@ -107,10 +110,10 @@ def _matmul_fp32(a, b, accumulate=None):
 
 
 def _product(a_pieces, b_pieces, accumulate=None):
-    """sum of a_i @ b_j over the pieces with i + j < 2 (+ accumulate), float32 (split_operands)."""
+    """sum of a_i @ b_j over all pieces (+ accumulate), float32 (split_operands)."""
     out = accumulate
-    for i, a in enumerate(a_pieces):
-        for b in b_pieces[: 2 - i]:
+    for a in a_pieces:
+        for b in b_pieces:
             out = _matmul_fp32(a, b, out)
     return out
 
