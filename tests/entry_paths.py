@@ -128,7 +128,9 @@ CASES = {
     "empty_batch_with_sub_centers": empty_batch_with_sub_centers,
 }
 # relative-norm tolerances of loss, dX, dW against the float64 formula (float32 inputs)
-TOLERANCE = {}
+# Confident rows: float32 cosines (about 1e-7 off) move each z by s * 1e-7 and the tiny exp(z_j - z_y)
+# by as much relatively; all paths land near 1e-4 (the quantized p_y - 1 gave 0.8).
+TOLERANCE = {"confident_rows": 5e-4}
 DEFAULT_TOLERANCE = 1e-4
 
 
