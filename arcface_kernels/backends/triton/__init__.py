@@ -141,7 +141,7 @@ register_backend(Backend(
     available=_available,
     dtypes=KERNEL_DTYPES,
     # On a GPU first: the cost models predict it fastest at every headline shape (bench/cost_model.py,
-    # docs/backends/triton.md; bench/cost_model_cuda.py for `cuda`), until measurements say otherwise.
+    # docs/backends/triton.md and cuda.md), until measurements say otherwise.
     # On the CPU the interpreter is for tests only. bf16 below sm_80: Triton compiles the dot to
     # scalar FMAs (no bf16 tensor cores), so after `cuda` and `torch` (cuBLAS).
     priority=_priority,
