@@ -129,3 +129,21 @@ def test_results_are_rewritten_after_every_step(tmp_path, monkeypatch):
     assert "| suite [torch] | exit 1 |" in final
     # floor = 8 N C D / 800 TFLOP/s = 5.50 ms; fraction = 5.50 / 20
     assert "| 4096 x 262144 x 512 | arcface_kernels[triton] | bf16 | ok | 5.00 | 15.00 | 20.00 | 5.50 | 0.27 |" in final
+
+
+def test_missing_dependencies_are_installed_or_reported(monkeypatch):
+    installed = set()
+    commands = []
+
+    def find_spec(name):
+        return object() if name not in ("ninja", "pytest") or name in installed else None
+
+    def pip(command, **kwargs):
+        commands.append(command)
+        installed.add("pytest")  # pip gets pytest, not ninja (no index for it, say)
+
+    monkeypatch.setattr(gpu.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(gpu.subprocess, "run", pip)
+    assert gpu.missing_dependencies() == ["ninja"]
+    assert commands[0][-2:] == ["pytest", "ninja"]
+    assert "missing dependencies (pip could not install them): ninja" in gpu.render([], 480, [], [], ["ninja"])
