@@ -26,6 +26,7 @@ import importlib.util
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -109,13 +110,16 @@ def run_step(step, limit):
     print(f"== {step.name} (limit {limit:.0f} s): {' '.join(step.command)}", flush=True)
     start = time.monotonic()
     env = dict(os.environ, **step.env)
+    # its own process group, so that a timeout also ends what it started (the build's nvcc jobs)
+    proc = subprocess.Popen(step.command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
     try:
-        out = subprocess.run(step.command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
-        status, text = ("ok" if out.returncode == 0 else f"exit {out.returncode}"), out.stdout + out.stderr
-    except subprocess.TimeoutExpired as err:
+        text, _ = proc.communicate(timeout=limit)
+        status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        text, _ = proc.communicate()
         status = f"timed out after {limit:.0f} s"
-        text = "".join(t.decode(errors="replace") if isinstance(t, bytes) else (t or "")
-                       for t in (err.stdout, err.stderr))
     print(text[-4000:], flush=True)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return Outcome(step.name, status, time.monotonic() - start, lines[-1] if lines else "")

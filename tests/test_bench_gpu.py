@@ -98,6 +98,21 @@ def test_fast_steps_leave_their_time_to_later_ones_and_late_steps_are_skipped():
     assert gpu.run_step(gpu.Step("late", ["false"], 10, 0), 0).status.startswith("skipped")
 
 
+def test_a_step_past_its_limit_is_stopped_with_what_it_started(tmp_path):
+    marker = tmp_path / "child-finished"
+    child = tmp_path / "child.py"
+    child.write_text(f"import time\ntime.sleep(8)\nopen({str(marker)!r}, 'w').close()\n")
+    step = tmp_path / "step.py"  # starts a child that would outlive it, then waits
+    step.write_text(f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, {str(child)!r}])\n"
+                    "print('started', flush=True)\ntime.sleep(60)\n")
+    start = time.monotonic()
+    outcome = gpu.run_step(gpu.Step("slow", [sys.executable, str(step)], 60, 0), 6)
+    assert outcome.status == "timed out after 6 s" and outcome.tail == "started"
+    assert time.monotonic() - start < 30
+    time.sleep(max(0.0, start + 12 - time.monotonic()))  # past the child's 8 s
+    assert not marker.exists()
+
+
 def test_results_are_rewritten_after_every_step(tmp_path, monkeypatch):
     results, measurements = tmp_path / "RESULTS.md", tmp_path / "m.jsonl"
     monkeypatch.setattr(gpu, "RESULTS", str(results))
