@@ -5,9 +5,9 @@ import sys
 
 import torch
 
-from .api import margin_softmax_loss
 from .backends import FUSED_BACKEND_NAMES, backend_status, resolve
 from .build_info import describe as describe_build
+from .selfcheck import check
 
 
 def _versions():
@@ -36,30 +36,6 @@ def _device_name(device):
     return f"{device} ({platform.processor() or platform.machine()})"
 
 
-def self_check(backend, device, dtype=torch.float32, seed=0):
-    """Relative errors of loss, dX, dW against the float64 reference on a small odd-sized problem."""
-    g = torch.Generator().manual_seed(seed)
-    n, c, d, k = 37, 301, 24, 2
-    x = torch.randn(n, d, generator=g)
-    w = torch.randn(c * k, d, generator=g)
-    y = torch.randint(0, c, (n,), generator=g)
-    y[5] = -100
-    options = dict(sub_centers=k, label_smoothing=0.1, m1=1.05, m2=0.3, m3=0.1)
-    results = []
-    for name, xx, ww in ((backend, x.to(device, dtype), w.to(device, dtype)),
-                         ("reference", x.double().to(device), w.double().to(device))):
-        xx.requires_grad_(True)
-        ww.requires_grad_(True)
-        loss = margin_softmax_loss(xx, ww, y.to(device), backend=name, **options)
-        loss.backward()
-        results.append([t.detach().double().cpu() for t in (loss, xx.grad, ww.grad)])
-    return [float((a - b).norm() / b.norm()) for a, b in zip(*results)]
-
-
-# Relative-error bound of the self-check per dtype.
-_TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-
-
 def main(argv=None):
     print("arcface_kernels environment")
     for line in _versions():
@@ -76,16 +52,15 @@ def main(argv=None):
             dtypes = [d for d in dtypes if backend_status(name, device, d)[0]]
             for dtype in dtypes:
                 try:
-                    errors = self_check(name, device, dtype)
+                    good, errors = check(name, device, dtype)
                 except Exception as err:  # report, keep checking the others
                     healthy = False
                     print(f"  {name:<9} {str(dtype):<15} FAILED: {type(err).__name__}: {err}")
                     continue
-                good = max(errors) <= _TOLERANCE[dtype]
                 healthy &= good
                 status = "ok" if good else "MISMATCH"
-                print(f"  {name:<9} {str(dtype):<15} {status}  rel. error loss {errors[0]:.1e}, "
-                      f"dX {errors[1]:.1e}, dW {errors[2]:.1e}")
+                print(f"  {name:<9} {str(dtype):<15} {status}  rel. error "
+                      + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
         for dtype in (torch.bfloat16, torch.float32, torch.float64):
             choice = resolve("auto", device, dtype)
             print(f"  auto      {str(dtype):<15} -> {choice.name} ({choice.reason})")

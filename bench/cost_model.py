@@ -1,23 +1,37 @@
-"""Predicted cost of the `triton` backend from its real launch plan (docs/backends/triton.md):
-tensor flops, HBM and L2 bytes, and a predicted H100 time per kernel. A prediction, not a
-measurement: `python -m bench.gpu` replaces it the day a GPU runs.
+"""Predicted time of one bf16 training step (forward + backward) on an H100, launch by launch, for
+the `triton` and `cuda` backends: one model for both. A prediction, not a measurement: every rate
+below is an assumption (listed in ASSUMPTIONS, printed with the table); `python -m bench.gpu`
+measures the real thing.
 
-    python -m bench.cost_model            # the markdown table of docs/backends/triton.md
+    python -m bench.cost_model      # the tables of docs/backends/triton.md and cuda.md
 
-Model (docs/design.md sections 6 and 9), per kernel, added up (kernels run one after another):
+The launch list (`launches`) is the real launch plan of the driver code, counted from it: the
+entry checks, the norm pass (common.overflow_safe_rows: eleven ATen ops per 16 MiB slice of
+float32 rows), the host syncs, the backend's kernels (Triton grids from configs.py and the
+forward's class splits; the `cuda` ops' internal GEMMs and kernels from csrc/), every chunk of
+the backward walk (chunk_plan.chunk_classes) with its GEMMs and projection, and the glue of
+finalize, the target gradient and the reduction. tests/test_cost_model.py checks that it equals,
+op for op, what the driver code launches at the headline shape (kernels stubbed, recorded on
+the CPU with tests/launch_probe.py); launches inside the `cuda` extension's ops are invisible to
+that probe and come from reading csrc/forward.cu and csrc/backward.cu.
 
-    time = flops / (798 TFLOP/s * tile efficiency) + exps / SFU rate + HBM bytes / 3.0 TB/s
-
-The tile efficiency of the Triton kernels (TRITON_TILE_EFFICIENCY) and of the cuBLAS GEMMs
-(CUBLAS_EFFICIENCY) are assumptions, not measurements; the epilogue's exp runs on the special
-function units (16 per SM per clock, 132 SMs at 1.755 GHz) and is not overlapped with the
-tensor cores (no warp specialization). The gradient tile G stays in L2 between the kernel that
-writes it and the two GEMMs that read it (chunk_plan: at most 32 MiB, H100 L2 50 MB): its bytes
-are L2 bytes. W is read once per pass (row blocks of one class split run together and share it
-in L2). The dW tail (tangent projection, rounding cast) is one fused pass over C x D
-(triton/backward.project_rows_kernel): read A_c (fp32) and w, write dW: TAIL_BYTES_PER_ENTRY.
+Time of a launch = LAUNCH_GAP + its work, work being
+- ATen element-wise / reduction ops: bytes / HBM (row vectors: ~0, so the gap alone);
+- a host sync: SYNC (the stream drains, the host reads, the queue starts empty again);
+- cuBLAS GEMMs: max(flops / (TFLOPS * efficiency), bytes / HBM), efficiency CUBLAS_EFFICIENCY
+  or, where a leading dimension is not a multiple of 16 bytes (no TMA), UNALIGNED_CUBLAS_EFFICIENCY;
+- Triton tile kernels, from their compile for sm_90 (SASS_FACTS: registers and shared memory
+  give the CTAs per SM; the static SASS instruction count of the per-tile epilogue, everything
+  outside the K loop, gives its issue time): waves = ceil(programs / (SMs * CTAs per SM)), and
+  per wave and tile, with one CTA per SM, MMA time + epilogue issue time + a pipeline refill
+  (nothing else on the SM hides them); with two or more, the larger of the CTAs' summed MMA time
+  and summed issue time;
+- the `cuda` extension's epilogue kernels: their bytes (their instruction counts are not
+  modelled: an optimistic bound).
+The floor is 4 x 2NCD flops at TFLOPS.
 """
 
+from collections import Counter
 from typing import NamedTuple
 
 import torch
@@ -26,78 +40,254 @@ from arcface_kernels.backends import chunk_plan
 from arcface_kernels.backends.common import DEFAULT_WORKSPACE_BUDGET
 from arcface_kernels.backends.triton.configs import CONFIGS
 
-from .compare import HEADLINE_SHAPES
-from .cost_model_cuda import HBM, TFLOPS, floor_seconds, predict  # one model of rates, passes and the floor
+HEADLINE_SHAPES = [(512, 93431, 512), (1024, 360232, 512), (4096, 262144, 512), (1024, 2059906, 512),
+                   (4096, 262144, 128), (4096, 262144, 256)]
 
-SFU = 16 * 132 * 1.755e9  # exp / s
-TRITON_TILE_EFFICIENCY = 0.75  # assumed fraction of the tensor rate a Triton wgmma mainloop reaches
-CUBLAS_EFFICIENCY = 0.80  # assumed for the chunk GEMMs (K = chunk width >= 4096 at the headline shapes)
-BF16, F32 = 2, 4
-# the fused projection per C x D entry: read A_c (4) and w (2), write dW (2). As torch
-# element-wise ops (chunk_plan.project_rows) it would be about 64 (fp32 temporaries).
-TAIL_BYTES_PER_ENTRY = F32 + BF16 + BF16
-UNFUSED_TAIL_BYTES_PER_ENTRY = 64
-PROGRAMS_PER_SM, SMS = 4, 132
+# --- assumptions (H100 SXM, bf16) -------------------------------------------------------------
+TFLOPS = 798e12  # dense bf16 tensor rate, also the floor's rate
+HBM = 3.0e12  # bytes / s
+SMS, CLOCK = 132, 1.755e9
+ISSUE_PER_CLOCK = 4  # warp instructions per SM per clock (4 schedulers)
+MAINLOOP_EFFICIENCY = 0.75  # fraction of an SM's tensor rate a Triton wgmma K loop reaches
+CUBLAS_EFFICIENCY = 0.80
+UNALIGNED_CUBLAS_EFFICIENCY = 0.65  # leading dimension not 16-byte aligned: no TMA kernels
+LAUNCH_GAP = 2.5e-6  # seconds between back-to-back kernels on one stream (launch, ramp, tail)
+SYNC = 15e-6  # a host sync: drain, device-to-host read, empty queue refilled
+REFILL = 0.7e-6  # a tile's pipeline fill (num_stages - 1 loads of DRAM latency), one CTA per SM
+REGISTERS_PER_SM, SMEM_PER_SM = 65536, 228 * 1024
+ASSUMPTIONS = (
+    f"H100 SXM: {TFLOPS / 1e12:.0f} TFLOP/s bf16 (the floor's rate too), {HBM / 1e12:.1f} TB/s HBM, {SMS} SMs at "
+    f"{CLOCK / 1e9:.3f} GHz issuing {ISSUE_PER_CLOCK} warp instructions per clock; Triton K loop at "
+    f"{MAINLOOP_EFFICIENCY:.0%} of the tensor rate, cuBLAS at {CUBLAS_EFFICIENCY:.0%} "
+    f"({UNALIGNED_CUBLAS_EFFICIENCY:.0%} with a leading dimension not 16-byte aligned); "
+    f"{LAUNCH_GAP * 1e6:.1f} us per launch, {SYNC * 1e6:.0f} us per host sync, {REFILL * 1e6:.1f} us pipeline "
+    "refill per tile at one CTA per SM; the `cuda` epilogue kernels at their HBM bytes only.")
+
+# Compiled for sm_90 with the JIT's runtime specialization (tests/triton_build.py, triton 3.8, the
+# configs of configs.py): ptxas registers and the kernel's shared memory; epilogue = static SASS
+# instructions per warp outside the K loop in one tile's code (nvdisasm of the cubin: the forward's
+# class-tile loop is 2,038 instructions of which the K loop is 87; the gradient tile kernel, one
+# tile per program, 1,176 of which 87 are the K loop). Static counts include branches most tiles
+# skip (the target's tile, the sub-centre and smoothing paths): an upper bound on the issue time.
+SASS_FACTS = {
+    "forward": dict(registers=221, smem=73728, epilogue=2038 - 87),
+    "grad_tile": dict(registers=120, smem=73728, epilogue=1176 - 87),
+}
+
+# --- the glue, as the driver code runs it (op names as the probe records them) -----------------
+# validation.target_labels and api: label checks (one host sync), ignore mask
+ENTRY = "full full full ne lt ge __or__ __and__ any sync eq where ge".split()
+# common._exponents_and_unit_norms, per slice of rows upcast to float32
+NORM_SLICE = "to linalg_vector_norm frexp to clamp_min copy_ neg exp2 mul linalg_vector_norm copy_".split()
+# common.overflow_safe_rows after the slices: shifts, inverse norms, "any row too large?" (a sync)
+NORM_TAIL = "sub clamp_min sub exp2 mul clamp_min reciprocal mul any sync".split()
+# triton/forward.combine_splits
+COMBINE_SPLITS = "max sub exp argmax mul sum sum sum sum gather gather mul sum".split()
+# op.finalize, op.target_cosine_gradient (margins.dphi_dcos), outputs, api.reduce_rows
+FORWARD_TAIL = (
+    "log add log add sub zeros_like logaddexp where where clamp acos mul add div floor clamp_min remainder mul "
+    "rsub mul rsub clamp_min sqrt clamp_min lt mul div sinc mul div sinc div mul sin div where mul cos mul sin mul "
+    "cos mul div add mul eq ge __and__ ones_like where neg expm1 add mul mul where clone clone ones ones ne sum sum "
+    "clamp_min div").split()
+# autograd of the reduction, op._backward (labels, two _rows_seen syncs), chunked_backward's setup
+BACKWARD_HEAD = "ones_like div eq where ge where ne any sync ne any sync mul zeros lt mul where".split()
+# chunk_plan.project_rows in torch ops (the `cuda` backend's projection)
+TORCH_PROJECTION = "to mul sum mul mul sub copy_".split()
+# projection_scale of rx before the final dX projection; the gradient cast to the input dtype
+BACKWARD_TAIL_HEAD = "lt mul where".split()
 
 
-class Kernel(NamedTuple):
-    name: str
-    pass_: str  # "forward" or "backward"
-    flops: float
-    efficiency: float
-    exps: float
-    hbm_bytes: float
-    l2_bytes: float
+class Launch(NamedTuple):
+    pass_: str  # "forward" | "backward"
+    name: str  # what runs
+    op: str | None  # what tests/launch_probe.py records for it; None: inside a `cuda` extension op
+    seconds: float  # predicted
+    flops: float = 0.0
+    hbm_bytes: float = 0.0
 
-    def seconds(self, gemm_efficiency=1.0):
-        """Predicted seconds; gemm_efficiency scales every tensor efficiency (a what-if)."""
-        tensor = self.flops / (TFLOPS * self.efficiency * gemm_efficiency) if self.flops else 0.0
-        return tensor + self.exps / SFU + self.hbm_bytes / HBM
-
-
-def triton_plan(n, c, d, budget=DEFAULT_WORKSPACE_BUDGET):
-    """The kernels of one forward + backward at (N, C, D) in bf16, from the real configs and sizing."""
-    nc, mm = n * c, 2.0 * n * c * d
-    fwd = CONFIGS["forward"]
-    row_blocks = -(-n // fwd.block_m)
-    splits = max(1, min(-(-PROGRAMS_PER_SM * SMS // row_blocks), -(-c // fwd.block_n)))
-    step = chunk_plan.chunk_classes(n, c, 1, d, torch.bfloat16, budget, CONFIGS["grad_tile"].block_n)
-    n_chunks = -(-c // step)
-    b_traffic = 3 * F32 * n * d * n_chunks  # B read, and the fp32 result of addmm(out_dtype) written + copied
-    return [
-        Kernel("forward: cosines + margin + online softmax", "forward", mm, TRITON_TILE_EFFICIENCY, nc,
-               BF16 * c * d + BF16 * n * d * splits, 0.0),
-        Kernel("grad tile: recompute + dcos -> G", "backward", mm, TRITON_TILE_EFFICIENCY, nc,
-               BF16 * c * d + BF16 * n * d * n_chunks, BF16 * nc),
-        Kernel("GEMM B += G W_c", "backward", mm, CUBLAS_EFFICIENCY, 0.0, BF16 * c * d + b_traffic, BF16 * nc),
-        Kernel("GEMM A_c = G^T X", "backward", mm, CUBLAS_EFFICIENCY, 0.0,
-               BF16 * n * d * n_chunks + F32 * c * d, BF16 * nc),
-        Kernel("dW tail: fused projection", "backward", 0.0, 1.0, 0.0, TAIL_BYTES_PER_ENTRY * c * d, 0.0),
-        Kernel("dX projection (fused)", "backward", 0.0, 1.0, 0.0, (F32 + BF16 + F32) * n * d, 0.0),
-    ], n_chunks
+    @property
+    def op_is_parent(self):
+        """A `cuda` extension op's own entry: its launches are listed separately."""
+        return self.op is not None and self.op.startswith("cuda-op:")
 
 
-def table(shapes=HEADLINE_SHAPES):
-    lines = [
-        "| N x C x D (bf16) | tensor flops (x 2NCD) | chunks | HBM GB | L2 GB | predicted fwd ms "
-        "| predicted bwd ms | predicted total ms | floor ms | predicted floor ratio "
-        "| predicted ratio with the dW tail in torch ops |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _aten(pass_, names, nbytes=0.0, what="glue"):
+    return [Launch(pass_, f"{what}: {name}", "sync" if name == "sync" else name,
+                   SYNC if name == "sync" else LAUNCH_GAP + nbytes / HBM, 0.0, nbytes) for name in names]
+
+
+def _gemm(pass_, name, op, m, n, k, nbytes, aligned=True):
+    flops = 2.0 * m * n * k
+    eff = CUBLAS_EFFICIENCY if aligned else UNALIGNED_CUBLAS_EFFICIENCY
+    return Launch(pass_, name, op, LAUNCH_GAP + max(flops / (TFLOPS * eff), nbytes / HBM), flops, nbytes)
+
+
+def ctas_per_sm(kernel):
+    facts, warps = SASS_FACTS[kernel], CONFIGS[kernel].num_warps
+    registers = -(-facts["registers"] // 8) * 8 * 32 * warps  # allocated in units of 8 per thread
+    return max(1, min(REGISTERS_PER_SM // registers, SMEM_PER_SM // facts["smem"]))
+
+
+def tile_kernel(pass_, kernel, op, programs, tiles_per_program, d):
+    """A Triton kernel of `programs` CTAs walking `tiles_per_program` BLOCK_M x BLOCK_N tiles each."""
+    cfg, k = CONFIGS[kernel], ctas_per_sm(kernel)
+    mma = 2.0 * cfg.block_m * cfg.block_n * d / (TFLOPS / SMS * MAINLOOP_EFFICIENCY)
+    issue = SASS_FACTS[kernel]["epilogue"] * cfg.num_warps / (ISSUE_PER_CLOCK * CLOCK)
+    per_tile = mma + issue + REFILL if k == 1 else max(k * mma, k * issue)
+    waves = -(-programs // (SMS * k))
+    flops = 2.0 * cfg.block_m * cfg.block_n * d * programs * tiles_per_program
+    return Launch(pass_, f"{kernel} kernel: {programs} programs, {k} CTA/SM, {waves} waves", op,
+                  LAUNCH_GAP + waves * tiles_per_program * per_tile, flops, 0.0)
+
+
+def _norm_pass(rows, d, itemsize=2):
+    step = max(1, (16 * 2**20) // (d * 8))  # common._NORM_SLICE_BYTES
+    out = []
+    for start in range(0, rows, step):
+        entries = min(step, rows - start) * d
+        # per entry: upcast (read 2, write 4), inf-norm (read 4), scaled copy (read 4, write 4), norm (read 4)
+        per_op = {0: itemsize + 4, 1: 4, 8: 8, 9: 4}
+        out += [Launch("forward", f"norm slice: {name}", name, LAUNCH_GAP + per_op.get(i, 0) * entries / HBM,
+                       0.0, per_op.get(i, 0) * entries) for i, name in enumerate(NORM_SLICE)]
+    return out + _aten("forward", NORM_TAIL, what="norm tail")
+
+
+def _triton_forward(n, c, d):
+    cfg = CONFIGS["forward"]
+    row_blocks = _cdiv(n, cfg.block_m)
+    # triton._class_splits with 4 programs per SM
+    splits = max(1, min(_cdiv(4 * SMS, row_blocks), _cdiv(c, cfg.block_n)))
+    per_split = _cdiv(_cdiv(c, splits), cfg.block_n) * cfg.block_n
+    splits = _cdiv(c, per_split)
+    return [tile_kernel("forward", "forward", "triton:partial_stats_kernel", row_blocks * splits,
+                        per_split // cfg.block_n, d)] + _aten("forward", COMBINE_SPLITS, what="combine splits")
+
+
+def _cuda_forward(n, c, d):
+    """csrc/forward.cu partial_stats: 8 fills, then per chunk of the float32 dots the GEMM,
+    segment_stats and merge_segments (chunk: classes_per_chunk within the workspace budget)."""
+    chunk = max(1, min(c, DEFAULT_WORKSPACE_BUDGET // (4 * n)))
+    out = [Launch("forward", "partial_stats", "cuda-op:partial_stats", 0.0)]
+    out += [Launch("forward", "partial_stats: fill", None, LAUNCH_GAP) for _ in range(8)]
+    for first in range(0, c, chunk):
+        width = min(chunk, c - first)
+        out.append(_gemm("forward", "partial_stats: GEMM dots (fp32 out)", None, n, width, d,
+                         4 * n * width + 2 * width * d + 2 * n * d, aligned=width * 2 % 16 == 0))
+        out.append(Launch("forward", "partial_stats: segment_stats", None, LAUNCH_GAP + 4 * n * width / HBM,
+                          0.0, 4 * n * width))
+        out.append(Launch("forward", "partial_stats: merge_segments", None, LAUNCH_GAP))
+    return out
+
+
+def _backward(backend, n, c, d):
+    out = _aten("backward", BACKWARD_HEAD)
+    if backend == "triton":
+        step = chunk_plan.chunk_classes(n, c, 1, d, torch.bfloat16, None, CONFIGS["grad_tile"].block_n)
+    else:
+        from arcface_kernels.backends import cuda as cuda_backend
+
+        step = chunk_plan.chunk_classes(n, c, 1, d, torch.bfloat16, cuda_backend.backward_budget(n, d, torch.bfloat16))
+    g = CONFIGS["grad_tile"]
+    for first in range(0, c, step):
+        width = min(step, c - first)
+        if backend == "triton":
+            out.append(tile_kernel("backward", "grad_tile", "triton:grad_tile_kernel",
+                                   -(-n // g.block_m) * -(-width // g.block_n), 1, d))
+        else:  # csrc/backward.cu grad_chunk: the float32 dots GEMM, then gradient_tile
+            out.append(Launch("backward", "grad_chunk", "cuda-op:grad_chunk", 0.0))
+            out.append(_gemm("backward", "grad_chunk: GEMM dots (fp32 out)", None, n, width, d,
+                             4 * n * width + 2 * width * d + 2 * n * d, aligned=width * 2 % 16 == 0))
+            out.append(Launch("backward", "grad_chunk: gradient_tile", None, LAUNCH_GAP + 6 * n * width / HBM,
+                              0.0, 6 * n * width))
+        aligned = width * 2 % 16 == 0
+        # B += G W_c: G (bf16, L2), W_c from HBM, B float32 read and written
+        out.append(_gemm("backward", "GEMM B += G W_c", "addmm", n, d, width, 2 * width * d + 8 * n * d,
+                         aligned))
+        # A_c = G^T X: X (L2 after the first chunk), A_c float32 written
+        out.append(_gemm("backward", "GEMM A_c = G^T X", "mm", width, d, n, 4 * width * d, aligned))
+        out += _projection(backend, width, d, "dW_c projection")
+    out += _aten("backward", BACKWARD_TAIL_HEAD)
+    out += _projection(backend, n, d, "dX projection")
+    out += _aten("backward", ["to"], 6 * n * d, what="dX to the input dtype")
+    return out
+
+
+def _projection(backend, rows, d, what):
+    if backend == "triton":  # triton/backward.project_rows_kernel: read A (4) and w (2), write (2)
+        return [Launch("backward", f"{what} (fused kernel)", "triton:project_rows_kernel",
+                       LAUNCH_GAP + 8 * rows * d / HBM, 0.0, 8 * rows * d)]
+    per_entry = dict(zip(TORCH_PROJECTION, (6, 12, 4, 0, 8, 12, 6)))  # bytes per entry of each op
+    return [Launch("backward", f"{what}: {name}", name, LAUNCH_GAP + per_entry[name] * rows * d / HBM, 0.0,
+                   per_entry[name] * rows * d) for name in TORCH_PROJECTION]
+
+
+def launches(backend, n, c, d):
+    """The predicted launches of one forward + backward, bf16, no sub-centres, in order."""
+    fwd = _aten("forward", ENTRY) + _norm_pass(n, d) + _norm_pass(c, d)
+    fwd += _triton_forward(n, c, d) if backend == "triton" else _cuda_forward(n, c, d)
+    fwd += _aten("forward", FORWARD_TAIL)
+    return fwd + _backward(backend, n, c, d)
+
+
+def probe_counts(plan, pass_):
+    """Counter of what tests/launch_probe.py would record for one pass of a launch list."""
+    return Counter(launch.op for launch in plan if launch.pass_ == pass_ and launch.op is not None)
+
+
+def floor_seconds(n, c, d):
+    return 4 * 2.0 * n * c * d / TFLOPS
+
+
+def summary(backend, n, c, d):
+    plan = launches(backend, n, c, d)
+    groups = {}
+    for launch in plan:
+        if launch.op_is_parent:
+            continue
+        grouped = launch.name.startswith(("glue", "norm", "combine", "forward kernel", "grad_tile kernel"))
+        key = f"{launch.pass_} {launch.name.split(':')[0] if grouped else launch.name}"
+        if launch.op == "sync":
+            key = f"{launch.pass_} host syncs"
+        seconds, count = groups.get(key, (0.0, 0))
+        groups[key] = (seconds + launch.seconds, count + 1)
+    total = sum(launch.seconds for launch in plan)
+    return dict(plan=plan, groups=groups, total=total, floor=floor_seconds(n, c, d),
+                forward=sum(x.seconds for x in plan if x.pass_ == "forward"),
+                kernels=sum(1 for x in plan if x.op != "sync" and not x.op_is_parent),
+                syncs=sum(1 for x in plan if x.op == "sync"))
+
+
+def table(backend, shapes=HEADLINE_SHAPES):
+    lines = ["| N x C x D (bf16) | launches | host syncs | predicted fwd ms | predicted bwd ms "
+             "| predicted total ms | floor ms | predicted floor ratio |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for n, c, d in shapes:
-        plan, n_chunks = triton_plan(n, c, d)
-        now = predict(plan)
-        unfused = now["total"] + (UNFUSED_TAIL_BYTES_PER_ENTRY - TAIL_BYTES_PER_ENTRY) * c * d / HBM
-        floor = floor_seconds(n, c, d)
-        flops = sum(k.flops for k in plan) / (2.0 * n * c * d)
-        hbm = sum(k.hbm_bytes for k in plan) / 1e9
-        l2 = sum(k.l2_bytes for k in plan) / 1e9
-        lines.append(
-            f"| {n} x {c} x {d} | {flops:.0f} | {n_chunks} | {hbm:.1f} | {l2:.1f} | {1e3 * now['forward']:.2f} "
-            f"| {1e3 * now['backward']:.2f} | {1e3 * now['total']:.2f} | {1e3 * floor:.2f} "
-            f"| {floor / now['total']:.2f} | {floor / unfused:.2f} |")
+        s = summary(backend, n, c, d)
+        lines.append(f"| {n} x {c} x {d} | {s['kernels']} | {s['syncs']} | {1e3 * s['forward']:.2f} "
+                     f"| {1e3 * (s['total'] - s['forward']):.2f} | {1e3 * s['total']:.2f} | {1e3 * s['floor']:.2f} "
+                     f"| {s['floor'] / s['total']:.2f} |")
     return "\n".join(lines)
 
 
+def breakdown(backend, n, c, d):
+    """Where the predicted time of one shape goes, by kind of launch."""
+    s = summary(backend, n, c, d)
+    lines = [f"| {backend} at {n} x {c} x {d}: launch group | launches | predicted ms | share |",
+             "| --- | ---: | ---: | ---: |"]
+    for key, (seconds, count) in sorted(s["groups"].items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"| {key} | {count} | {1e3 * seconds:.3f} | {seconds / s['total']:.0%} |")
+    return "\n".join(lines)
+
+
+def report(backend):
+    return "\n\n".join([f"Predicted (not measured), `{backend}` backend. Assumptions: {ASSUMPTIONS}",
+                        table(backend), breakdown(backend, 4096, 262144, 512), breakdown(backend, 4096, 262144, 128)])
+
+
 if __name__ == "__main__":
-    print(table())
+    for name in ("triton", "cuda"):
+        print(report(name) + "\n")

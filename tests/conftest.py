@@ -11,7 +11,9 @@ from arcface_kernels.backends import FUSED_BACKEND_NAMES
 
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 # Every fused backend that runs on DEVICE; backends added later join the suite unchanged.
-BACKENDS = [name for name in FUSED_BACKEND_NAMES if ak.backend_status(name, DEVICE)[0]]
+# ARCFACE_KERNELS_TEST_BACKENDS=triton,cuda keeps only those (bench/gpu.py runs the suite per backend).
+_ONLY = [b for b in os.environ.get("ARCFACE_KERNELS_TEST_BACKENDS", "").split(",") if b]
+BACKENDS = [name for name in FUSED_BACKEND_NAMES if ak.backend_status(name, DEVICE)[0] and (not _ONLY or name in _ONLY)]
 
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

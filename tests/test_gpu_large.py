@@ -1,8 +1,11 @@
-"""Headline-size checks on a GPU (skipped without one): accuracy and peak memory."""
+"""Headline-size checks on a GPU (skipped without one): accuracy and peak memory, and the
+self-check's data (arcface_kernels/selfcheck.py: float64 reference, rows near their class centre,
+several backward chunks, lse compared) per backend and dtype at its tolerances."""
 
 import pytest
 import torch
 
+from arcface_kernels import backend_status, selfcheck
 from conftest import BACKENDS
 from helpers import loss_and_grads, make_problem, rel_err
 
@@ -32,3 +35,12 @@ def test_headline_shape_bf16(backend_name):
     assert extra < EXTRA_MEMORY_LIMIT[backend_name], f"{extra / 2**20:.0f} MiB extra"
     # and no N x C-sized allocation could have happened
     assert extra < n * c * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_selfcheck_data(backend_name, dtype):
+    if not backend_status(backend_name, torch.device("cuda"), dtype)[0]:
+        pytest.skip(f"{backend_name} does not take {dtype}")
+    passed, errors = selfcheck.check(backend_name, "cuda", dtype)
+    assert passed, (errors, selfcheck.TOLERANCE[dtype])

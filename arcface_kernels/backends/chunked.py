@@ -144,6 +144,6 @@ register_backend(
         backward=backward,
         available=lambda device: (True, ""),
         dtypes=FLOAT_DTYPES,
-        priority=lambda device: 0,
+        priority=lambda device, dtype: 10,
     )
 )

@@ -80,5 +80,6 @@ class Backend:
     available: Callable[[torch.device], tuple]
     # the input dtypes it takes; "auto" skips it for others, an explicit request gets an error
     dtypes: tuple
-    # "auto" picks the highest priority among the backends that take the device and dtype
-    priority: Callable[[torch.device], int]
+    # priority(device, dtype): "auto" picks the highest among the backends that take the device
+    # and dtype; below 0: never picked by "auto" on that device (tests only)
+    priority: Callable[[torch.device, torch.dtype], int]

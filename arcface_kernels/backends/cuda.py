@@ -102,5 +102,5 @@ register_backend(Backend(
     available=_available,
     dtypes=KERNEL_DTYPES,
     # above triton and torch on a GPU: to be confirmed by measurement (docs/backends/cuda.md)
-    priority=lambda device: 20 if device.type == "cuda" else -1,
+    priority=lambda device, dtype: 20 if device.type == "cuda" else -1,
 ))

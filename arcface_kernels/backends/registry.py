@@ -71,9 +71,9 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> Resolution:
             raise ValueError(f"backend={name!r} {reason}; use backend='torch' or 'auto' for such inputs")
         return Resolution(name, "requested")
     passed_over = []
-    for candidate in sorted(_BACKENDS.values(), key=lambda b: -b.priority(device)):
+    for candidate in sorted(_BACKENDS.values(), key=lambda b: -b.priority(device, dtype)):
         ok, reason = backend_status(candidate.name, device, dtype)
-        if ok and candidate.priority(device) >= 0:
+        if ok and candidate.priority(device, dtype) >= 0:
             why = "; ".join(passed_over) or "the highest-priority backend"
             return Resolution(candidate.name, f"auto on {device.type} for {dtype}: {why}")
         passed_over.append(f"{candidate.name} {reason or 'is for tests only on this device'}")

@@ -40,6 +40,14 @@ def _available(device):
     return False, "needs a CUDA device (or TRITON_INTERPRET=1 for tests on the CPU)"
 
 
+def _priority(device, dtype):
+    if device.type != "cuda":
+        return -1
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
+        return 5
+    return 30
+
+
 def _dot_precision(dtype):
     """float32 dots use tf32 only where torch's own matmul setting allows it."""
     if dtype == torch.float32 and not _interpreted() and float32_matmul_uses_tf32():
@@ -133,7 +141,8 @@ register_backend(Backend(
     available=_available,
     dtypes=KERNEL_DTYPES,
     # On a GPU first: the cost models predict it fastest at every headline shape (bench/cost_model.py,
-    # docs/backends/triton.md; bench/cost_model_cuda.py for `cuda`), until measurements say otherwise.
-    # On the CPU the interpreter is for tests only.
-    priority=lambda device: 30 if device.type == "cuda" else -1,
+    # docs/backends/triton.md and cuda.md), until measurements say otherwise.
+    # On the CPU the interpreter is for tests only. bf16 below sm_80: Triton compiles the dot to
+    # scalar FMAs (no bf16 tensor cores), so after `cuda` and `torch` (cuBLAS).
+    priority=_priority,
 ))
