@@ -98,7 +98,7 @@ ARCFACE_HD float class_cosine(const float* dots, const float* rw, float rx, int6
   *pick = 0;
   for (int k = 1; k < k_count; ++k) {
     const float c = dots[j * k_count + k] * rx * rw[j * k_count + k];
-    if (c > best) {
+    if (c > best || c != c) {  // a NaN propagates, as torch.max: never a finite wrong loss
       best = c;
       *pick = k;
     }

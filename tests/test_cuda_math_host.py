@@ -150,6 +150,15 @@ def test_class_cosine_takes_the_best_sub_centre(harness, k):
     assert torch.equal(out[:, 1].long(), pick)
 
 
+def test_class_cosine_propagates_a_nan_sub_centre(harness):
+    """As torch.max: a NaN in any sub-centre makes the class's cosine NaN (a skipped NaN row would
+    give a finite wrong loss)."""
+    dots = torch.tensor([[0.1, 0.5, float("nan")], [float("nan"), 0.5, 0.2], [0.1, float("nan"), 0.2]])
+    records = torch.cat([torch.ones(3, 1), dots, torch.ones(3, 3)], 1)
+    out = harness(["class_cosine", 3], records.numpy(), 2)
+    assert torch.isnan(out[:, 0]).all()
+
+
 @pytest.mark.parametrize("width,segments,threads", [(1, 1, 1), (7, 3, 4), (1000, 5, 8), (1000, 1, 256)])
 def test_segment_statistics_merge_to_the_row_statistics(harness, width, segments, threads):
     """Online (max, sum-exp) per thread, merged over threads and segments in a fixed order (empty

@@ -57,7 +57,8 @@ def class_cosines(x_ptr, rows, row_mask, rx, stride_x, w_ptr, rw_ptr, classes, c
         cos_k = cosine(x_ptr, rows, row_mask, rx, stride_x, w_ptr, classes * K + k, class_mask, rw, stride_w, D,
                        BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
         pick = tl.where(cos_k > best, k, pick)
-        best = tl.maximum(best, cos_k)
+        # NaN-propagating, as torch.max: a NaN sub-centre row must not be skipped (a finite wrong loss)
+        best = tl.maximum(best, cos_k, propagate_nan=tl.PropagateNan.ALL)
     return best, pick
 
 
