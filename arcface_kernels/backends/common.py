@@ -34,9 +34,25 @@ def workspace_budget(nbytes: int):
         _workspace_budget.reset(token)
 
 
-def classes_per_chunk(bytes_per_class: int) -> int:
-    """How many classes one chunk may hold when each costs `bytes_per_class` of workspace."""
-    return max(1, get_workspace_budget() // max(1, bytes_per_class))
+def classes_per_chunk(bytes_per_class: int, reserved: int = 0) -> int:
+    """How many classes one chunk may hold when each costs `bytes_per_class` of workspace and
+    `reserved` bytes of it are taken by buffers that do not grow with the chunk."""
+    return max(1, (get_workspace_budget() - reserved) // max(1, bytes_per_class))
+
+
+# The `torch` backend's tile on a CPU: its element-wise passes and reductions run at cache speed
+# when the tile stays in L2 between the GEMM that writes it and the passes that read it, and the
+# GEMMs keep their rate down to a few hundred classes per chunk (docs/backends/torch.md has the
+# measurements that chose it). On a GPU the budget alone sizes the chunk.
+CPU_TILE_BYTES = 1 * 2**20
+
+
+def tile_classes(bytes_per_class: int, device=None) -> int:
+    """The most classes a chunk's tile should hold on `device` for speed (not memory): bounded
+    on a CPU by CPU_TILE_BYTES, unbounded elsewhere."""
+    if device is not None and torch.device(device).type != "cpu":
+        return 2**62
+    return max(1, CPU_TILE_BYTES // max(1, bytes_per_class))
 
 
 # Rows are upcast for their norms a slice at a time: a float32 copy of a bf16 weight with
