@@ -182,7 +182,7 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
     bias = (-lse.to(cdt))[:, None]
     # the target entry of P: G_iy = target_dcos rx rw_y, i.e. P_iy = target_dcos / (s g)
     target_p = torch.where(g != 0, target_dcos.to(cdt) / torch.where(g != 0, s * g, 1.0), 0.0)
-    proj_w = projection_scale(norms.rw)
+    projected = (projection_scale(norms.rw) > 0).to(cdt)  # 0 on rows clamped at eps (common.projection_scale)
     b = torch.zeros(n, walk.dim, dtype=cdt, device=x.device)
     dw = torch.empty(w.shape, dtype=dw_dtype, device=w.device)
     a_buffer = torch.empty_like(walk.w_buffer)
@@ -209,7 +209,9 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
         b.addmm_(p, ws)
         a = torch.mm(p.T, xa, out=a_buffer[: width * walk.dim].view(width, walk.dim))
         a.mul_(walk.rw[rows][:, None])
-        _project(a, w_rows, proj_w[rows], dw[rows])  # eq. (24), rounded once into dw_dtype
+        # eq. (24) with ws = rw w: pw (w . A) w = [pw > 0] (ws . A) ws, rounded once into dw_dtype
+        coef = torch.linalg.vecdot(a, ws, dim=1).mul_(projected[rows])
+        torch.addcmul(a, ws, coef[:, None], value=-1.0, out=dw[rows])
     del walk, xa, a_buffer
     b.mul_(row_factor[:, None])
     dx = torch.empty_like(b)

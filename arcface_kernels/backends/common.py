@@ -68,6 +68,23 @@ def _safe_exponent(dtype: torch.dtype) -> int:
     return math.frexp(torch.finfo(dtype).max)[1] // 2 - 16
 
 
+def _plain_norms(v: torch.Tensor, dtype: torch.dtype):
+    """|v_i| in one pass per slice, or None where some row is outside the range in which the plain
+    sum of squares is exact to rounding and needs no overflow scaling: norms below 2**(safe - 1)
+    (every entry below 2**_safe_exponent, the squares finite) and, unless the row is clamped at
+    NORM_EPS anyway, above 2**-40 (squares of entries that matter far above the underflow). The
+    usual case: it skips the infinity-norm pass and the scaled copy of every row."""
+    norms = torch.empty(v.shape[0], dtype=dtype, device=v.device)
+    step = max(1, _NORM_SLICE_BYTES // (max(v.shape[1], 1) * 8))
+    for start in range(0, v.shape[0], step):
+        norms[start : start + step] = torch.linalg.vector_norm(v[start : start + step], dim=1, dtype=dtype)
+    high = 2.0 ** (_safe_exponent(dtype) - 1)
+    low = min(2.0**-40, NORM_EPS)
+    if bool(((norms < high) & ((norms > low) | (norms == 0))).all()):
+        return norms
+    return None
+
+
 def _exponents_and_unit_norms(v: torch.Tensor, dtype: torch.dtype):
     """Per row, e with max_k |v_ik| = m 2**e (m in [0.5, 1)) and |v_i| / 2**e, the norm taken of the
     row scaled by 2**-e (exact): no square overflows or underflows, whatever the row's magnitude."""
@@ -90,6 +107,9 @@ def _inverse(unit_norms, exponents, dtype):
 def inverse_norms(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """1 / max(|v_i|, eps) per row, in `dtype`, with no overflow in the squares (a row's norm
     may exceed `dtype`'s range only if its entries nearly do)."""
+    plain = _plain_norms(v, dtype)
+    if plain is not None:
+        return 1.0 / plain.clamp_min(NORM_EPS)
     exponents, unit_norms = _exponents_and_unit_norms(v, dtype)
     return _inverse(unit_norms, exponents, dtype)
 
@@ -114,6 +134,9 @@ def overflow_safe_rows(v: torch.Tensor, dtype: torch.dtype):
     row. Returns (v, inverse norms, None) when no row needs it (the usual case: no copy; one host
     sync to know).
     """
+    plain = _plain_norms(v, dtype)
+    if plain is not None:  # no row near overflow: nothing to scale
+        return v, 1.0 / plain.clamp_min(NORM_EPS), None
     exponents, unit_norms = _exponents_and_unit_norms(v, dtype)
     shift = _overflow_shifts(exponents, dtype)
     inverse = _inverse(unit_norms, exponents - shift, dtype)
