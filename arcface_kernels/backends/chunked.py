@@ -211,7 +211,7 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
         a.mul_(walk.rw[rows][:, None])
         # eq. (24) with ws = rw w: pw (w . A) w = [pw > 0] (ws . A) ws, rounded once into dw_dtype
         coef = torch.linalg.vecdot(a, ws, dim=1).mul_(projected[rows])
-        torch.addcmul(a, ws, coef[:, None], value=-1.0, out=dw[rows])
+        torch.sub(a, ws.mul_(coef[:, None]), out=dw[rows])  # ws is spent: the next chunk rewrites it
     del walk, xa, a_buffer
     b.mul_(row_factor[:, None])
     dx = torch.empty_like(b)
