@@ -118,14 +118,9 @@ def forward(x, w, labels, options, norms):
     cdt, n, k, s = walk.cdt, walk.n, walk.k, walk.s
     device = x.device
 
-    def stat(value):
-        return torch.full((n,), value, dtype=cdt, device=device)
-
     neg_inf = torch.tensor(-float("inf"), dtype=cdt, device=device)
-    nt_max, nt_sum, nt_logit_sum = stat(-float("inf")), stat(0.0), stat(0.0)
-    target_z, best_z = stat(0.0), stat(-float("inf"))
-    best_class = torch.zeros(n, dtype=torch.int64, device=device)
     smoothing = options.label_smoothing != 0
+    first = True
     for start, stop in walk.chunks():
         ws, _, _ = walk.scaled_rows(start, stop)
         z = torch.mm(walk.xs, ws.T, out=walk.tile(ws.shape[0]))
@@ -134,14 +129,28 @@ def forward(x, w, labels, options, norms):
         inside, flat, local = walk.targets(start, stop)
         flat_z = z.view(-1)
         z_y = flat_z[flat]
-        target_z = torch.where(inside, z_y, target_z)
         if smoothing:
-            nt_logit_sum += z.sum(1) - torch.where(inside, z_y, 0.0)
+            chunk_logit_sum = z.sum(1) - torch.where(inside, z_y, 0.0)
         flat_z[flat] = torch.where(inside, neg_inf, z_y)  # the target's term is kept apart
         chunk_max = z.amax(dim=1)
-        # top-1 of the plain cosines: an argmax only where this chunk holds a better one; the
-        # lowest class wins ties (earlier chunks first, then the lowest index in the chunk)
+        # top-1 of the plain cosines, the lowest class on ties (earlier chunks first, then the
+        # lowest index in the chunk): after the first chunk, an argmax only where a chunk holds
+        # a better cosine
         plain_max = torch.where(inside, torch.maximum(chunk_max, z_y), chunk_max)
+        if first:
+            arg = z.argmax(dim=1)
+            target_wins = inside & ((z_y > chunk_max) | ((z_y == chunk_max) & (local < arg)))
+            best_class, best_z, target_z = torch.where(target_wins, local, arg), plain_max, z_y
+            # online log-sum-exp of the non-target logits (eq. (10)); an all -inf row adds 0
+            shift = torch.where(chunk_max == -float("inf"), 0.0, chunk_max)
+            nt_max, nt_sum = chunk_max, z.sub_(shift[:, None]).exp_().sum(1)
+            nt_logit_sum = chunk_logit_sum if smoothing else None
+            first = False
+            del z, flat_z
+            continue
+        target_z = torch.where(inside, z_y, target_z)
+        if smoothing:
+            nt_logit_sum += chunk_logit_sum
         better = (plain_max > best_z).nonzero().squeeze(1)
         if better.numel():
             # a copy of at most an eighth of the tile (chunk_classes); else one pass over all of it
@@ -152,13 +161,19 @@ def forward(x, w, labels, options, norms):
             target_wins = inside[better] & ((t_better > at) | ((t_better == at) & (y_better < arg)))
             best_class[better] = torch.where(target_wins, y_better, arg) + start
             best_z[better] = plain_max[better]
-        # online log-sum-exp of the non-target logits (eq. (10)); an all -inf chunk row adds 0
         new_max = torch.maximum(nt_max, chunk_max)
         shift = torch.where(new_max == -float("inf"), 0.0, new_max)
         chunk_sum = z.sub_(shift[:, None]).exp_().sum(1)
         nt_sum = nt_sum.mul_(torch.exp(nt_max - shift)).add_(chunk_sum)
         nt_max = new_max
         del z, flat_z  # with sub-centres z is this chunk's own tile: freed before the next one
+    if first:  # no classes
+        nt_sum = torch.zeros(n, dtype=cdt, device=device)
+        nt_max = torch.full_like(nt_sum, -float("inf"))
+        target_z, best_z, nt_logit_sum = torch.zeros_like(nt_sum), nt_max.clone(), torch.zeros_like(nt_sum)
+        best_class = torch.zeros(n, dtype=torch.int64, device=device)
+    if not smoothing:
+        nt_logit_sum = torch.zeros_like(nt_sum)
     has_target = labels >= 0
     target_cos = torch.where(has_target, target_z / s, 0.0)
     target_logit = torch.where(has_target, s * phi(target_cos, options.m1, options.m2, options.m3,
