@@ -40,11 +40,12 @@ def classes_per_chunk(bytes_per_class: int, reserved: int = 0) -> int:
     return max(1, (get_workspace_budget() - reserved) // max(1, bytes_per_class))
 
 
-# The `torch` backend's tile on a CPU: its element-wise passes and reductions run at cache speed
-# when the tile stays in L2 between the GEMM that writes it and the passes that read it, and the
-# GEMMs keep their rate down to a few hundred classes per chunk (docs/backends/torch.md has the
-# measurements that chose it). On a GPU the budget alone sizes the chunk.
-CPU_TILE_BYTES = 1 * 2**20
+# The `torch` backend's tile on a CPU, at most (the workspace budget bounds it too): measured on
+# 2 cores (docs/backends/torch.md), 1-4 MiB tiles run 1.4-8x the floor (tens of small ops per
+# chunk, each an OpenMP region), 16 MiB and the 64 MiB budget within noise of each other
+# (1.28 / 1.05, 1.17 / 1.20, 0.89 / 1.01 of the floor): 16 MiB, for a quarter of the memory.
+# On a GPU the budget alone sizes the chunk.
+CPU_TILE_BYTES = 16 * 2**20
 
 
 def tile_classes(bytes_per_class: int, device=None) -> int:
