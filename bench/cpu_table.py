@@ -12,7 +12,9 @@ medians reported:
 - ours: ArcFace (s = 64, m2 = 0.5) on the `torch` backend, raw inputs (the op normalizes).
 - ours m=0: the same at m2 = 0 (plain normalized softmax), for the cross-entropy peers.
 - floor: the four chunked matmuls of a head that never stores N x C (X W_c^T, its recompute,
-  G W_c, G^T X; docs/design.md eq. (25)), 2048 classes per chunk, measured in the same run.
+  G W_c, G^T X; docs/design.md eq. (25)), measured in the same run, in chunks of the tile size
+  the `torch` backend uses on a CPU (common.CPU_TILE_BYTES): smaller chunks make the floor itself
+  slower on a loaded 2-core machine.
 - F.linear_cross_entropy: torch's own fused linear + cross-entropy on pre-normalized inputs
   (s x^ and w^, normalization not timed: flattering it), default path (materializes N x C) and
   chunked path (LinearCrossEntropyOptions() and batch_chunk_size=512).
@@ -39,12 +41,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import arcface_kernels as ak
+from arcface_kernels.backends.common import CPU_TILE_BYTES
 
 from .peers import insightface_style
 
 SHAPES = ((256, 100_000, 512), (256, 1_000_000, 128), (1024, 100_000, 128), (64, 8, 2))
 SPEC = dict(scale=64.0, m1=1.0, m2=0.5, m3=0.0)
-FLOOR_CHUNK = 2048
 
 
 class PeakBytes(TorchDispatchMode):
@@ -83,15 +85,16 @@ class PeakBytes(TorchDispatchMode):
 
 def floor_step(n, c, d, dtype):
     """The four (N x chunk) matmuls per class chunk, on preallocated buffers."""
+    chunk = max(1, min(c, CPU_TILE_BYTES // (n * 4)))
     x = torch.randn(n, d, dtype=dtype)
     w = torch.randn(c, d, dtype=dtype)
-    tile = torch.empty(n, min(FLOOR_CHUNK, c), dtype=dtype)
+    tile = torch.empty(n, min(chunk, c), dtype=dtype)
     b = torch.zeros(n, d, dtype=dtype)
-    a = torch.empty(min(FLOOR_CHUNK, c), d, dtype=dtype)
+    a = torch.empty(min(chunk, c), d, dtype=dtype)
 
     def run():
-        for start in range(0, c, FLOOR_CHUNK):
-            wc = w[start : start + FLOOR_CHUNK]
+        for start in range(0, c, chunk):
+            wc = w[start : start + chunk]
             t = tile[:, : wc.shape[0]]
             torch.mm(x, wc.T, out=t)       # forward
             torch.mm(x, wc.T, out=t)       # recompute in backward

@@ -75,13 +75,21 @@ def _plain_norms(v: torch.Tensor, dtype: torch.dtype):
     (every entry below 2**_safe_exponent, the squares finite) and, unless the row is clamped at
     NORM_EPS anyway, above 2**-40 (squares of entries that matter far above the underflow). The
     usual case: it skips the infinity-norm pass and the scaled copy of every row."""
-    norms = torch.empty(v.shape[0], dtype=dtype, device=v.device)
     step = max(1, _NORM_SLICE_BYTES // (max(v.shape[1], 1) * 8))
-    for start in range(0, v.shape[0], step):
-        norms[start : start + step] = torch.linalg.vector_norm(v[start : start + step], dim=1, dtype=dtype)
+    if v.shape[0] <= step:
+        norms = torch.linalg.vector_norm(v, dim=1, dtype=dtype)
+    else:
+        norms = torch.empty(v.shape[0], dtype=dtype, device=v.device)
+        for start in range(0, v.shape[0], step):
+            norms[start : start + step] = torch.linalg.vector_norm(v[start : start + step], dim=1, dtype=dtype)
+    if norms.numel() == 0:
+        return norms
     high = 2.0 ** (_safe_exponent(dtype) - 1)
     low = min(2.0**-40, NORM_EPS)
-    if bool(((norms < high) & ((norms > low) | (norms == 0))).all()):
+    smallest, largest = (float(m) for m in torch.aminmax(norms))  # one host sync
+    if not largest < high:  # NaN included: the careful path decides
+        return None
+    if smallest > low or bool(((norms > low) | (norms == 0)).all()):
         return norms
     return None
 
