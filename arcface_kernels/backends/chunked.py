@@ -2,8 +2,8 @@
 
 Runs on any device and dtype and computes in the compute dtype (float32; float64 for float64).
 One (N x chunk) tile buffer is reused by every chunk, sized by the workspace budget
-(common.workspace_budget) and, on a CPU, kept cache-sized (common.tile_bytes): no N x C tensor
-ever exists. Math: docs/design.md sections 4-5; the pass plan: docs/backends/torch.md.
+(common.workspace_budget) and, on a CPU, by common.CPU_TILE_BYTES: no N x C tensor ever exists.
+Math: docs/design.md sections 4-5; the pass plan: docs/backends/torch.md.
 
 The scalings are folded into the GEMM operands rather than applied to the tiles:
 
@@ -44,10 +44,11 @@ _ARGMAX_COPY_FRACTION = 8
 
 def chunk_classes(n_rows, sub_centers, dim, dtype, device=None):
     """Classes per chunk so that everything a chunk allocates fits in the workspace budget: the
-    (N x chunk * K) tile buffer, with sub-centers also the per-class max and its int64 index, and
-    three (chunk * K x D) blocks (the scaled class rows, their gradient and the projection's
-    product); the N x D operands and accumulators (xs, Xa, B) come out of the budget first. On a
-    CPU the tile is also kept within common.tile_bytes (cache-resident passes)."""
+    (N x chunk * K) tile buffer and a copy of an eighth of its rows (the top-1's argmax), with
+    sub-centers also the per-class max and its int64 index, and three (chunk * K x D) blocks (the
+    scaled class rows, their gradient and a temporary); the N x D operands and accumulators (xs,
+    Xa, B) come out of the budget first. On a CPU the tile is also kept within
+    common.CPU_TILE_BYTES (common.tile_classes)."""
     itemsize = torch.finfo(dtype).bits // 8
     k, n = sub_centers, max(n_rows, 1)
     per_class = (n * k * itemsize + n * itemsize // _ARGMAX_COPY_FRACTION + (n * (itemsize + 8) if k > 1 else 0)
