@@ -86,7 +86,7 @@ def _plain_norms(v: torch.Tensor, dtype: torch.dtype):
         return norms
     high = 2.0 ** (_safe_exponent(dtype) - 1)
     low = min(2.0**-40, NORM_EPS)
-    smallest, largest = (float(m) for m in torch.aminmax(norms))  # one host sync
+    smallest, largest = torch.stack(torch.aminmax(norms)).tolist()  # one host sync
     if not largest < high:  # NaN included: the careful path decides
         return None
     if smallest > low or bool(((norms > low) | (norms == 0)).all()):
