@@ -7,7 +7,6 @@ object. Adding an option means a field here, its rule in validation.py, and the 
 uses it.
 """
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -63,11 +62,18 @@ class LossOptions:
     def for_rows(self, n: int, device: torch.device, dtype: torch.dtype) -> "LossOptions":
         """The same options with m1, m2, m3 as (N,) tensors of `dtype` on `device` (floats
         broadcast). Margins carry no gradient: a margin tensor that requires grad is refused
-        at construction (validation.py)."""
-        rows = copy.copy(self)  # not validated again: only the margins change, checked by row_margin
-        for name in MARGIN_NAMES:
-            object.__setattr__(rows, name, validation.row_margin(name, getattr(self, name), n, device, dtype))
-        return rows
+        at construction (validation.py). The settings were validated when `self` was built:
+        they are not validated again (once per head, not per step)."""
+        margins = {name: validation.row_margin(name, getattr(self, name), n, device, dtype) for name in MARGIN_NAMES}
+        return self._validated(**{**{f.name: getattr(self, f.name) for f in _SCALAR_FIELDS}, **margins})
+
+    @classmethod
+    def _validated(cls, **fields) -> "LossOptions":
+        """Options from settings that a LossOptions already validated (no second check)."""
+        options = object.__new__(cls)
+        for name, value in fields.items():
+            object.__setattr__(options, name, value)
+        return options
 
     # -- the torch.library boundary ------------------------------------------------------------
 
@@ -77,8 +83,9 @@ class LossOptions:
 
     @classmethod
     def unflatten(cls, values, m1: Tensor, m2: Tensor, m3: Tensor) -> "LossOptions":
+        """The options `flatten` encoded (validated when they were built: not checked again)."""
         scalars = {f.name: _decode(f, v) for f, v in zip(_SCALAR_FIELDS, values)}
-        return cls(m1=m1, m2=m2, m3=m3, **scalars)
+        return cls._validated(m1=m1, m2=m2, m3=m3, **scalars)
 
 
 def make_options(owner: str, **settings) -> LossOptions:

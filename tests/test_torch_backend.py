@@ -52,3 +52,35 @@ def test_float64_end_to_end_margins_included():
     for got, ref in zip((loss, dx, dw), want):
         assert got.dtype == torch.float64
         assert rel_err(got, ref) < 1e-12
+
+
+def test_one_pass_norms_give_the_bits_of_the_overflow_safe_path():
+    # common._plain_norms (one 2-norm pass) where no row is near overflow or underflow; the
+    # careful path (infinity norm, rows scaled by a power of two) elsewhere: the same bits.
+    from arcface_kernels.backends import common
+
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(300, 37, generator=g) * torch.logspace(-8, 8, 300)[:, None]
+    v[5] = 0.0
+    careful = common._inverse(*reversed(common._exponents_and_unit_norms(v, torch.float32)), torch.float32)
+    assert common._plain_norms(v, torch.float32) is not None
+    assert torch.equal(common.inverse_norms(v, torch.float32), careful)
+    for extreme in (2.0**60, 2.0**-70):  # near overflow of the squares, below the plain path's floor
+        w = v.clone()
+        w[7] = extreme * v[7] / v[7].norm()
+        assert common._plain_norms(w, torch.float32) is None
+        want = common._inverse(*reversed(common._exponents_and_unit_norms(w, torch.float32)), torch.float32)
+        assert torch.equal(common.inverse_norms(w, torch.float32), want)
+
+
+def test_options_are_validated_once_per_call(monkeypatch):
+    # for_rows and the op's unflatten (forward and backward) rebuild validated settings unchecked.
+    from arcface_kernels import validation
+
+    calls = []
+    check = validation.check_options
+    monkeypatch.setattr(validation, "check_options", lambda options: calls.append(1) or check(options))
+    x, w, y = make_problem(6, 11, 5, seed=4)
+    w.requires_grad_(True)
+    ak.margin_softmax_loss(x, w, y, label_smoothing=0.1, backend="torch").backward()
+    assert len(calls) == 1

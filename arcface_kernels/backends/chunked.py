@@ -1,33 +1,65 @@
 """The `torch` backend: the fused op in plain PyTorch, walking the classes in chunks.
 
-Runs on any device and dtype. Each chunk holds a few (N x chunk) tiles in the compute dtype,
-sized so that they fit in the workspace budget (common.workspace_budget): no N x C tensor
-ever exists. Math: docs/design.md sections 3-4 (online log-sum-exp forward, recompute in
-backward).
+Runs on any device and dtype and computes in the compute dtype (float32; float64 for float64).
+One (N x chunk) tile buffer is reused by every chunk, sized by the workspace budget
+(common.workspace_budget) and, on a CPU, by common.CPU_TILE_BYTES: no N x C tensor ever exists.
+Math: docs/design.md sections 4-5; the pass plan: docs/backends/torch.md.
+
+The scalings are folded into the GEMM operands rather than applied to the tiles:
+
+    xs = (s rx) * X          once per call (N x D)
+    ws = rw * W_c            once per chunk (chunk x D), read by every GEMM of the chunk
+    Z  = xs ws^T             = s cos, the tile (the target column patched in place)
+
+Forward, per tile: the target column is read and set to -inf (O(N)), then a row max, one
+exp pass and a row sum give the online log-sum-exp of the non-target logits (eq. (10)); the
+margin phi is applied once per row after the loop, and the target's exp joins there, so the
+non-target sum (PartialStats.nontarget_sum_exp) is kept apart at no cost. The top-1 class
+needs an argmax only on the rows whose best cosine this chunk improves.
+
+Backward, per tile: P = exp(Z - lse) straight from the GEMM (addmm with the bias -lse), the
+target entry patched (O(N)), and then, with a = s g rx,
+
+    G = diag(a) P diag(rw)    (never formed)
+    B += P ws                 so that  G W_c = diag(a) P ws
+    A_c = rw * (P^T Xa)       Xa = a * X, once per call
+    dW_c = A_c - pw (w . A_c) w,   dX = B - px (x . B) x   with B = a * sum of P ws
+
+(eqs. (20)-(24)): two element-wise passes over a tile in forward (max, exp; the sum reads it),
+one in backward (exp), plus the GEMMs that write and read it.
 """
 
 import torch
 
 from ..dtypes import FLOAT_DTYPES, compute_dtype
 from ..margins import phi
-from .common import classes_per_chunk, projection_scale
+from .common import classes_per_chunk, projection_scale, tile_classes
 from .contract import Backend, PartialStats
 from .registry import register_backend
 
+# forward: the rows whose best cosine a chunk improves get their argmax from a copy of those rows
+# while they are at most 1 / this of the rows (the first chunks: a pass over the whole tile)
+_ARGMAX_COPY_FRACTION = 8
 
-def chunk_classes(n_rows, sub_centers, dim, dtype):
-    """Classes per chunk so that everything a chunk allocates fits in the workspace budget:
-    at most three live (N x chunk * K) tiles (backward: cosines, dcos, dcos * cos), with
-    sub-centers also the per-class max and its int64 index, and four (chunk * K x D) blocks (the
-    class rows in the compute dtype, their gradient, its correction and its cast)."""
+
+def chunk_classes(n_rows, sub_centers, dim, dtype, device=None):
+    """Classes per chunk so that everything a chunk allocates fits in the workspace budget: the
+    (N x chunk * K) tile buffer and a copy of an eighth of its rows (the top-1's argmax), with
+    sub-centers also the per-class max and its int64 index, and three (chunk * K x D) blocks (the
+    scaled class rows, their gradient and a temporary); the N x D operands and accumulators (xs,
+    Xa, B) come out of the budget first. On a CPU the tile is also kept within
+    common.CPU_TILE_BYTES (common.tile_classes)."""
     itemsize = torch.finfo(dtype).bits // 8
     k, n = sub_centers, max(n_rows, 1)
-    tiles = 3 * n * k * itemsize + (n * (itemsize + 8) if k > 1 else 0)
-    return classes_per_chunk(tiles + 4 * k * dim * itemsize)
+    per_class = (n * k * itemsize + n * itemsize // _ARGMAX_COPY_FRACTION + (n * (itemsize + 8) if k > 1 else 0)
+                 + 3 * k * dim * itemsize)
+    fixed = 3 * n * dim * itemsize
+    budget_classes = classes_per_chunk(per_class, reserved=fixed)
+    return max(1, min(budget_classes, tile_classes(n * k * itemsize, device)))
 
 
 class ChunkCosines:
-    """Cosines of all rows against one class chunk, max over sub-centers."""
+    """Cosines of all rows against one class chunk, max over sub-centers (predict.topk_classes)."""
 
     def __init__(self, x, rx, w, rw, start, stop, sub_centers):
         k = sub_centers
@@ -41,100 +73,173 @@ class ChunkCosines:
             self.cos, self.pick = raw.view(raw.shape[0], stop - start, k).max(dim=2)
 
 
-def _target_in_chunk(labels, start, stop):
-    inside = (labels >= start) & (labels < stop)
-    return inside, torch.where(inside, labels - start, 0)
+class _Walk:
+    """What every chunk of one call shares: the scaled rows, the reused buffers, the targets."""
+
+    def __init__(self, x, w, labels, options, norms):
+        self.cdt = cdt = compute_dtype(x.dtype)
+        self.n, self.dim = x.shape
+        self.k = options.sub_centers
+        self.n_classes = w.shape[0] // self.k
+        self.w, self.rw = w, norms.rw
+        self.s = options.scale
+        # the scale and the row norms folded into the GEMM's left operand (one N x D pass)
+        self.xs = torch.mul(x, (norms.rx * self.s).to(cdt)[:, None])
+        self.step = chunk_classes(self.n, self.k, self.dim, cdt, x.device)
+        width = min(self.step, max(self.n_classes, 1)) * self.k
+        self.tile_buffer = torch.empty(self.n * width, dtype=cdt, device=x.device)
+        self.w_buffer = torch.empty(width * self.dim, dtype=cdt, device=x.device)
+        self.labels = labels
+        self.rows = torch.arange(self.n, device=x.device)
+
+    def chunks(self):
+        for start in range(0, self.n_classes, self.step):
+            yield start, min(start + self.step, self.n_classes)
+
+    def scaled_rows(self, start, stop):
+        """ws = rw * W_c in the compute dtype, in the reused buffer."""
+        rows = slice(start * self.k, stop * self.k)
+        w_rows = self.w[rows]
+        out = self.w_buffer[: w_rows.numel()].view(w_rows.shape)
+        return torch.mul(w_rows, self.rw[rows][:, None], out=out), w_rows, rows
+
+    def tile(self, width):
+        return self.tile_buffer[: self.n * width].view(self.n, width)
+
+    def targets(self, start, stop):
+        """(inside, flat index of each row's target entry in an (N x classes) tile, 0 where outside)."""
+        local = self.labels - start
+        inside = (local >= 0) & (local < stop - start)
+        flat = self.rows * (stop - start) + torch.where(inside, local, 0)
+        return inside, flat, local
 
 
 def forward(x, w, labels, options, norms):
-    cdt = compute_dtype(x.dtype)
-    n, dim = x.shape
-    n_classes = w.shape[0] // options.sub_centers
-    m1, m2, m3 = options.m1, options.m2, options.m3
-    xc = x.to(cdt)
-    rx, rw = norms
-    s = options.scale
+    walk = _Walk(x, w, labels, options, norms)
+    cdt, n, k, s = walk.cdt, walk.n, walk.k, walk.s
+    device = x.device
 
-    def stat(value):
-        return torch.full((n,), value, dtype=cdt, device=x.device)
-
-    row_max, sum_exp, nontarget_sum_exp, logit_sum = stat(-float("inf")), stat(0.0), stat(0.0), stat(0.0)
-    target_logit, target_cos, best_cos = stat(0.0), stat(0.0), stat(-float("inf"))
-    best_class = torch.zeros(n, dtype=torch.int64, device=x.device)
-    rows = torch.arange(n, device=x.device)
-    step = chunk_classes(n, options.sub_centers, dim, cdt)
-    for start in range(0, n_classes, step):
-        stop = min(start + step, n_classes)
-        tile = ChunkCosines(xc, rx, w, rw, start, stop, options.sub_centers)
-        cos = tile.cos
-        inside, local = _target_in_chunk(labels, start, stop)
-        cos_y = cos[rows, local]
-        margined = s * phi(cos_y, m1, m2, m3, options.easy_margin)
-        z = cos * s
-        z[rows, local] = torch.where(inside, margined, z[rows, local])
-        target_logit = torch.where(inside, margined, target_logit)
-        target_cos = torch.where(inside, cos_y, target_cos)
-        logit_sum = logit_sum + z.sum(1)
-        # online (max, sum-exp) merge; the target's term is kept apart so that the loss of a
-        # well-classified row is not the difference of two nearly equal numbers (op.finalize)
-        new_max = torch.maximum(row_max, z.max(dim=1).values)
-        rescale = torch.exp(row_max - new_max)
-        p = z.sub_(new_max[:, None]).exp_()
-        p_target = torch.where(inside, p[rows, local], 0.0)
-        p[rows, local] = torch.where(inside, 0.0, p[rows, local])
-        chunk_nontarget = p.sum(1)
-        nontarget_sum_exp = nontarget_sum_exp * rescale + chunk_nontarget
-        sum_exp = sum_exp * rescale + (chunk_nontarget + p_target)
-        row_max = new_max
-        chunk_best, chunk_arg = cos.max(dim=1)  # the first maximum: the lowest class on ties
-        better = chunk_best > best_cos  # strict: earlier chunks win ties
-        best_class = torch.where(better, chunk_arg + start, best_class)
-        best_cos = torch.where(better, chunk_best, best_cos)
-        del tile, cos, z, p  # free this chunk's tiles before the next chunk allocates its own
-    return PartialStats(row_max, sum_exp, target_logit, logit_sum, target_cos, best_cos, best_class,
+    neg_inf = torch.tensor(-float("inf"), dtype=cdt, device=device)
+    smoothing = options.label_smoothing != 0
+    first = True
+    for start, stop in walk.chunks():
+        ws, _, _ = walk.scaled_rows(start, stop)
+        z = torch.mm(walk.xs, ws.T, out=walk.tile(ws.shape[0]))
+        if k > 1:
+            z = z.view(n, stop - start, k).amax(dim=2)  # a class's cosine is its best sub-centre's (eq. (8))
+        inside, flat, local = walk.targets(start, stop)
+        flat_z = z.view(-1)
+        z_y = flat_z[flat]
+        if smoothing:
+            chunk_logit_sum = z.sum(1) - torch.where(inside, z_y, 0.0)
+        flat_z[flat] = torch.where(inside, neg_inf, z_y)  # the target's term is kept apart
+        chunk_max = z.amax(dim=1)
+        # top-1 of the plain cosines, the lowest class on ties (earlier chunks first, then the
+        # lowest index in the chunk): after the first chunk, an argmax only where a chunk holds
+        # a better cosine
+        plain_max = torch.where(inside, torch.maximum(chunk_max, z_y), chunk_max)
+        if first:
+            arg = z.argmax(dim=1)
+            target_wins = inside & ((z_y > chunk_max) | ((z_y == chunk_max) & (local < arg)))
+            best_class, best_z, target_z = torch.where(target_wins, local, arg), plain_max, z_y
+            # online log-sum-exp of the non-target logits (eq. (10)); an all -inf row adds 0
+            shift = torch.where(chunk_max == -float("inf"), 0.0, chunk_max)
+            nt_max, nt_sum = chunk_max, z.sub_(shift[:, None]).exp_().sum(1)
+            nt_logit_sum = chunk_logit_sum if smoothing else None
+            first = False
+            del z, flat_z
+            continue
+        target_z = torch.where(inside, z_y, target_z)
+        if smoothing:
+            nt_logit_sum += chunk_logit_sum
+        better = (plain_max > best_z).nonzero().squeeze(1)
+        if better.numel():
+            # a copy of at most an eighth of the tile (chunk_classes); else one pass over all of it
+            few = better.numel() <= n // _ARGMAX_COPY_FRACTION
+            arg = z.index_select(0, better).argmax(dim=1) if few else z.argmax(dim=1).index_select(0, better)
+            at = chunk_max[better]
+            t_better, y_better = z_y[better], local[better]
+            target_wins = inside[better] & ((t_better > at) | ((t_better == at) & (y_better < arg)))
+            best_class[better] = torch.where(target_wins, y_better, arg) + start
+            best_z[better] = plain_max[better]
+        new_max = torch.maximum(nt_max, chunk_max)
+        shift = torch.where(new_max == -float("inf"), 0.0, new_max)
+        chunk_sum = z.sub_(shift[:, None]).exp_().sum(1)
+        nt_sum = nt_sum.mul_(torch.exp(nt_max - shift)).add_(chunk_sum)
+        nt_max = new_max
+        del z, flat_z  # with sub-centres z is this chunk's own tile: freed before the next one
+    if first:  # no classes
+        nt_sum = torch.zeros(n, dtype=cdt, device=device)
+        nt_max = torch.full_like(nt_sum, -float("inf"))
+        target_z, best_z, nt_logit_sum = torch.zeros_like(nt_sum), nt_max.clone(), torch.zeros_like(nt_sum)
+        best_class = torch.zeros(n, dtype=torch.int64, device=device)
+    if not smoothing:
+        nt_logit_sum = torch.zeros_like(nt_sum)
+    has_target = labels >= 0
+    target_cos = torch.where(has_target, target_z / s, 0.0)
+    target_logit = torch.where(has_target, s * phi(target_cos, options.m1, options.m2, options.m3,
+                                                   options.easy_margin), 0.0)
+    row_max = torch.where(has_target, torch.maximum(nt_max, target_logit), nt_max)
+    shift = torch.where(row_max == -float("inf"), 0.0, row_max)
+    nontarget_sum_exp = nt_sum * torch.exp(nt_max - shift)
+    sum_exp = nontarget_sum_exp + torch.where(has_target, torch.exp(target_logit - shift), 0.0)
+    logit_sum = nt_logit_sum + target_logit if smoothing else nt_logit_sum
+    return PartialStats(row_max, sum_exp, target_logit, logit_sum, target_cos, best_z / s, best_class,
                         nontarget_sum_exp)
 
 
 def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, norms, dw_dtype):
-    cdt = compute_dtype(x.dtype)
-    n, dim = x.shape
-    k = options.sub_centers
-    n_classes = w.shape[0] // k
-    xc = x.to(cdt)
-    rx, rw = norms
-    rx2, rw2 = projection_scale(rx), projection_scale(rw)
+    walk = _Walk(x, w, labels, options, norms)
+    cdt, n, k, s = walk.cdt, walk.n, walk.k, walk.s
     g = grad_rows.to(cdt)
-    lse = lse.to(cdt)
-    s = options.scale
     smooth = options.label_smoothing / num_classes
-    rows = torch.arange(n, device=x.device)
-    dx = torch.zeros(n, dim, dtype=cdt, device=x.device)
+    row_factor = (s * g) * norms.rx  # a = s g rx: G = diag(a) P diag(rw)
+    xa = torch.mul(x, row_factor[:, None].to(cdt))
+    bias = (-lse.to(cdt))[:, None]
+    # the target entry of P: G_iy = target_dcos rx rw_y, i.e. P_iy = target_dcos / (s g)
+    target_p = torch.where(g != 0, target_dcos.to(cdt) / torch.where(g != 0, s * g, 1.0), 0.0)
+    projected = (projection_scale(norms.rw) > 0).to(cdt)  # 0 on rows clamped at eps (common.projection_scale)
+    b = torch.zeros(n, walk.dim, dtype=cdt, device=x.device)
     dw = torch.empty(w.shape, dtype=dw_dtype, device=w.device)
-    step = chunk_classes(n, k, dim, cdt)
-    # Tiles are updated in place: at most three live at once (chunk_classes).
-    for start in range(0, n_classes, step):
-        stop = min(start + step, n_classes)
-        tile = ChunkCosines(xc, rx, w, rw, start, stop, k)
-        inside, local = _target_in_chunk(labels, start, stop)
-        # dcos = s g (p - eps / C) off the target, the op's target_dcos on it (docs/design.md eqs. (15)-(17))
-        dcos = (tile.cos * s).sub_(lse[:, None]).exp_().sub_(smooth).mul_((s * g)[:, None])
-        dcos[rows, local] = torch.where(inside, target_dcos.to(cdt), dcos[rows, local])
-        if k > 1:  # route each class's gradient to its winning sub-center
-            routed = torch.zeros_like(tile.raw).view(n, stop - start, k)
-            dcos = routed.scatter_(2, tile.pick[:, :, None], dcos[:, :, None])
-            dcos = dcos.view(n, (stop - start) * k)
-            tile.cos = tile.pick = None
-        dcos_cos = dcos * tile.raw
-        row_terms, col_terms = dcos_cos.sum(1), dcos_cos.sum(0)
-        del dcos_cos
-        grad_tile = dcos.mul_(rx[:, None]).mul_(tile.rw_rows[None, :])
-        w_rows = tile.w_rows.to(cdt)
-        dx.addmm_(grad_tile, w_rows)
-        dx.addcmul_(xc, (rx2 * row_terms)[:, None], value=-1.0)
-        dw_rows = (grad_tile.T @ xc).addcmul_(w_rows, (rw2[start * k : stop * k] * col_terms)[:, None], value=-1.0)
-        dw[start * k : stop * k] = dw_rows  # rounded to nearest: inf where it overflows dw_dtype
-        del tile, dcos, grad_tile, w_rows, dw_rows  # free this chunk's tiles before the next chunk's
+    a_buffer = torch.empty_like(walk.w_buffer)
+    for start, stop in walk.chunks():
+        ws, w_rows, rows = walk.scaled_rows(start, stop)
+        width = ws.shape[0]
+        p = torch.addmm(bias, walk.xs, ws.T, out=walk.tile(width))  # Z - lse
+        inside, flat, _ = walk.targets(start, stop)
+        if k == 1:
+            p.exp_()  # eq. (15)
+            if smooth:
+                p.sub_(smooth)
+            flat_p = p.view(-1)
+            flat_p[flat] = torch.where(inside, target_p, flat_p[flat])
+        else:  # route each class's gradient to its winning sub-centre (eq. (18))
+            best, pick = p.view(n, stop - start, k).max(dim=2)
+            best.exp_()
+            if smooth:
+                best.sub_(smooth)
+            flat_best = best.view(-1)
+            flat_best[flat] = torch.where(inside, target_p, flat_best[flat])
+            p.zero_().view(n, stop - start, k).scatter_(2, pick[:, :, None], best[:, :, None])
+            del best, pick, flat_best  # freed before the next chunk's
+        b.addmm_(p, ws)
+        a = torch.mm(p.T, xa, out=a_buffer[: width * walk.dim].view(width, walk.dim))
+        a.mul_(walk.rw[rows][:, None])
+        # eq. (24) with ws = rw w: pw (w . A) w = [pw > 0] (ws . A) ws, rounded once into dw_dtype
+        coef = torch.linalg.vecdot(a, ws, dim=1).mul_(projected[rows])
+        torch.sub(a, ws.mul_(coef[:, None]), out=dw[rows])  # ws is spent: the next chunk rewrites it
+    del walk, xa, a_buffer
+    b.mul_(row_factor[:, None])
+    dx = torch.empty_like(b)
+    _project(b, x, projection_scale(norms.rx), dx)  # eq. (23)
     return dx, dw
+
+
+def _project(grad, v, v_proj, out):
+    """out = grad - v_proj (v . grad) v per row, rounded once into out's dtype (inf where it
+    overflows): chunk_plan.project_rows with one temporary instead of three."""
+    coef = (grad * v).sum(1).mul_(v_proj)
+    torch.addcmul(grad, v, coef[:, None], value=-1.0, out=out)
 
 
 register_backend(

@@ -34,9 +34,26 @@ def workspace_budget(nbytes: int):
         _workspace_budget.reset(token)
 
 
-def classes_per_chunk(bytes_per_class: int) -> int:
-    """How many classes one chunk may hold when each costs `bytes_per_class` of workspace."""
-    return max(1, get_workspace_budget() // max(1, bytes_per_class))
+def classes_per_chunk(bytes_per_class: int, reserved: int = 0) -> int:
+    """How many classes one chunk may hold when each costs `bytes_per_class` of workspace and
+    `reserved` bytes of it are taken by buffers that do not grow with the chunk."""
+    return max(1, (get_workspace_budget() - reserved) // max(1, bytes_per_class))
+
+
+# The `torch` backend's tile on a CPU, at most (the workspace budget bounds it too): measured on
+# 2 cores (docs/backends/torch.md), 1-4 MiB tiles run 1.4-8x the floor (tens of small ops per
+# chunk, each an OpenMP region), 16 MiB and the 64 MiB budget within noise of each other
+# (1.28 / 1.05, 1.17 / 1.20, 0.89 / 1.01 of the floor): 16 MiB, for a quarter of the memory.
+# On a GPU the budget alone sizes the chunk.
+CPU_TILE_BYTES = 16 * 2**20
+
+
+def tile_classes(bytes_per_class: int, device=None) -> int:
+    """The most classes a chunk's tile should hold on `device` for speed (not memory): bounded
+    on a CPU by CPU_TILE_BYTES, unbounded elsewhere."""
+    if device is not None and torch.device(device).type != "cpu":
+        return 2**62
+    return max(1, CPU_TILE_BYTES // max(1, bytes_per_class))
 
 
 # Rows are upcast for their norms a slice at a time: a float32 copy of a bf16 weight with
@@ -50,6 +67,31 @@ def _safe_exponent(dtype: torch.dtype) -> int:
     """Rows whose largest entry reaches 2**this are scaled down to it: their squares and their
     dot products with any other such row (D up to 2**30 terms) stay finite in `dtype`."""
     return math.frexp(torch.finfo(dtype).max)[1] // 2 - 16
+
+
+def _plain_norms(v: torch.Tensor, dtype: torch.dtype):
+    """|v_i| in one pass per slice, or None where some row is outside the range in which the plain
+    sum of squares is exact to rounding and needs no overflow scaling: norms below 2**(safe - 1)
+    (every entry below 2**_safe_exponent, the squares finite) and, unless the row is clamped at
+    NORM_EPS anyway, above 2**-40 (squares of entries that matter far above the underflow). The
+    usual case: it skips the infinity-norm pass and the scaled copy of every row."""
+    step = max(1, _NORM_SLICE_BYTES // (max(v.shape[1], 1) * 8))
+    if v.shape[0] <= step:
+        norms = torch.linalg.vector_norm(v, dim=1, dtype=dtype)
+    else:
+        norms = torch.empty(v.shape[0], dtype=dtype, device=v.device)
+        for start in range(0, v.shape[0], step):
+            norms[start : start + step] = torch.linalg.vector_norm(v[start : start + step], dim=1, dtype=dtype)
+    if norms.numel() == 0:
+        return norms
+    high = 2.0 ** (_safe_exponent(dtype) - 1)
+    low = min(2.0**-40, NORM_EPS)
+    smallest, largest = torch.stack(torch.aminmax(norms)).tolist()  # one host sync
+    if not largest < high:  # NaN included: the careful path decides
+        return None
+    if smallest > low or bool(((norms > low) | (norms == 0)).all()):
+        return norms
+    return None
 
 
 def _exponents_and_unit_norms(v: torch.Tensor, dtype: torch.dtype):
@@ -76,6 +118,9 @@ def _inverse(unit_norms, exponents, dtype):
 def inverse_norms(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """1 / max(|v_i|, eps) per row, in `dtype`, with no overflow in the squares (a row's norm
     may exceed `dtype`'s range only if its entries nearly do)."""
+    plain = _plain_norms(v, dtype)
+    if plain is not None:
+        return 1.0 / plain.clamp_min(NORM_EPS)
     exponents, unit_norms = _exponents_and_unit_norms(v, dtype)
     return _inverse(unit_norms, exponents, dtype)
 
@@ -100,6 +145,9 @@ def overflow_safe_rows(v: torch.Tensor, dtype: torch.dtype):
     row. Returns (v, inverse norms, None) when no row needs it (the usual case: no copy; one host
     sync to know).
     """
+    plain = _plain_norms(v, dtype)
+    if plain is not None:  # no row near overflow: nothing to scale
+        return v, 1.0 / plain.clamp_min(NORM_EPS), None
     exponents, unit_norms = _exponents_and_unit_norms(v, dtype)
     shift = _overflow_shifts(exponents, dtype)
     inverse = _inverse(unit_norms, exponents - shift, dtype)
