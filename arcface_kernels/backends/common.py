@@ -74,7 +74,11 @@ def _plain_norms(v: torch.Tensor, dtype: torch.dtype):
     sum of squares is exact to rounding and needs no overflow scaling: norms below 2**(safe - 1)
     (every entry below 2**_safe_exponent, the squares finite) and, unless the row is clamped at
     NORM_EPS anyway, above 2**-40 (squares of entries that matter far above the underflow). The
-    usual case: it skips the infinity-norm pass and the scaled copy of every row."""
+    usual case: it skips the infinity-norm pass and the scaled copy of every row. CPU only: the
+    range check reads the norms: cheap on the CPU, a host sync on a GPU, where the careful path's
+    one check stays (its cost: docs/backends/triton.md, "Predicted cost")."""
+    if v.device.type != "cpu":
+        return None
     step = max(1, _NORM_SLICE_BYTES // (max(v.shape[1], 1) * 8))
     if v.shape[0] <= step:
         norms = torch.linalg.vector_norm(v, dim=1, dtype=dtype)
