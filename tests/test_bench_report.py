@@ -1,11 +1,48 @@
-"""The comparison report runs end to end on a CPU (--quick): a table row per implementation
-and shape, and a PNG."""
+"""The benchmarks run end to end on a CPU: the pytest-benchmark suite in quick mode (its JSON:
+every group and member), and the comparison report (--quick: a table row per implementation and
+shape, and a PNG)."""
 
+import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
+import torch
 
-from bench import compare, peers
+from bench import bench_peers, compare, peers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_benchmark_suite_quick_run_json(tmp_path):
+    """`--benchmark-only` (which --benchmark-disable in the ini would refuse), grouped by pass,
+    margin and shape; every group holds the library's backends for this device and every peer."""
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "bench", "--benchmark-only",
+                          "--bench-shapes=quick", f"--benchmark-json={out}", "--benchmark-min-rounds=3",
+                          "--benchmark-max-time=0.01", "--benchmark-group-by=group"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-3000:]
+    results = json.loads(out.read_text())["benchmarks"]
+    groups = {}
+    for b in results:
+        groups.setdefault(b["group"], {})[b["extra_info"]["member"]] = b["stats"]
+    (n, c, d), = bench_peers.SHAPES["quick"]
+    expected = {f"{p} {m} {n}x{c}x{d}" for p in ("forward", "backward") for m in bench_peers.BENCH_MARGINS}
+    assert set(groups) == expected, sorted(groups)
+    for group, members in groups.items():
+        margin = group.split()[1]
+        wanted = {name for name, impl in bench_peers.members(margin).items() if not isinstance(impl, str)}
+        assert set(members) == wanted, (group, sorted(members))
+        assert {"arcface_kernels[torch]", "eager reference", "insightface-style (fp32)", "insightface-style (bf16)",
+                "pml-style", "torch.compile(reference)"} <= wanted
+        if margin == "softmax" and hasattr(torch.nn.functional, "linear_cross_entropy"):
+            assert {"F.linear_cross_entropy", "F.linear_cross_entropy chunked (auto)"} <= wanted
+        for stats in members.values():
+            assert stats["rounds"] >= 3 and 0 < stats["min"] <= stats["median"] <= stats["max"], stats
 
 
 @pytest.mark.slow
