@@ -10,6 +10,11 @@ the torch that is importable while this runs, so install torch first and build w
 pip hides the output of a successful build, so the outcome (built or skipped, and why) is also
 written into the package as arcface_kernels/_build_info.json: arcface_kernels.build_info.build_info()
 reads it.
+
+A build that compiles the extension requires the exact torch it was compiled against (the version
+pip sees in torch's metadata, local tag included when it has one, e.g. "torch==2.14.1" or
+"torch==2.14.1+cu130"): the extension links against that torch's C++ ABI and loads with no other.
+A build without it (and the sdist, which compiles nothing) keeps the loose range.
 """
 
 import json
@@ -24,6 +29,8 @@ from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_INFO = os.path.join("arcface_kernels", "_build_info.json")  # generated, gitignored, package data
+
+TORCH_RANGE = "torch>=2.5"  # what the pure-Python package runs with
 
 # SASS for Turing, Ampere, Ada and Hopper, and PTX of the newest for later GPUs to JIT
 # (docs/backends/cuda.md); TORCH_CUDA_ARCH_LIST overrides it.
@@ -100,14 +107,15 @@ def _ptx_arch(arch_list):
 def _cuda_extension():
     """(extension or None, cmdclass, record): the record is what _build_info.json says."""
     wanted = os.environ.get("ARCFACE_KERNELS_BUILD_CUDA")
-    record = {"cuda_extension": "skipped", "reason": "", "torch": None, "torch_cuda": None,
+    record = {"cuda_extension": "skipped", "reason": "", "torch": None, "torch_dist": None, "torch_cuda": None,
               "cuda_home": None, "archs": None, "python": platform.python_version()}
     try:
         import torch
     except ImportError:
         torch = None
     if torch is not None:
-        record.update(torch=torch.__version__, torch_cuda=torch.version.cuda)
+        record.update(torch=torch.__version__, torch_dist=_installed_torch_version(torch),
+                      torch_cuda=torch.version.cuda)
     if wanted == "0":
         reason = "ARCFACE_KERNELS_BUILD_CUDA=0"
     elif torch is None:
@@ -149,6 +157,26 @@ def _cuda_extension():
     return None, {}, record
 
 
+def _installed_torch_version(torch):
+    """The version of the installed torch as pip sees it (its distribution metadata: "2.14.1" for
+    PyPI's default CUDA build, whose torch.__version__ says "2.14.1+cu130"; "2.14.1+cu126" for a
+    wheel from PyTorch's own index); torch.__version__ when no metadata is found (a source tree)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return torch.__version__
+
+
+def torch_requirement(record):
+    """The torch requirement of a build described by `record`: the exact torch a compiled extension
+    was built against, else the loose range."""
+    if record["cuda_extension"] == "built":
+        return f"torch=={record['torch_dist']}"
+    return TORCH_RANGE
+
+
 def _persistent_build_temp(build_extension, temp):
     """BuildExtension (with ninja) compiling into `temp`, kept between builds: an editable install
     compiles in a fresh temporary directory each time; here ninja recompiles only what changed
@@ -182,6 +210,10 @@ def _with_build_record(record):
 
 
 if __name__ == "__main__":  # setuptools runs this file as __main__; tests import _cuda_home
-    extension, cmdclass, record = _cuda_extension()
-    _log(f"CUDA extension {record['cuda_extension']}: {record['reason']}")
-    setup(ext_modules=[extension] if extension else [], cmdclass={**cmdclass, "build_py": _with_build_record(record)})
+    if "sdist" in sys.argv[1:]:  # the source archive compiles nothing: its metadata keeps the range
+        setup(install_requires=[TORCH_RANGE])
+    else:
+        extension, cmdclass, record = _cuda_extension()
+        _log(f"CUDA extension {record['cuda_extension']}: {record['reason']}; requires {torch_requirement(record)}")
+        setup(ext_modules=[extension] if extension else [], install_requires=[torch_requirement(record)],
+              cmdclass={**cmdclass, "build_py": _with_build_record(record)})

@@ -1,16 +1,17 @@
 """Environment report and a quick self-check of every available backend (`python -m arcface_kernels`)."""
 
+import argparse
 import platform
 import sys
 
 import torch
 
 from .backends import FUSED_BACKEND_NAMES, backend_status, resolve
-from .build_info import describe as describe_build
+from .build_info import extension_status
 from .selfcheck import check
 
 
-def _versions():
+def _versions(extension_message):
     lines = [f"python {platform.python_version()}", f"torch {torch.__version__} (CUDA {torch.version.cuda})"]
     try:
         import triton
@@ -18,7 +19,7 @@ def _versions():
         lines.append(f"triton {triton.__version__}")
     except ImportError:
         lines.append("triton not installed")
-    lines.append(describe_build())
+    lines.append(extension_message)
     return lines
 
 
@@ -37,14 +38,22 @@ def _device_name(device):
 
 
 def main(argv=None):
+    argparse.ArgumentParser(
+        prog="python -m arcface_kernels",
+        description="Report the versions, whether the CUDA extension was built and loads (and if not, why), "
+                    "and self-check every available backend against the float64 reference on each device. "
+                    "Exits 1 if a backend fails its check or the built extension cannot be loaded.").parse_args(argv)
+    extension, extension_message = extension_status()
     print("arcface_kernels environment")
-    for line in _versions():
+    for line in _versions(extension_message):
         print("  " + line)
-    healthy = True
+    healthy = extension != "cannot load"
     for device in _devices():
         print(f"\n{_device_name(device)}")
         for name in FUSED_BACKEND_NAMES:
             ok, reason = backend_status(name, device)
+            if name == "cuda" and extension == "cannot load":
+                reason = "the extension was built but cannot be loaded (see above)"
             if not ok:
                 print(f"  {name:<9} unavailable: {reason}")
                 continue
@@ -64,7 +73,10 @@ def main(argv=None):
         for dtype in (torch.bfloat16, torch.float32, torch.float64):
             choice = resolve("auto", device, dtype)
             print(f"  auto      {str(dtype):<15} -> {choice.name} ({choice.reason})")
-    print("\nall available backends healthy" if healthy else "\nSOME BACKENDS FAILED THEIR SELF-CHECK")
+    if extension == "cannot load":
+        print("\nTHE CUDA EXTENSION WAS BUILT BUT CANNOT BE LOADED: reinstall against the torch you run (above)")
+    else:
+        print("\nall available backends healthy" if healthy else "\nSOME BACKENDS FAILED THEIR SELF-CHECK")
     return 0 if healthy else 1
 
 

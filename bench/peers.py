@@ -33,6 +33,16 @@ def insightface_style(x, w, y, spec):
     return F.cross_entropy(logits * spec["scale"], y)
 
 
+def insightface_style_in(dtype):
+    """The insightface-style head with its logits in `dtype` (bf16 as arcface_torch trains under
+    autocast, or fp32); gradients flow back to the inputs in their own dtype."""
+
+    def loss(x, w, y, spec):
+        return insightface_style(x.to(dtype), w.to(dtype), y, spec)
+
+    return loss
+
+
 def pml_style(x, w, y, spec):
     """pytorch-metric-learning's ArcFaceLoss formula: cosine matrix, the target's modified cosine
     added as a one-hot difference, scaled cross entropy (autograd through acos)."""
@@ -46,6 +56,20 @@ def pml_style(x, w, y, spec):
 
 def compiled_reference():
     return torch.compile(ours("reference"))
+
+
+def _linear_cross_entropy(**chunking):
+    """torch's own F.linear_cross_entropy (torch >= 2.14) on the normalized, scaled inputs: no
+    margin. With `chunking`, its chunked path (torch.nn.LinearCrossEntropyOptions(**chunking): the
+    batch in chunks, gradients computed in forward); without, its reference path."""
+    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        raise ImportError(f"torch {torch.__version__} has no F.linear_cross_entropy with options")
+    options = torch.nn.LinearCrossEntropyOptions(**chunking) if chunking else None
+
+    def loss(x, w, y, spec):
+        return F.linear_cross_entropy(spec["scale"] * F.normalize(x), F.normalize(w), y, options=options)
+
+    return loss
 
 
 def _cut_cross_entropy():
@@ -69,16 +93,30 @@ def _liger():
     return loss
 
 
+# Peers from other packages, shown as "not installed" where absent.
+THIRD_PARTY = ("cut-cross-entropy", "liger-kernel FLCE")
+
+
 def implementations(device, plain_softmax):
     """(name, loss function or the reason it is missing). Peers for the fused linear cross
     entropy only take part without a margin (m1=1, m2=m3=0)."""
-    impls = [("eager reference", ours("reference")), ("insightface-style", insightface_style),
+    impls = [("eager reference", ours("reference")),
+             ("insightface-style (fp32)", insightface_style_in(torch.float32)),
+             ("insightface-style (bf16)", insightface_style_in(torch.bfloat16)),
              ("pml-style", pml_style), ("torch.compile(reference)", compiled_reference())]
     for name in FUSED_BACKEND_NAMES:
         ok, reason = backend_status(name, device)
         impls.append((f"arcface_kernels[{name}]", ours(name) if ok else f"unavailable: {reason}"))
     if plain_softmax:
-        for name, make in (("cut-cross-entropy", _cut_cross_entropy), ("liger-kernel FLCE", _liger)):
+        for name, chunking in (("F.linear_cross_entropy", {}),
+                               ("F.linear_cross_entropy chunked (auto)", dict(chunking_method="auto")),
+                               ("F.linear_cross_entropy chunked (aspect_ratio:4)",
+                                dict(chunking_method="aspect_ratio:4"))):
+            try:
+                impls.append((name, _linear_cross_entropy(**chunking)))
+            except ImportError as err:
+                impls.append((name, f"absent: {err}"))
+        for name, make in zip(THIRD_PARTY, (_cut_cross_entropy, _liger)):
             try:
                 impls.append((name, make()))
             except ImportError:

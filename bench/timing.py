@@ -1,8 +1,12 @@
 """Timing and memory measurement that is right on both CPU and GPU.
 
-On a GPU, `triton.testing.do_bench` does the timing: CUDA events around every call, the L2
-cache flushed before each one, the median over the repetitions. On a CPU (the smoke run),
-time.perf_counter medians."""
+A training step is timed as one call split in two: forward, then backward, with a timestamp
+between them (CUDA events on a GPU, with the L2 cache flushed before each step as
+triton.testing.do_bench does; time.perf_counter on a CPU). So each call's total is its forward
+plus its backward, and total >= forward holds for every call and for their medians.
+
+Peak extra memory: the caching allocator's peak on a GPU; on a CPU the profiler's allocation
+events (allocations minus frees, in order)."""
 
 import statistics
 import time
@@ -15,73 +19,39 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def median_ms(fn, device, warmup=2, iters=10, setup=None, warmup_ms=25, rep_ms=100):
-    """Median wall time of fn() in milliseconds, after `warmup` untimed calls. With `setup`, each
-    timed call is fn(setup()) and setup itself is not timed.
-
-    On a GPU without `setup`: `triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms,
-    return_mode="median")` (L2 flushed before every timed call), with `rep_ms` raised so that a
-    slow fn still gets about `iters` timed calls. With `setup`, and on a CPU: `iters` timed calls.
-    """
-    if device.type == "cuda" and setup is None:
-        return _do_bench_ms(fn, device, warmup, iters, warmup_ms, rep_ms)
-
+def step_times(forward, device, iters, warmup=1, before=None):
+    """[(forward ms, backward ms, total ms)] for `iters` calls of forward().backward(), after
+    `warmup` untimed ones; before() (untimed) runs ahead of each call (e.g. to clear gradients)."""
     flush = _l2_flusher(device) if device.type == "cuda" else None
-
-    def call():
-        args = (setup(),) if setup is not None else ()
-        synchronize(device)
-        return args
-
-    for _ in range(warmup):
-        fn(*call())
-    synchronize(device)
     times = []
-    for _ in range(iters):
-        args = call()
+    for i in range(warmup + iters):
+        if before is not None:
+            before()
+        synchronize(device)
         if device.type == "cuda":
-            # do_bench cannot time this: it has no untimed per-call setup, and calling fn on one
-            # setup() result over and over (e.g. loss.backward(retain_graph=True) on one forward)
-            # assumes every implementation's backward can run twice on the same saved state and
-            # that its cost does not change when it does; custom autograd functions may free or
-            # rewrite what they saved. So: a fresh setup() each call, CUDA events, and the same
-            # L2 flush as do_bench, enqueued after setup and before the start event.
             flush()
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(*args)
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop))
+            marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            marks[0].record()
+            loss = forward()
+            marks[1].record()
+            loss.backward()
+            marks[2].record()
+            marks[2].synchronize()
+            fwd, bwd = marks[0].elapsed_time(marks[1]), marks[1].elapsed_time(marks[2])
         else:
             t0 = time.perf_counter()
-            fn(*args)
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
-
-
-def _do_bench_ms(fn, device, warmup, iters, warmup_ms, rep_ms):
-    # Only the arguments that triton 3.6 and 3.8 both take (both: fn, warmup, rep, grad_to_none,
-    # quantiles, return_mode; warmup and rep in milliseconds).
-    from triton.testing import do_bench
-
-    with torch.cuda.device(device):
-        for _ in range(warmup):  # compilation and autotuning stay out of do_bench's estimate
-            fn()
-        synchronize(device)
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        # do_bench runs int(rep / its own estimate) timed calls, and its estimate includes the
-        # L2 flush: a quarter more than iters x this call's time keeps a slow fn near `iters`.
-        rep = max(rep_ms, 1.25 * iters * start.elapsed_time(stop))
-        return float(do_bench(fn, warmup=warmup_ms, rep=rep, return_mode="median"))
+            loss = forward()
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            fwd, bwd = 1e3 * (t1 - t0), 1e3 * (t2 - t1)
+        if i >= warmup:
+            times.append((fwd, bwd, fwd + bwd))
+    return times
 
 
 def _l2_flusher(device):
-    """do_bench's own L2 flush (a 256 MiB buffer zeroed before each timed call), for the setup path."""
+    """do_bench's own L2 flush (a 256 MiB buffer zeroed before each timed call)."""
     from triton.runtime import driver
 
     with torch.cuda.device(device):
@@ -89,25 +59,43 @@ def _l2_flusher(device):
     return lambda: driver.active.clear_cache(cache)
 
 
-def peak_extra_bytes(fn, device, resident_bytes):
-    """Peak GPU memory of fn() beyond what was allocated before plus `resident_bytes`
-    (e.g. the gradients it creates); None on a CPU."""
-    if device.type != "cuda":
-        return None
-    synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    fn()
-    synchronize(device)
-    return max(0, torch.cuda.max_memory_allocated(device) - before - resident_bytes)
+def peak_extra_bytes(fn, device, resident_bytes=0):
+    """Peak memory allocated while fn() runs beyond what was allocated when it began, less
+    `resident_bytes` (e.g. the gradients it leaves behind)."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - before - resident_bytes)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return max(0, peak - resident_bytes)
 
 
 def matmul_tflops(device, dtype=torch.bfloat16):
-    """Measured dense matmul rate: 8192^3 on a GPU, a smaller product on a CPU (the floor's rate)."""
+    """Measured dense matmul rate: 8192^3 on a GPU, a smaller product on a CPU (the floor's rate):
+    the median of 10 timed calls."""
     size = 8192 if device.type == "cuda" else 512
     dtype = dtype if device.type == "cuda" else torch.float32
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(size, size, device=device, dtype=dtype, generator=g)
     b = torch.randn(size, size, device=device, dtype=dtype, generator=g)
-    ms = median_ms(lambda: a @ b, device, warmup=3, iters=10)
-    return 2 * size**3 / (ms * 1e-3) / 1e12, size, dtype
+    times = []
+    for i in range(13):
+        synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return 2 * size**3 / statistics.median(times) / 1e12, size, dtype

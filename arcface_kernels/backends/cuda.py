@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..build_info import extension_status
 from ..dtypes import KERNEL_DTYPES
 from . import chunk_plan
 from .common import get_workspace_budget
@@ -29,8 +30,9 @@ class GpuCode(NamedTuple):
 _LOAD_ERROR, BUILT_FOR = None, None
 try:
     from .. import _C  # loading it registers the ops
-except ImportError as err:
-    _LOAD_ERROR = f"extension not built ({err})"
+except ImportError:
+    # "not built (why)" or "built but cannot be loaded (the error, the fix)": the health report's words
+    _LOAD_ERROR = extension_status()[1]
 else:
     if hasattr(_C, "SASS_ARCHS"):
         BUILT_FOR = GpuCode(tuple(_C.SASS_ARCHS), _C.PTX_ARCH)
