@@ -50,7 +50,8 @@ class PartialStats(NamedTuple):
     row_max:      max_j z_ij
     sum_exp:      sum_j exp(z_ij - row_max)
     target_logit: s * phi(cos_iy) where label_i >= 0, else 0
-    logit_sum:    sum_j z_ij (label smoothing needs it)
+    logit_sum:    sum_j z_ij, read only with label smoothing (a backend may leave it 0 when
+                  options.label_smoothing == 0)
     target_cos:   cos_iy where label_i >= 0, else 0
     best_cos:     max_j cos_ij (plain cosine, no margin)
     best_class:   int64 argmax_j cos_ij, the lowest index on ties
