@@ -33,54 +33,18 @@ import platform
 import statistics
 import subprocess
 import time
-import weakref
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import arcface_kernels as ak
 from arcface_kernels.backends.common import CPU_TILE_BYTES
 
+from .live_bytes import LiveBytes
 from .peers import insightface_style
 
 SHAPES = ((256, 100_000, 512), (256, 1_000_000, 128), (1024, 100_000, 128), (64, 8, 2))
 SPEC = dict(scale=64.0, m1=1.0, m2=0.5, m3=0.0)
-
-
-class PeakBytes(TorchDispatchMode):
-    """Peak live bytes of the storages ATen ops create while active (tests/test_workspace.py's
-    LiveBytes, entering the package's custom ops)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._seen = set()
-
-    def _release(self, key, nbytes):
-        self._seen.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "arcface_kernels":
-            with self:
-                return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
-        out = func(*args, **kwargs)
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor) or t.untyped_storage().nbytes() == 0:
-                continue
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
-            if key in inputs or key in self._seen:
-                continue
-            self._seen.add(key)
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._release, key, storage.nbytes())
-        return out
 
 
 def floor_step(n, c, d, dtype):
@@ -175,7 +139,7 @@ def measure(n, c, d, dtype, repeats, with_compile, names=None):
     for name, call in calls.items():
         if name.startswith("floor"):
             continue
-        with PeakBytes() as probe:
+        with LiveBytes() as probe:
             call()
         peaks[name] = probe.peak
     grads = (n + c) * d * torch.tensor([], dtype=dtype).element_size()

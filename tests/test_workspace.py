@@ -3,54 +3,15 @@ peak extra memory of forward + backward stays within the budget plus the gradien
 (and O(N + C) statistics), measured at a shape whose N x C is far above the budget."""
 
 import threading
-import weakref
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import arcface_kernels as ak
 from arcface_kernels.backends import common, get_workspace_budget
 from arcface_kernels.backends.common import DEFAULT_WORKSPACE_BUDGET
+from bench.live_bytes import LiveBytes
 from helpers import make_problem
-
-
-class LiveBytes(TorchDispatchMode):
-    """Live bytes of the storages any ATen op allocates while active, and their peak. A storage
-    counts until it is freed (its Python object is preserved by torch, so a weakref finalizer
-    fires when the memory goes); outputs that alias an input (views, in-place ops) are not new.
-    The package's own custom ops are entered (redispatched below the mode) so that what their
-    implementations allocate is seen too."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._seen = set()
-
-    def _release(self, key, nbytes):
-        self._seen.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "arcface_kernels":
-            with self:
-                return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
-        out = func(*args, **kwargs)
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor) or t.untyped_storage().nbytes() == 0:
-                continue
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
-            if key in inputs or key in self._seen:
-                continue
-            self._seen.add(key)
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._release, key, storage.nbytes())
-        return out
 
 
 def test_live_bytes_probe_sees_a_materialized_matrix():
