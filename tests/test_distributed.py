@@ -10,6 +10,7 @@ from spawn import run_ranks
 
 import arcface_kernels as ak
 from arcface_kernels.distributed import ShardedMarginLoss, shard_bounds, sharded_margin_softmax_loss
+from helpers import confident_problem
 
 # rows per rank (uneven) for each world size
 BATCH_SIZES = {1: [7], 2: [5, 2], 3: [3, 6, 1]}
@@ -150,11 +151,7 @@ def _check_hard_rows(rank, world):
         assert torch.isfinite(got).all(), what
         _close(got, ref, 1e-4, what)
     # well-classified rows: losses of 1e-7 keep their relative precision, and so do the gradients
-    c = 8
-    g = torch.Generator().manual_seed(0)
-    w = torch.eye(c, c)
-    y = torch.randint(0, c, (10,), generator=g)
-    x = w[y] + 0.25 * w[(y + 1) % c] + 0.01 * torch.randn(10, c, generator=g)
+    x, w, y = confident_problem(10)
     want = oracle(x, w, y, scale=30.0, reduction="none")
     assert want[0].max() < 1e-6
     loss, dx, dw, rows, shard = _sharded_rows(x, w, y, rank, world, scale=30.0)

@@ -17,7 +17,7 @@ from arcface_kernels import op
 from arcface_kernels.backends.reference import reference_loss
 from arcface_kernels.dtypes import compute_dtype
 from conftest import DEVICE
-from helpers import TOL, make_problem, rel_err
+from helpers import TOL, confident_problem, make_problem, rel_err
 
 FP16_MAX = torch.finfo(torch.float16).max
 
@@ -91,11 +91,7 @@ def test_backward_inside_autocast_equals_backward_outside(dtype, any_backend):
 def test_well_classified_rows_keep_their_gradient_precision(any_backend):
     # Every row near its own class centre: losses of 1e-7, where p_y - 1 = expm1(z_y - lse) would be
     # quantized to one float32 step of lse (dX was 0.4 off relative); expm1(-loss) keeps it.
-    c = 8
-    g = torch.Generator().manual_seed(0)
-    w = torch.eye(c, c)
-    y = torch.randint(0, c, (16,), generator=g)
-    x = w[y] + 0.25 * w[(y + 1) % c] + 0.01 * torch.randn(16, c, generator=g)
+    x, w, y = confident_problem(16)
     want = oracle(x, w, y, scale=30.0, reduction="none")
     assert want[0].max() < 1e-6
     xx, ww = x.to(DEVICE).requires_grad_(True), w.to(DEVICE).requires_grad_(True)
