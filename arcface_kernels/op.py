@@ -21,8 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .backends import PartialStats, RowNorms, get_backend
-from .backends.common import overflow_safe_rows
+from .backends import PartialStats, RowNorms, common, get_backend
 from .dtypes import compute_dtype
 from .margins import dphi_dcos
 from .options import LossOptions
@@ -102,8 +101,8 @@ def forward_stats(x: Tensor, w: Tensor, labels: Tensor, active: Tensor, options:
     precise loss and the target gradient factor. labels: local targets (-1 where absent);
     active: rows that have a target in the whole problem."""
     dtype = compute_dtype(x.dtype)
-    x_seen, rx, sx = overflow_safe_rows(x, dtype)
-    w_seen, rw, sw = overflow_safe_rows(w, dtype)
+    x_seen, rx, sx = common.overflow_safe_rows(x, dtype, sync_free=True)
+    w_seen, rw, sw = common.overflow_safe_rows(w, dtype, sync_free=True)
     stats = get_backend(backend).forward(x_seen, w_seen, labels, options, RowNorms(rx, rw))
     if merge is not None:
         stats = merge(stats)
@@ -113,8 +112,14 @@ def forward_stats(x: Tensor, w: Tensor, labels: Tensor, active: Tensor, options:
 
 
 def _rows_seen(v: Tensor, scale: Tensor | None):
-    """The rows a backend saw in forward (common.overflow_safe_rows), or None where it saw v."""
-    if scale is None or not bool((scale != 1).any()):
+    """The rows a backend saw in forward (common.overflow_safe_rows), or None where it saw v. On a
+    GPU with no host read, as there: v * scale wherever v's dtype can hold a huge row."""
+    if scale is None:
+        return None
+    if not common.device_rule(v):
+        if not bool((scale != 1).any()):
+            return None
+    elif not common.may_hold_huge_rows(v.dtype, scale.dtype):
         return None
     return v * scale[:, None].to(v.dtype)
 
@@ -126,15 +131,20 @@ def backward_core(grad_rows: Tensor, x: Tensor, w: Tensor, labels: Tensor, saved
     (the master weight's dtype): to nearest, inf on overflow."""
     x_seen, w_seen = _rows_seen(x, saved.sx), _rows_seen(w, saved.sw)
     target_dcos = grad_rows * saved.target_grad
-    # Huge rows: dw in the compute dtype, scaled, then rounded once.
-    dw_out = dw_dtype if w_seen is None else compute_dtype(x.dtype)
+    # Huge rows on the CPU: dw in the compute dtype, scaled, then rounded once. On a GPU the seen
+    # rows are taken whatever the values (no host read): dw in dw_dtype, scaled in place, the same
+    # bits unless the scaled gradient is subnormal in dw_dtype (docs/design.md section 2).
+    in_place = w_seen is not None and common.device_rule(w)
+    dw_out = dw_dtype if w_seen is None or in_place else compute_dtype(x.dtype)
     dx, dw = get_backend(backend).backward(
         grad_rows, x if x_seen is None else x_seen, w if w_seen is None else w_seen, labels, saved.lse, target_dcos,
         options, num_classes, RowNorms(saved.rx, saved.rw), dw_out)
     # d/dv of a function of the seen rows s * v is s times the gradient with respect to them.
     if x_seen is not None:
         dx = dx * saved.sx[:, None]
-    if w_seen is not None:
+    if in_place:
+        dw.mul_(saved.sw[:, None])
+    elif w_seen is not None:
         dw = (dw * saved.sw[:, None]).to(dw_dtype)
     return dx, dw
 

@@ -241,11 +241,16 @@ def label_error(ignore_index: int, num_classes: int, detail: str) -> ValueError:
 
 
 def target_labels(labels: Tensor, ignore_index: int, num_classes: int) -> Tensor:
-    """int64 labels (check_labels) as backends take them: -1 on ignored rows. ValueError on a label
-    outside [0, num_classes) other than ignore_index. (It reads the labels: one host sync.)"""
+    """int64 labels (check_labels) as backends take them: -1 on ignored rows. A label outside
+    [0, num_classes) other than ignore_index: on the CPU a ValueError (it reads the labels); on a
+    GPU a device-side assert, as F.cross_entropy's, with no host read (the message says which
+    rule; the CUDA context is unusable after it, and CUDA_LAUNCH_BLOCKING=1 shows where)."""
     if labels.dtype != torch.int64:
         raise TypeError(f"target_labels takes the int64 labels of check_labels, got {labels.dtype}")
     bad = invalid_labels(labels, ignore_index, num_classes)
-    if bool(bad.any()):
-        raise label_error(ignore_index, num_classes, f"got {int(labels[bad][0])}")
+    if labels.device.type == "cpu":
+        if bool(bad.any()):
+            raise label_error(ignore_index, num_classes, f"got {int(labels[bad][0])}")
+    else:
+        torch._assert_async(bad.any().logical_not(), str(label_error(ignore_index, num_classes, "got another")))
     return torch.where(labels == ignore_index, -1, labels)
