@@ -77,20 +77,20 @@ SASS_FACTS = {
 
 # --- the glue, as the driver code runs it (op names as the probe records them) -----------------
 # the margins as (N,) tensors; validation.target_labels on a GPU: the label rule as a device-side
-# assert (no host read), the targets; the active rows
-ENTRY = "full full full ne lt ge __or__ __and__ any logical_not _assert_async eq where ge".split()
+# assert (labels_in_range, no host read), the targets; the active rows
+ENTRY = "full full full eq where div eq all _assert_async where ge".split()
 # triton/forward.combine_splits
 COMBINE_SPLITS = "max sub exp argmax mul sum sum sum sum gather gather mul sum".split()
-# op.finalize, op.target_cosine_gradient (margins.dphi_dcos), outputs, api.reduce_rows
-FORWARD_TAIL = (
-    "log add log add sub zeros_like logaddexp where where clamp acos mul add div floor clamp_min remainder mul "
-    "rsub mul rsub clamp_min sqrt clamp_min lt mul div sinc mul div sinc div mul sin div where mul cos mul sin mul "
-    "cos mul div add mul eq ge __and__ ones_like where neg expm1 add mul mul where clone clone ne sum sum "
-    "clamp_min div").split()
-# autograd of the reduction, op._backward's labels and gradient rows; then (after op._rows_seen's
-# two copies) the target dcos and chunked_backward's setup
+# op.finalize, outputs, api.reduce_rows
+FORWARD_TAIL = "log add log add sub zeros_like logaddexp where where clone clone ne sum sum clamp_min div".split()
+# autograd of the reduction, op._backward's labels and gradient rows
 BACKWARD_HEAD = "ones_like div eq where ge where".split()
-BACKWARD_SETUP = "mul zeros lt mul where".split()
+# after op._rows_seen's two copies: op.backward_core's target factor (op.target_cosine_gradient with
+# margins.dphi_dcos, once per row) and target dcos, chunked_backward's setup
+BACKWARD_SETUP = (
+    "ne clamp acos mul add div floor clamp_min remainder mul rsub mul rsub clamp_min sqrt clamp_min lt mul div sinc "
+    "mul div sinc div mul sin div where mul cos mul sin mul cos mul div add mul eq ge __and__ ones_like where neg "
+    "expm1 add mul mul where mul zeros lt mul where").split()
 # chunk_plan.project_rows in torch ops (the `cuda` backend's projection)
 TORCH_PROJECTION = "to mul sum mul mul sub copy_".split()
 # projection_scale of rx before the final dX projection; the gradient cast to the input dtype

@@ -37,9 +37,11 @@ def test_launch_list_is_what_the_driver_code_launches(backend, shape, monkeypatc
 def test_a_gpu_training_step_reads_nothing_back(backend, monkeypatch):
     """No host sync in a training step for ordinary inputs (the probe answers any read as the
     ordinary path would see it, and records it): the norm pass is one kernel per matrix, the
-    label rule a device-side assert, the overflow scaling taken without a decision."""
+    label rule a device-side assert, the overflow scaling taken without a decision. The forward's
+    glue around the kernels: at most 40 ATen launches (issue 22)."""
     forward, backward = record_step(backend, 4096, 262144, 512, monkeypatch)
     assert [r for r in forward + backward if r[0] == "sync"] == []
+    assert len([r for r in forward if r[0] == "aten"]) <= 40
     assert [r[1] for r in forward if r[0] == "triton" and r[1] == "row_norms_kernel"] == ["row_norms_kernel"] * 2
 
 
@@ -47,8 +49,8 @@ def test_headline_counts():
     """The figures docs/backends quote: launches and host syncs of a step at the headline shape."""
     triton = cost_model.summary("triton", 4096, 262144, 512)
     cuda = cost_model.summary("cuda", 4096, 262144, 512)
-    assert (triton["kernels"], triton["syncs"]) == (372, 0)
-    assert (cuda["kernels"], cuda["syncs"]) == (1595, 0)
+    assert (triton["kernels"], triton["syncs"]) == (370, 0)
+    assert (cuda["kernels"], cuda["syncs"]) == (1593, 0)
 
 
 def test_wave_quantization_and_occupancy():
