@@ -5,8 +5,9 @@ backward cores that the sharded path (distributed.py) shares with it.
 `arcface_kernels::margin_softmax_bwd` returns (dX, dW). Both dispatch by name to a fused
 backend from the registry. The LossOptions travel flattened (`LossOptions.flatten`): the
 schemas take tensors and plain scalars only. Only O(N + C) numbers (the log-sum-exp, the
-target cosine's gradient factor and the inverse norms, computed once per call) are saved for
-backward, which recomputes the cosines (docs/design.md section 5).
+precise gap and target cosine, the inverse norms and row scales, computed once per call) are
+saved for backward, which forms the target gradient factor from them once per row and
+recomputes the cosines (docs/design.md section 5).
 
 Dtypes (docs/design.md section 2, "Dtypes"): the op takes embeddings and weight as the user
 holds them (e.g. a float16 activation and a float32 master weight under autocast) and an
@@ -21,8 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .backends import PartialStats, RowNorms, get_backend
-from .backends.common import overflow_safe_rows
+from .backends import PartialStats, RowNorms, common, get_backend
 from .dtypes import compute_dtype
 from .margins import dphi_dcos
 from .options import LossOptions
@@ -77,7 +77,8 @@ class Saved(NamedTuple):
     """What backward needs from forward: O(N + C) numbers."""
 
     lse: Tensor          # (N,) compute dtype
-    target_grad: Tensor  # (N,) target_cosine_gradient
+    gap: Tensor          # (N,) finalize's precise lse - z_y (0 on rows without a target)
+    target_cos: Tensor   # (N,) merged
     rx: Tensor           # inverse norms of the rows the backend saw
     rw: Tensor
     sx: Tensor | None    # common.overflow_safe_rows' scales (None: every row seen as given)
@@ -98,23 +99,29 @@ def operands(v: Tensor, operand_dtype: torch.dtype) -> Tensor:
 def forward_stats(x: Tensor, w: Tensor, labels: Tensor, active: Tensor, options: LossOptions, backend: str,
                   num_classes: int, merge=None) -> Forward:
     """The forward of the op on operands x, w (one dtype): the overflow-safe rows, the backend's
-    partial statistics, merge(stats) when given (the sharded path's all-reduces, eq. (14)), the
-    precise loss and the target gradient factor. labels: local targets (-1 where absent);
-    active: rows that have a target in the whole problem."""
+    partial statistics, merge(stats) when given (the sharded path's all-reduces, eq. (14)) and the
+    precise loss. labels: local targets (-1 where absent); active: rows that have a target in the
+    whole problem. The target gradient factor is backward's (backward_core): a forward that is
+    not differentiated does not pay for dphi/dc."""
     dtype = compute_dtype(x.dtype)
-    x_seen, rx, sx = overflow_safe_rows(x, dtype)
-    w_seen, rw, sw = overflow_safe_rows(w, dtype)
+    x_seen, rx, sx = common.overflow_safe_rows(x, dtype, sync_free=True)
+    w_seen, rw, sw = common.overflow_safe_rows(w, dtype, sync_free=True)
     stats = get_backend(backend).forward(x_seen, w_seen, labels, options, RowNorms(rx, rw))
     if merge is not None:
         stats = merge(stats)
     loss, lse, gap = finalize(stats, active, options.label_smoothing, num_classes)
-    target_grad = target_cosine_gradient(gap, stats.target_cos, active, options, num_classes)
-    return Forward(loss, stats, Saved(lse, target_grad, rx, rw, sx, sw))
+    return Forward(loss, stats, Saved(lse, gap, stats.target_cos, rx, rw, sx, sw))
 
 
 def _rows_seen(v: Tensor, scale: Tensor | None):
-    """The rows a backend saw in forward (common.overflow_safe_rows), or None where it saw v."""
-    if scale is None or not bool((scale != 1).any()):
+    """The rows a backend saw in forward (common.overflow_safe_rows), or None where it saw v. On a
+    GPU with no host read, as there: v * scale wherever v's dtype can hold a huge row."""
+    if scale is None:
+        return None
+    if not common.device_rule(v):
+        if not bool((scale != 1).any()):
+            return None
+    elif not common.may_hold_huge_rows(v.dtype, scale.dtype):
         return None
     return v * scale[:, None].to(v.dtype)
 
@@ -125,16 +132,23 @@ def backward_core(grad_rows: Tensor, x: Tensor, w: Tensor, labels: Tensor, saved
     grad_rows: (N,) in the compute dtype, 0 on ignored rows. dw is rounded once into dw_dtype
     (the master weight's dtype): to nearest, inf on overflow."""
     x_seen, w_seen = _rows_seen(x, saved.sx), _rows_seen(w, saved.sw)
-    target_dcos = grad_rows * saved.target_grad
-    # Huge rows: dw in the compute dtype, scaled, then rounded once.
-    dw_out = dw_dtype if w_seen is None else compute_dtype(x.dtype)
+    # grad_rows is 0 exactly on the rows without a target (and wherever it is 0 the factor is not needed)
+    factor = target_cosine_gradient(saved.gap, saved.target_cos, grad_rows != 0, options, num_classes)
+    target_dcos = grad_rows * factor
+    # Huge rows on the CPU: dw in the compute dtype, scaled, then rounded once. On a GPU the seen
+    # rows are taken whatever the values (no host read): dw in dw_dtype, scaled in place, the same
+    # bits unless the scaled gradient is subnormal in dw_dtype (docs/design.md section 2).
+    in_place = w_seen is not None and common.device_rule(w)
+    dw_out = dw_dtype if w_seen is None or in_place else compute_dtype(x.dtype)
     dx, dw = get_backend(backend).backward(
         grad_rows, x if x_seen is None else x_seen, w if w_seen is None else w_seen, labels, saved.lse, target_dcos,
         options, num_classes, RowNorms(saved.rx, saved.rw), dw_out)
     # d/dv of a function of the seen rows s * v is s times the gradient with respect to them.
     if x_seen is not None:
         dx = dx * saved.sx[:, None]
-    if w_seen is not None:
+    if in_place:
+        dw.mul_(saved.sw[:, None])
+    elif w_seen is not None:
         dw = (dw * saved.sw[:, None]).to(dw_dtype)
     return dx, dw
 
@@ -153,7 +167,7 @@ def margin_softmax_fwd(
     options: list[float], backend: str, operand_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns loss_rows (0 on ignored rows), lse, target_cos (compute dtype), int64 top-1 class,
-    and for backward the target gradient factor, the inverse norms rx, rw of the rows the backend
+    and for backward the precise gap (finalize), the inverse norms rx, rw of the rows the backend
     saw and the power-of-two scales sx, sw that made those rows from the given ones (1 for all but
     huge rows)."""
     opts = LossOptions.unflatten(options, m1, m2, m3)
@@ -163,7 +177,7 @@ def margin_softmax_fwd(
         x, w = operands(embeddings, operand_dtype), operands(weight, operand_dtype)
         fwd = forward_stats(x, w, labels, labels >= 0, opts, backend, num_classes)
     dtype, saved = compute_dtype(operand_dtype), fwd.saved
-    return (fwd.loss, saved.lse, fwd.stats.target_cos.clone(), fwd.stats.best_class.clone(), saved.target_grad,
+    return (fwd.loss, saved.lse, fwd.stats.target_cos.clone(), fwd.stats.best_class.clone(), saved.gap,
             saved.rx, saved.rw, _scale_or_ones(saved.sx, x.shape[0], dtype, x.device),
             _scale_or_ones(saved.sw, w.shape[0], dtype, w.device))
 
@@ -180,7 +194,7 @@ def _(embeddings, weight, labels, m1, m2, m3, options, backend, operand_dtype):
 @torch.library.custom_op("arcface_kernels::margin_softmax_bwd", mutates_args=())
 def margin_softmax_bwd(
     grad_rows: Tensor, embeddings: Tensor, weight: Tensor, labels: Tensor, m1: Tensor, m2: Tensor, m3: Tensor,
-    lse: Tensor, target_grad: Tensor, rx: Tensor, rw: Tensor, sx: Tensor, sw: Tensor, options: list[float],
+    lse: Tensor, gap: Tensor, target_cos: Tensor, rx: Tensor, rw: Tensor, sx: Tensor, sw: Tensor, options: list[float],
     backend: str, operand_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
     opts = LossOptions.unflatten(options, m1, m2, m3)
@@ -190,13 +204,13 @@ def margin_softmax_bwd(
     with torch.autocast(embeddings.device.type, enabled=False):
         x, w = operands(embeddings, operand_dtype), operands(weight, operand_dtype)
         grad_rows = torch.where(labels >= 0, grad_rows.to(lse.dtype), 0.0)
-        saved = Saved(lse, target_grad, rx, rw, sx, sw)
+        saved = Saved(lse, gap, target_cos, rx, rw, sx, sw)
         dx, dw = backward_core(grad_rows, x, w, labels, saved, opts, backend, num_classes, weight.dtype)
     return dx.to(embeddings.dtype), dw
 
 
 @margin_softmax_bwd.register_fake
-def _(grad_rows, embeddings, weight, labels, m1, m2, m3, lse, target_grad, rx, rw, sx, sw, options, backend,
+def _(grad_rows, embeddings, weight, labels, m1, m2, m3, lse, gap, target_cos, rx, rw, sx, sw, options, backend,
       operand_dtype):
     return torch.empty_like(embeddings), torch.empty_like(weight)
 
@@ -204,18 +218,18 @@ def _(grad_rows, embeddings, weight, labels, m1, m2, m3, lse, target_grad, rx, r
 def _setup_context(ctx, inputs, output):
     embeddings, weight, labels, m1, m2, m3, options, backend, operand_dtype = inputs
     ctx.settings = (options, backend, operand_dtype)
-    loss, lse, target_cos, top1, target_grad, rx, rw, sx, sw = output
+    loss, lse, target_cos, top1, gap, rx, rw, sx, sw = output
     # Reported, not differentiated: api.py makes a loss built on them raise (in eager mode).
-    ctx.mark_non_differentiable(lse, target_cos, top1, target_grad, rx, rw, sx, sw)
-    ctx.save_for_backward(embeddings, weight, labels, m1, m2, m3, lse, target_grad, rx, rw, sx, sw)
+    ctx.mark_non_differentiable(lse, target_cos, top1, gap, rx, rw, sx, sw)
+    ctx.save_for_backward(embeddings, weight, labels, m1, m2, m3, lse, gap, target_cos, rx, rw, sx, sw)
 
 
 def _backward(ctx, grad_loss, *grad_reported):
-    embeddings, weight, labels, m1, m2, m3, lse, target_grad, rx, rw, sx, sw = ctx.saved_tensors
+    embeddings, weight, labels, m1, m2, m3, lse, gap, target_cos, rx, rw, sx, sw = ctx.saved_tensors
     if grad_loss is None:
         grad_loss = torch.zeros_like(lse)
-    dx, dw = margin_softmax_bwd(grad_loss, embeddings, weight, labels, m1, m2, m3, lse, target_grad, rx, rw, sx, sw,
-                                *ctx.settings)
+    dx, dw = margin_softmax_bwd(grad_loss, embeddings, weight, labels, m1, m2, m3, lse, gap, target_cos, rx, rw, sx,
+                                sw, *ctx.settings)
     return dx, dw, None, None, None, None, None, None, None
 
 

@@ -241,11 +241,24 @@ def label_error(ignore_index: int, num_classes: int, detail: str) -> ValueError:
 
 
 def target_labels(labels: Tensor, ignore_index: int, num_classes: int) -> Tensor:
-    """int64 labels (check_labels) as backends take them: -1 on ignored rows. ValueError on a label
-    outside [0, num_classes) other than ignore_index. (It reads the labels: one host sync.)"""
+    """int64 labels (check_labels) as backends take them: -1 on ignored rows. A label outside
+    [0, num_classes) other than ignore_index: on the CPU a ValueError (it reads the labels); on a
+    GPU a device-side assert, as F.cross_entropy's, with no host read (the message says which
+    rule; the CUDA context is unusable after it, and CUDA_LAUNCH_BLOCKING=1 shows where)."""
     if labels.dtype != torch.int64:
         raise TypeError(f"target_labels takes the int64 labels of check_labels, got {labels.dtype}")
-    bad = invalid_labels(labels, ignore_index, num_classes)
-    if bool(bad.any()):
-        raise label_error(ignore_index, num_classes, f"got {int(labels[bad][0])}")
-    return torch.where(labels == ignore_index, -1, labels)
+    ignored = labels == ignore_index
+    if labels.device.type == "cpu":
+        bad = invalid_labels(labels, ignore_index, num_classes)
+        if bool(bad.any()):
+            raise label_error(ignore_index, num_classes, f"got {int(labels[bad][0])}")
+    else:
+        torch._assert_async(labels_in_range(labels, ignored, num_classes),
+                            str(label_error(ignore_index, num_classes, "got another")))
+    return torch.where(ignored, -1, labels)
+
+
+def labels_in_range(labels: Tensor, ignored: Tensor, num_classes: int) -> Tensor:
+    """0-d bool, on the labels' device: no label is invalid (invalid_labels) given the mask of
+    ignored rows. Four launches: floor(l / C) == 0 exactly when 0 <= l < C (int64)."""
+    return torch.where(ignored, 0, labels).div(num_classes, rounding_mode="floor").eq(0).all()

@@ -6,8 +6,9 @@ measures the real thing.
     python -m bench.cost_model      # the tables of docs/backends/triton.md and cuda.md
 
 The launch list (`launches`) is the real launch plan of the driver code, counted from it: the
-entry checks, the norm pass (common.overflow_safe_rows: eleven ATen ops per 16 MiB slice of
-float32 rows), the host syncs, the backend's kernels (Triton grids from configs.py and the
+entry checks, the norm pass (common.overflow_safe_rows on a GPU: one triton/norms.py kernel per
+matrix, which also writes the rows' overflow-scaled copy), the scaled copies and gradients of
+op.backward_core (no host sync: docs/design.md section 2), the backend's kernels (Triton grids from configs.py and the
 forward's class splits; the `cuda` ops' internal GEMMs and kernels from csrc/), every chunk of
 the backward walk (chunk_plan.chunk_classes) with its GEMMs and projection, and the glue of
 finalize, the target gradient and the reduction. tests/test_cost_model.py checks that it equals,
@@ -75,22 +76,21 @@ SASS_FACTS = {
 }
 
 # --- the glue, as the driver code runs it (op names as the probe records them) -----------------
-# validation.target_labels and api: label checks (one host sync), ignore mask
-ENTRY = "full full full ne lt ge __or__ __and__ any sync eq where ge".split()
-# common._exponents_and_unit_norms, per slice of rows upcast to float32
-NORM_SLICE = "to linalg_vector_norm frexp to clamp_min copy_ neg exp2 mul linalg_vector_norm copy_".split()
-# common.overflow_safe_rows after the slices: shifts, inverse norms, "any row too large?" (a sync)
-NORM_TAIL = "sub clamp_min sub exp2 mul clamp_min reciprocal mul any sync".split()
+# the margins as (N,) tensors; validation.target_labels on a GPU: the label rule as a device-side
+# assert (labels_in_range, no host read), the targets; the active rows
+ENTRY = "full full full eq where div eq all _assert_async where ge".split()
 # triton/forward.combine_splits
 COMBINE_SPLITS = "max sub exp argmax mul sum sum sum sum gather gather mul sum".split()
-# op.finalize, op.target_cosine_gradient (margins.dphi_dcos), outputs, api.reduce_rows
-FORWARD_TAIL = (
-    "log add log add sub zeros_like logaddexp where where clamp acos mul add div floor clamp_min remainder mul "
-    "rsub mul rsub clamp_min sqrt clamp_min lt mul div sinc mul div sinc div mul sin div where mul cos mul sin mul "
-    "cos mul div add mul eq ge __and__ ones_like where neg expm1 add mul mul where clone clone ones ones ne sum sum "
-    "clamp_min div").split()
-# autograd of the reduction, op._backward (labels, two _rows_seen syncs), chunked_backward's setup
-BACKWARD_HEAD = "ones_like div eq where ge where ne any sync ne any sync mul zeros lt mul where".split()
+# op.finalize, outputs, api.reduce_rows
+FORWARD_TAIL = "log add log add sub zeros_like logaddexp where where clone clone ne sum sum clamp_min div".split()
+# autograd of the reduction, op._backward's labels and gradient rows
+BACKWARD_HEAD = "ones_like div eq where ge where".split()
+# after op._rows_seen's two copies: op.backward_core's target factor (op.target_cosine_gradient with
+# margins.dphi_dcos, once per row) and target dcos, chunked_backward's setup
+BACKWARD_SETUP = (
+    "ne clamp acos mul add div floor clamp_min remainder mul rsub mul rsub clamp_min sqrt clamp_min lt mul div sinc "
+    "mul div sinc div mul sin div where mul cos mul sin mul cos mul div add mul eq ge __and__ ones_like where neg "
+    "expm1 add mul mul where mul zeros lt mul where").split()
 # chunk_plan.project_rows in torch ops (the `cuda` backend's projection)
 TORCH_PROJECTION = "to mul sum mul mul sub copy_".split()
 # projection_scale of rx before the final dX projection; the gradient cast to the input dtype
@@ -144,16 +144,18 @@ def tile_kernel(pass_, kernel, op, programs, tiles_per_program, d):
                   LAUNCH_GAP + waves * tiles_per_program * per_tile, flops, 0.0)
 
 
-def _norm_pass(rows, d, itemsize=2):
-    step = max(1, (16 * 2**20) // (d * 8))  # common._NORM_SLICE_BYTES
-    out = []
-    for start in range(0, rows, step):
-        entries = min(step, rows - start) * d
-        # per entry: upcast (read 2, write 4), inf-norm (read 4), scaled copy (read 4, write 4), norm (read 4)
-        per_op = {0: itemsize + 4, 1: 4, 8: 8, 9: 4}
-        out += [Launch("forward", f"norm slice: {name}", name, LAUNCH_GAP + per_op.get(i, 0) * entries / HBM,
-                       0.0, per_op.get(i, 0) * entries) for i, name in enumerate(NORM_SLICE)]
-    return out + _aten("forward", NORM_TAIL, what="norm tail")
+def _norm_pass(rows, d, what, itemsize=2):
+    """common.overflow_safe_rows on a GPU (sync_free, bf16: the rows always taken as v * scale):
+    triton/norms.row_norms_kernel reads each row once and writes its scaled copy."""
+    nbytes = 2 * itemsize * rows * d
+    return [Launch("forward", f"norm pass: {what}", "triton:row_norms_kernel", LAUNCH_GAP + nbytes / HBM, 0.0,
+                   nbytes)]
+
+
+def _rows_seen(rows, d, what, itemsize=2):
+    """op._rows_seen in backward: the scale cast to the rows' dtype, the scaled copy (read, write)."""
+    return _aten("backward", ["to"], what=f"rows seen: {what}") + _aten(
+        "backward", ["mul"], 2 * itemsize * rows * d, what=f"rows seen: {what}")
 
 
 def _triton_forward(n, c, d):
@@ -184,7 +186,8 @@ def _cuda_forward(n, c, d):
 
 
 def _backward(backend, n, c, d):
-    out = _aten("backward", BACKWARD_HEAD)
+    out = _aten("backward", BACKWARD_HEAD) + _rows_seen(n, d, "x * sx") + _rows_seen(c, d, "w * sw")
+    out += _aten("backward", BACKWARD_SETUP)
     if backend == "triton":
         step = chunk_plan.chunk_classes(n, c, 1, d, torch.bfloat16, None, CONFIGS["grad_tile"].block_n)
     else:
@@ -212,6 +215,9 @@ def _backward(backend, n, c, d):
         out += _projection(backend, width, d, "dW_c projection")
     out += _aten("backward", BACKWARD_TAIL_HEAD)
     out += _projection(backend, n, d, "dX projection")
+    # op.backward_core: dX times sx (float32, read and write), dW times sw in place (bf16)
+    out += _aten("backward", ["mul"], 8 * n * d, what="rows seen: dX * sx")
+    out += _aten("backward", ["mul_"], 4 * c * d, what="rows seen: dW * sw")
     out += _aten("backward", ["to"], 6 * n * d, what="dX to the input dtype")
     return out
 
@@ -227,7 +233,7 @@ def _projection(backend, rows, d, what):
 
 def launches(backend, n, c, d):
     """The predicted launches of one forward + backward, bf16, no sub-centres, in order."""
-    fwd = _aten("forward", ENTRY) + _norm_pass(n, d) + _norm_pass(c, d)
+    fwd = _aten("forward", ENTRY) + _norm_pass(n, d, "x") + _norm_pass(c, d, "w")
     fwd += _triton_forward(n, c, d) if backend == "triton" else _cuda_forward(n, c, d)
     fwd += _aten("forward", FORWARD_TAIL)
     return fwd + _backward(backend, n, c, d)
@@ -248,7 +254,8 @@ def summary(backend, n, c, d):
     for launch in plan:
         if launch.op_is_parent:
             continue
-        grouped = launch.name.startswith(("glue", "norm", "combine", "forward kernel", "grad_tile kernel"))
+        grouped = launch.name.startswith(("glue", "norm", "rows seen", "combine", "forward kernel",
+                                          "grad_tile kernel"))
         key = f"{launch.pass_} {launch.name.split(':')[0] if grouped else launch.name}"
         if launch.op == "sync":
             key = f"{launch.pass_} host syncs"

@@ -83,6 +83,7 @@ class _CudaOps:
 def _stubs(monkeypatch, record):
     from arcface_kernels.backends import cuda as cuda_backend
     from arcface_kernels.backends import triton as triton_backend
+    from arcface_kernels.backends.triton import norms
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: H100)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
@@ -91,6 +92,7 @@ def _stubs(monkeypatch, record):
     monkeypatch.setattr(torch.cuda.tunable, "is_enabled", lambda: False)
     for name in ("partial_stats_kernel", "grad_tile_kernel", "project_rows_kernel"):
         monkeypatch.setattr(triton_backend, name, _KernelStub(name, record))
+    monkeypatch.setattr(norms, "row_norms_kernel", _KernelStub("row_norms_kernel", record))
     monkeypatch.setattr(cuda_backend, "_LOAD_ERROR", None)
     monkeypatch.setattr(cuda_backend, "BUILT_FOR", cuda_backend.GpuCode((90,), 90))
     monkeypatch.setattr(torch.ops, "arcface_kernels_cuda", _CudaOps(record))

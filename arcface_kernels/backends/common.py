@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..dtypes import compute_dtype
+from ..dtypes import KERNEL_DTYPES, compute_dtype
 from ..margins import NORM_EPS
 from .contract import RowNorms
 
@@ -75,8 +75,8 @@ def _plain_norms(v: torch.Tensor, dtype: torch.dtype):
     (every entry below 2**_safe_exponent, the squares finite) and, unless the row is clamped at
     NORM_EPS anyway, above 2**-40 (squares of entries that matter far above the underflow). The
     usual case: it skips the infinity-norm pass and the scaled copy of every row. CPU only: the
-    range check reads the norms: cheap on the CPU, a host sync on a GPU, where the careful path's
-    one check stays (its cost: docs/backends/triton.md, "Predicted cost")."""
+    range check reads the norms: cheap on the CPU, a host sync on a GPU (which has its norm kernel,
+    overflow_safe_rows)."""
     if v.device.type != "cpu":
         return None
     step = max(1, _NORM_SLICE_BYTES // (max(v.shape[1], 1) * 8))
@@ -139,16 +139,54 @@ def overflow_scales(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.exp2(-_overflow_shifts(exponents, dtype))
 
 
-def overflow_safe_rows(v: torch.Tensor, dtype: torch.dtype):
+def device_rule(v: torch.Tensor) -> bool:
+    """Whether v's rows are taken with no host read (on a GPU: docs/design.md section 2, "Norms and
+    overflow"); on the CPU a host read is cheap and the op reads."""
+    return v.device.type == "cuda"
+
+
+def _norm_kernel(v: torch.Tensor, dtype: torch.dtype):
+    """triton/norms.py where it computes v's norm pass (device_rule, a kernel dtype, float32
+    statistics, Triton importable), else None (the CPU, float64, no Triton: the ATen path)."""
+    if not device_rule(v) or v.dtype not in KERNEL_DTYPES or dtype != torch.float32:
+        return None
+    try:
+        from .triton import norms
+    except ImportError:
+        return None
+    return norms
+
+
+def may_hold_huge_rows(v_dtype: torch.dtype, dtype: torch.dtype) -> bool:
+    """Can a row of `v_dtype` reach 2**_safe_exponent(dtype)? Never for float16 (largest 65504)
+    with float32 statistics: no row of it is ever scaled."""
+    return torch.finfo(v_dtype).max >= 2.0 ** _safe_exponent(dtype)
+
+
+def overflow_safe_rows(v: torch.Tensor, dtype: torch.dtype, sync_free: bool = False):
     """The rows a backend sees, their inverse norms in `dtype`, and the per-row scale that made them.
 
     Rows whose largest entry reaches 2**_safe_exponent are multiplied by a power of two (exact)
     that brings it below: cosines are unchanged, and no raw dot product of two rows overflows
     the accumulation dtype (docs/design.md section 2, "never NaN or Inf for finite inputs"). The
     gradient with respect to the given row is the scale times the one with respect to the seen
-    row. Returns (v, inverse norms, None) when no row needs it (the usual case: no copy; one host
-    sync to know).
+    row. The scale is None where every row is seen as given.
+
+    On a GPU the norm pass is one kernel (triton/norms.py). sync_free (the op's training step):
+    no host read, so no decision from the values: where v's dtype can hold a huge row
+    (may_hold_huge_rows) the seen rows are always v * scale, a copy the kernel writes in the same
+    pass (scale 1 on ordinary rows), else v. Otherwise (and always on the CPU, where a host read is
+    cheap) the copy is made only when some row needs it: one host read to know.
     """
+    kernel = _norm_kernel(v, dtype)
+    if kernel is not None:
+        always = sync_free and may_hold_huge_rows(v.dtype, dtype)
+        seen, inverse, scale = kernel.seen_rows(v, _safe_exponent(dtype), _MIN_EXPONENT, NORM_EPS, always)
+        if always:
+            return seen, inverse, scale
+        if not may_hold_huge_rows(v.dtype, dtype) or not bool((scale != 1).any()):  # the host read
+            return v, inverse, None
+        return v * scale[:, None].to(v.dtype), inverse, scale
     plain = _plain_norms(v, dtype)
     if plain is not None:  # no row near overflow: nothing to scale
         return v, 1.0 / plain.clamp_min(NORM_EPS), None
