@@ -25,7 +25,9 @@ def production_tiles(monkeypatch):
                          ids=["arcface", "combined"])
 def test_triton_production_tiles(dtype, options):
     k = options.get("sub_centers", 1)
-    n, c, d = 200, 300, 80  # 2 row blocks of 128, 5 forward class tiles of 64, D past one BLOCK_K
+    # forward: 4 row blocks of 64 (the last partial), 5 class tiles of 64 in 2 splits, D = 80 in
+    # 3 steps of 32 (the last partial); gradient tile: 2 row blocks of 128
+    n, c, d = 200, 300, 80
     x, w, y = make_problem(n, c, d, k=k, dtype=dtype, seed=11, ignore=(7,))
     budget = n * 128 * k * 4 + 128 * k * d * 16  # about one 128-class gradient chunk: several chunks
     with ak.workspace_budget(budget):

@@ -19,7 +19,7 @@ def partial_stats_kernel(
     x_ptr, w_ptr, rx_ptr, rw_ptr, labels_ptr, m1_ptr, m2_ptr, m3_ptr,
     stats_ptr, best_class_ptr,
     N, C, D, stride_x, stride_w, classes_per_split, scale,
-    K: tl.constexpr, EASY_MARGIN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    K: tl.constexpr, EASY_MARGIN: tl.constexpr, SMOOTHING: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -31,7 +31,7 @@ def partial_stats_kernel(
     row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     sum_exp = tl.zeros((BLOCK_M,), tl.float32)
     nontarget_sum_exp = tl.zeros((BLOCK_M,), tl.float32)  # the target's term kept apart (op.finalize)
-    logit_sum = tl.zeros((BLOCK_M,), tl.float32)
+    logit_sum = tl.zeros((BLOCK_M,), tl.float32)  # left 0 without label smoothing (contract.PartialStats)
     target_logit = tl.zeros((BLOCK_M,), tl.float32)
     target_cos = tl.zeros((BLOCK_M,), tl.float32)
     best_cos = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -43,6 +43,8 @@ def partial_stats_kernel(
         class_mask = classes < stop
         cos, _ = class_cosines(x_ptr, rows, row_mask, rx, stride_x, w_ptr, rw_ptr, classes, class_mask, stride_w, D,
                                K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+        # classes past the split: -inf, out of every max and sum (scale > 0: z is -inf there too)
+        cos = tl.where(class_mask[None, :], cos, float("-inf"))
         z = scale * cos
         # The margin only where some row's label falls inside this tile: a scalar branch, so the
         # other tiles (all but about N of the C / BLOCK_N per row block) skip the target terms.
@@ -53,7 +55,6 @@ def partial_stats_kernel(
             z = tl.where(is_target, logit_y[:, None], z)
             target_logit = tl.where(in_tile, logit_y, target_logit)
             target_cos = tl.where(in_tile, cos_y, target_cos)
-        z = tl.where(class_mask[None, :], z, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(z, axis=1))
         rescale = tl.exp(row_max - new_max)
         e = tl.exp(z - new_max[:, None])
@@ -64,11 +65,11 @@ def partial_stats_kernel(
         sum_exp = sum_exp * rescale + tile_sum
         nontarget_sum_exp = nontarget_sum_exp * rescale + tile_nontarget
         row_max = new_max
-        logit_sum += tl.sum(tl.where(class_mask[None, :], z, 0.0), axis=1)
-        plain = tl.where(class_mask[None, :], cos, float("-inf"))
-        tile_best = tl.max(plain, axis=1)
+        if SMOOTHING:
+            logit_sum += tl.sum(tl.where(class_mask[None, :], z, 0.0), axis=1)
+        tile_best = tl.max(cos, axis=1)
         # the lowest index among the tile's maxima
-        tile_arg = tl.min(tl.where(plain == tile_best[:, None], classes[None, :], C), axis=1)
+        tile_arg = tl.min(tl.where(cos == tile_best[:, None], classes[None, :], C), axis=1)
         better = tile_best > best_cos  # strict: earlier tiles win ties
         best_class = tl.where(better, tile_arg, best_class)
         best_cos = tl.where(better, tile_best, best_cos)
