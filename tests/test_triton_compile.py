@@ -10,7 +10,7 @@ from test_triton_grid import A100, H100  # noqa: E402
 
 from arcface_kernels.backends import triton as triton_backend  # noqa: E402
 from arcface_kernels.backends.triton.configs import CONFIGS  # noqa: E402
-from triton_build import compile_kernel, resource_usage, specialized_arguments  # noqa: E402
+from triton_build import compile_kernel, compile_projection, resource_usage, specialized_arguments  # noqa: E402
 
 PROPS = {90: H100, 80: A100}
 
@@ -43,6 +43,15 @@ def test_forward_with_label_smoothing_compiles_without_spills(arch):
     assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, usage
     assert triton_backend.ctas_per_sm(usage["registers"], compiled.metadata.shared, config.num_warps,
                                       PROPS[arch]) >= 2, usage
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+@pytest.mark.parametrize("out_dtype", ["bf16", "fp32"])  # a chunk's dW rows, dX
+def test_projection_compiles_without_spills(arch, out_dtype):
+    compiled = compile_projection(arch, out_dtype)
+    usage = resource_usage(compiled, arch)
+    assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, usage
+    assert {"R", "D", "stride_grad", "stride_v", "stride_out"} <= specialized_arguments(compiled)
 
 
 def test_float16_gradient_tile_compiles_without_spills():

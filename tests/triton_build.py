@@ -26,7 +26,7 @@ from triton.runtime.jit import create_function_from_signature
 
 from arcface_kernels.backends import chunk_plan
 from arcface_kernels.backends import triton as triton_backend
-from arcface_kernels.backends.triton.backward import grad_tile_kernel
+from arcface_kernels.backends.triton.backward import grad_tile_kernel, project_rows_kernel
 from arcface_kernels.backends.triton.forward import partial_stats_kernel
 
 KERNELS = {"forward": partial_stats_kernel, "grad_tile": grad_tile_kernel}
@@ -63,22 +63,38 @@ def launch_arguments(kernel, shape, dtype="bf16", sub_centers=1):
     return (x, x, f32, f32, i64, f32, f32, f32, g, n, 0, step, d, d, d, step * sub_centers, 64.0, 0.0)
 
 
+def _compile(fn, arch, args, launch_kwargs):
+    """fn compiled for sm_`arch` from what `fn[grid](*args, **launch_kwargs)` would bind."""
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, kwargs = binder(*args, **launch_kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, kwargs)
+    src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
+
+
 @functools.cache
 def compile_kernel(kernel, config, arch, dtype="bf16", sub_centers=1, shape=HEADLINE, smoothing=False):
     """`kernel` with tile config `config`, compiled for sm_`arch` as the JIT would at `shape`
     (cached: several tests read the same compile)."""
     fn = KERNELS[kernel]
-    backend = make_backend(GPUTarget("cuda", arch, 32))
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     constants = dict(K=sub_centers, EASY_MARGIN=False, SMOOTHING=smoothing, DOT_PRECISION="ieee",
                      BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
     constants = {name: value for name, value in constants.items() if name in fn.arg_names}
-    bound, specialization, kwargs = binder(*launch_arguments(kernel, shape, dtype, sub_centers), **constants,
-                                           **options)
-    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, kwargs)
-    src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
+    return _compile(fn, arch, launch_arguments(kernel, shape, dtype, sub_centers),
+                    dict(constants, num_warps=config.num_warps, num_stages=config.num_stages))
+
+
+@functools.cache
+def compile_projection(arch, out_dtype="bf16", shape=HEADLINE):
+    """project_rows_kernel as the chunk plan launches it at `shape`: a chunk's dW rows (`out_dtype`
+    the input dtype) or dX (fp32), D wide; the launch's default warps and stages."""
+    n, c, d = shape
+    rows = n if out_dtype == "fp32" else chunk_plan.chunk_classes(n, c, 1, d, torch.bfloat16, None, 64)
+    block_r, block_d = triton_backend.projection_blocks(d)
+    args = (_Pointer(torch.float32), _Pointer(torch.bfloat16), _Pointer(torch.float32), _Pointer(_DTYPES[out_dtype]),
+            rows, d, d, d, d)
+    return _compile(project_rows_kernel, arch, args, dict(BLOCK_R=block_r, BLOCK_D=block_d))
 
 
 def specialized_arguments(compiled):

@@ -154,13 +154,18 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
                                 project=project_rows)
 
 
+def projection_blocks(dim):
+    """(BLOCK_R, BLOCK_D) of project_rows_kernel: whole rows, about 4,096 entries per program."""
+    block_d = triton.next_power_of_2(dim)
+    return max(1, 4096 // block_d), block_d
+
+
 def project_rows(grad, v, v_proj, out):
     """chunk_plan.project_rows as one fused kernel (float32 grad, rows of v, out in any dtype)."""
     rows, dim = grad.shape
     if rows == 0:
         return
-    block_d = triton.next_power_of_2(dim)
-    block_r = max(1, 4096 // block_d)
+    block_r, block_d = projection_blocks(dim)
     project_rows_kernel[(triton.cdiv(rows, block_r),)](
         grad, v, v_proj, out, rows, dim, grad.stride(0), v.stride(0), out.stride(0), BLOCK_R=block_r, BLOCK_D=block_d,
     )
