@@ -5,7 +5,7 @@ usage from the cubin.
 The specialization is not guessed: the launch arguments of a shape (pointers as 16-byte aligned
 stand-ins for torch's allocations, every integer the value the backend's launch code passes) go
 through the JIT's own binder for the target, the code `kernel[grid](...)` runs before it compiles
-(triton/runtime/jit.py: create_function_from_signature, JITFunction._pack_args). So every
+(triton/runtime/jit.py: create_function_from_signature, then JITFunction.run's packing). So every
 pointer and every integer that is a multiple of 16 (N, C, D, the strides, the classes per split,
 the chunk bounds) carries tt.divisibility = 16, an integer equal to 1 becomes a constant, and
 floats stay unspecialized, as on the GPU.
@@ -19,6 +19,7 @@ import tempfile
 
 import torch
 import triton
+from triton._utils import find_paths_if, get_iterable_path
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
@@ -68,9 +69,15 @@ def _compile(fn, arch, args, launch_kwargs):
     backend = make_backend(GPUTarget("cuda", arch, 32))
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, kwargs = binder(*args, **launch_kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, kwargs)
+    # what JITFunction.run does next before it compiles (triton 3.8's _pack_args, inline in 3.6)
+    signature = {param.name: spec[0] for param, spec in zip(fn.params, specialization)}
+    constexprs = {path: get_iterable_path(list(bound.values()), path)
+                  for path in find_paths_if(list(signature.values()), lambda _, kind: kind == "constexpr")}
+    attrvals = ["" if kind == "constexpr" else attr for kind, attr in specialization]
+    attrs = {path: backend.parse_attr(get_iterable_path(attrvals, path))
+             for path in find_paths_if(attrvals, lambda _, attr: isinstance(attr, str))}
     src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=backend.parse_options(kwargs).__dict__)
 
 
 @functools.cache
