@@ -17,7 +17,8 @@ A100 = types.SimpleNamespace(multi_processor_count=108, regs_per_multiprocessor=
     (228, 73728, 8, H100, 1),  # the old 128 x 64 forward: 232 x 256 registers, one CTA
     (128, 73728, 8, H100, 2),  # 128 registers at 8 warps: two
     (129, 0, 8, H100, 1),  # rounded up to 136: one
-    (216, 32768, 4, H100, 2),  # the 64 x 64 forward: 216 x 128 registers, two
+    (216, 32768, 4, H100, 2),  # 64 x 64 at 4 warps: 216 x 128 registers, two
+    (167, 32768, 4, H100, 3),  # the forward: 168 x 128, three
     (64, 73728, 8, H100, 3),  # shared memory (72 + 1 KiB reserved per CTA) bounds it: three
     (64, 73728, 8, A100, 2),
     (32, 0, 8, H100, 8),  # the thread limit: 2048 / 256
@@ -49,6 +50,8 @@ def test_class_splits_cover_the_classes_in_whole_tiles_and_waves(n, c, wave):
 
 
 def test_headline_grid_is_one_full_wave_on_an_h100():
-    # 64 row blocks x 4 splits = 256 programs of 1,024 class tiles each, at two CTAs per SM on 132
-    # SMs; the old rule's 64 x 9 = 576 programs (3 waves of 264 x 456 tiles) walk 1,368 tiles.
+    # three CTAs per SM on 132 SMs: 64 row blocks x 6 splits = 384 programs of 683 class tiles
+    # each (the ideal: 662); the old rule's 64 x 9 = 576 programs (2 waves of 396 x 456 tiles)
+    # walk 912. At two CTAs per SM: 64 x 4 = 256 programs of 1,024 tiles.
+    assert triton_backend.class_splits(64, 262144, 64, 396) == (683 * 64, 6)
     assert triton_backend.class_splits(64, 262144, 64, 264) == (65536, 4)
