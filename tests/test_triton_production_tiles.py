@@ -32,3 +32,14 @@ def test_triton_production_tiles(dtype, options):
     budget = n * 128 * k * 4 + 128 * k * d * 16  # about one 128-class gradient chunk: several chunks
     with ak.workspace_budget(budget):
         assert_matches_reference(x, w, y, "triton", **options)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1)], ids=["arcface", "smoothing"])
+def test_a_split_that_holds_only_the_targets(options):
+    # 129 classes in 2 splits of 128 (the interpreter's wave of 8 programs, 4 row blocks): the
+    # second split holds class 128 alone, so for rows labelled 128 its loop sees no non-target
+    # class (a running max of -inf) and their loss is the target term merged after the loop
+    x, w, y = make_problem(200, 129, 40, seed=5)
+    y[::3] = 128
+    assert triton_backend.class_splits(4, 129, CONFIGS["forward"].block_n, 8) == (128, 2)
+    assert_matches_reference(x, w, y, "triton", **options)
