@@ -33,11 +33,13 @@ The floor is 4 x 2NCD flops at TFLOPS.
 """
 
 from collections import Counter
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
 
 from arcface_kernels.backends import chunk_plan
+from arcface_kernels.backends import triton as triton_backend
 from arcface_kernels.backends.common import DEFAULT_WORKSPACE_BUDGET
 from arcface_kernels.backends.triton.configs import CONFIGS
 
@@ -55,7 +57,9 @@ UNALIGNED_CUBLAS_EFFICIENCY = 0.65  # leading dimension not 16-byte aligned: no 
 LAUNCH_GAP = 2.5e-6  # seconds between back-to-back kernels on one stream (launch, ramp, tail)
 SYNC = 15e-6  # a host sync: drain, device-to-host read, empty queue refilled
 REFILL = 0.7e-6  # a tile's pipeline fill (num_stages - 1 loads of DRAM latency), one CTA per SM
-REGISTERS_PER_SM, SMEM_PER_SM = 65536, 228 * 1024
+# what the launch code reads from torch.cuda.get_device_properties (tests/launch_probe.py's H100)
+H100 = SimpleNamespace(multi_processor_count=SMS, regs_per_multiprocessor=65536,
+                       shared_memory_per_multiprocessor=228 * 1024, max_threads_per_multi_processor=2048)
 ASSUMPTIONS = (
     f"H100 SXM: {TFLOPS / 1e12:.0f} TFLOP/s bf16 (the floor's rate too), {HBM / 1e12:.1f} TB/s HBM, {SMS} SMs at "
     f"{CLOCK / 1e9:.3f} GHz issuing {ISSUE_PER_CLOCK} warp instructions per clock; Triton K loop at "
@@ -65,14 +69,15 @@ ASSUMPTIONS = (
     "refill per tile at one CTA per SM; the `cuda` epilogue kernels at their HBM bytes only.")
 
 # Compiled for sm_90 with the JIT's runtime specialization (tests/triton_build.py, triton 3.8, the
-# configs of configs.py): ptxas registers and the kernel's shared memory; epilogue = static SASS
-# instructions per warp outside the K loop in one tile's code (nvdisasm of the cubin: the forward's
-# class-tile loop is 2,038 instructions of which the K loop is 87; the gradient tile kernel, one
-# tile per program, 1,176 of which 87 are the K loop). Static counts include branches most tiles
-# skip (the target's tile, the sub-centre and smoothing paths): an upper bound on the issue time.
+# configs of configs.py, the headline shape): ptxas registers and the kernel's shared memory;
+# epilogue = static SASS instructions per warp outside the K loop in one tile's code (nvdisasm of
+# the cubin: the forward's class-tile loop is 1,112 instructions of which the K loop is 69; the
+# gradient tile kernel, one tile per program, 936 of which 87 are the K loop). Static counts
+# include branches most tiles skip (the target's tile, the sub-centre and smoothing paths): an
+# upper bound on the issue time.
 SASS_FACTS = {
-    "forward": dict(registers=221, smem=73728, epilogue=2038 - 87),
-    "grad_tile": dict(registers=120, smem=73728, epilogue=1176 - 87),
+    "forward": dict(registers=167, smem=32768, epilogue=1112 - 69),
+    "grad_tile": dict(registers=101, smem=73728, epilogue=936 - 87),
 }
 
 # --- the glue, as the driver code runs it (op names as the probe records them) -----------------
@@ -127,9 +132,9 @@ def _gemm(pass_, name, op, m, n, k, nbytes, aligned=True):
 
 
 def ctas_per_sm(kernel):
-    facts, warps = SASS_FACTS[kernel], CONFIGS[kernel].num_warps
-    registers = -(-facts["registers"] // 8) * 8 * 32 * warps  # allocated in units of 8 per thread
-    return max(1, min(REGISTERS_PER_SM // registers, SMEM_PER_SM // facts["smem"]))
+    """The launch code's occupancy rule (triton.ctas_per_sm) on the compile figures, on an H100."""
+    facts = SASS_FACTS[kernel]
+    return triton_backend.ctas_per_sm(facts["registers"], facts["smem"], CONFIGS[kernel].num_warps, H100)
 
 
 def tile_kernel(pass_, kernel, op, programs, tiles_per_program, d):
@@ -161,10 +166,8 @@ def _rows_seen(rows, d, what, itemsize=2):
 def _triton_forward(n, c, d):
     cfg = CONFIGS["forward"]
     row_blocks = _cdiv(n, cfg.block_m)
-    # triton._class_splits with 4 programs per SM
-    splits = max(1, min(_cdiv(4 * SMS, row_blocks), _cdiv(c, cfg.block_n)))
-    per_split = _cdiv(_cdiv(c, splits), cfg.block_n) * cfg.block_n
-    splits = _cdiv(c, per_split)
+    # the launch code's split rule for a wave of SMs x CTAs per SM programs
+    per_split, splits = triton_backend.class_splits(row_blocks, c, cfg.block_n, SMS * ctas_per_sm("forward"))
     return [tile_kernel("forward", "forward", "triton:partial_stats_kernel", row_blocks * splits,
                         per_split // cfg.block_n, d)] + _aten("forward", COMBINE_SPLITS, what="combine splits")
 

@@ -21,7 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import arcface_kernels as ak
 
 H100 = types.SimpleNamespace(multi_processor_count=132, name="NVIDIA H100 80GB HBM3", major=9, minor=0,
-                             total_memory=80 * 2**30)
+                             total_memory=80 * 2**30, regs_per_multiprocessor=65536,
+                             shared_memory_per_multiprocessor=228 * 1024, max_threads_per_multi_processor=2048)
 _CUDA_KEY = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
 # ATen ops that launch no kernel (views, metadata, allocations)
 NO_KERNEL = {"device", "slice", "select", "view", "_unsafe_view", "unsqueeze", "squeeze", "expand", "t", "numpy_T",
@@ -60,6 +61,15 @@ class _KernelStub:
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.record.append(("triton", self.name, tuple(grid)))
+
+    def warmup(self, *args, grid, **kwargs):
+        """The compiled kernel the launch code sizes its grid from: the sm_90 compile's figures
+        (bench/cost_model.SASS_FACTS, which tests/test_cost_model_sass.py checks)."""
+        from bench.cost_model import SASS_FACTS
+
+        facts = SASS_FACTS["forward" if self.name == "partial_stats_kernel" else "grad_tile"]
+        return types.SimpleNamespace(n_regs=facts["registers"], metadata=types.SimpleNamespace(shared=facts["smem"]),
+                                     _init_handles=lambda: None)
 
 
 class _CudaOps:

@@ -54,9 +54,13 @@ def test_headline_counts():
 
 
 def test_wave_quantization_and_occupancy():
-    # the forward kernel holds one CTA per SM (221 registers x 256 threads); 544 programs are 5 waves
-    assert cost_model.ctas_per_sm("forward") == 1 and cost_model.ctas_per_sm("grad_tile") == 2
-    kernel = cost_model.tile_kernel("forward", "forward", None, 544, 241, 512)
-    assert "5 waves" in kernel.name
-    one_wave = cost_model.tile_kernel("forward", "forward", None, 132, 241, 512)
-    assert kernel.seconds - cost_model.LAUNCH_GAP == pytest.approx(5 * (one_wave.seconds - cost_model.LAUNCH_GAP))
+    # three forward CTAs per SM (167 registers x 128 threads), two of the gradient tile (101 x
+    # 256): a forward wave is 396 programs, and 397 run as two
+    assert cost_model.ctas_per_sm("forward") == 3 and cost_model.ctas_per_sm("grad_tile") == 2
+    one = cost_model.tile_kernel("forward", "forward", None, 396, 100, 512)
+    two = cost_model.tile_kernel("forward", "forward", None, 397, 100, 512)
+    assert "1 waves" in one.name and "2 waves" in two.name
+    assert two.seconds - cost_model.LAUNCH_GAP == pytest.approx(2 * (one.seconds - cost_model.LAUNCH_GAP))
+    # the launch code's grid at the headline shape: one whole wave (64 row blocks x 6 splits)
+    forward = [x for x in cost_model.launches("triton", 4096, 262144, 512) if x.op == "triton:partial_stats_kernel"]
+    assert [x.name for x in forward] == ["forward kernel: 384 programs, 3 CTA/SM, 1 waves"]

@@ -1,62 +1,113 @@
 """Compile the triton backend's kernels for a GPU that is not here (triton.compile with a
-GPUTarget), with the specialization the JIT applies at run time, and read their resource usage
-from the cubin."""
+GPUTarget), specialized exactly as the JIT specializes them at launch, and read their resource
+usage from the cubin.
 
+The specialization is not guessed: the launch arguments of a shape (pointers as 16-byte aligned
+stand-ins for torch's allocations, every integer the value the backend's launch code passes) go
+through the JIT's own binder for the target, the code `kernel[grid](...)` runs before it compiles
+(triton/runtime/jit.py: create_function_from_signature, then JITFunction.run's packing). So every
+pointer and every integer that is a multiple of 16 (N, C, D, the strides, the classes per split,
+the chunk bounds) carries tt.divisibility = 16, an integer equal to 1 becomes a constant, and
+floats stay unspecialized, as on the GPU.
+"""
+
+import functools
 import os
 import re
 import subprocess
 import tempfile
 
+import torch
 import triton
+from triton._utils import find_paths_if, get_iterable_path
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
 
-from arcface_kernels.backends.triton.backward import grad_tile_kernel
+from arcface_kernels.backends import chunk_plan
+from arcface_kernels.backends import triton as triton_backend
+from arcface_kernels.backends.triton.backward import grad_tile_kernel, project_rows_kernel
 from arcface_kernels.backends.triton.forward import partial_stats_kernel
 
 KERNELS = {"forward": partial_stats_kernel, "grad_tile": grad_tile_kernel}
-_INPUTS = ("x_ptr", "w_ptr")
-# Integer arguments that are multiples of 16 at the production shapes (D = 128..512, N a multiple
-# of 16, row strides = D): the JIT marks them divisible by 16 at launch, as it does every pointer
-# allocated by torch, and that specialization decides vectorized and pipelined loads.
-_ALIGNED_INTS = ("N", "D", "stride_x", "stride_w", "stride_g")
-_INTS = ("labels_ptr", "best_class_ptr")
-_FLOATS = ("scale", "smoothing_per_class")
+HEADLINE = (4096, 262144, 512)
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _signature(fn, dtype):
-    sig = {}
-    for name, param in zip(fn.arg_names, fn.params):
-        if param.is_constexpr:
-            sig[name] = "constexpr"
-        elif name in _INPUTS:
-            sig[name] = f"*{dtype}"
-        elif name == "g_ptr":  # the gradient tile: float32 for float32 inputs, else bfloat16
-            sig[name] = "*fp32" if dtype == "fp32" else "*bf16"
-        elif name in _INTS:
-            sig[name] = "*i64"
-        elif name.endswith("_ptr"):
-            sig[name] = "*fp32"
-        elif name in _FLOATS:
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
+class _Pointer:
+    """What the JIT's binder reads from a tensor argument: its dtype and its address (torch's
+    CUDA allocations are 512-byte aligned)."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def data_ptr(self):
+        return 1 << 21
 
 
-def compile_kernel(kernel, config, arch, dtype="bf16", sub_centers=1):
+def launch_arguments(kernel, shape, dtype="bf16", sub_centers=1):
+    """The positional arguments the backend's launch code passes `kernel` at (N, C, D), pointers
+    as stand-ins: the forward's those of its warm-up compile (one tile per split: every split
+    size the launch then picks is a whole number of tiles, specialized alike), the gradient
+    tile's those of the first chunk of the chunk plan."""
+    n, c, d = shape
+    dt = _DTYPES[dtype]
+    x, f32, i64 = _Pointer(dt), _Pointer(torch.float32), _Pointer(torch.int64)
+    config = triton_backend.tile_config(kernel)
+    if kernel == "forward":
+        return (x, x, f32, f32, i64, f32, f32, f32, f32, i64, n, c, d, d, d, config.block_n, 64.0)
+    grad_dtype = chunk_plan.gradient_dtype(dt)
+    step = chunk_plan.chunk_classes(n, c, sub_centers, d, grad_dtype, None, config.block_n,
+                                    chunk_plan.split_operands(dt))
+    g = _Pointer(grad_dtype)
+    return (x, x, f32, f32, i64, f32, f32, f32, g, n, 0, step, d, d, d, step * sub_centers, 64.0, 0.0)
+
+
+def _compile(fn, arch, args, launch_kwargs):
+    """fn compiled for sm_`arch` from what `fn[grid](*args, **launch_kwargs)` would bind."""
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, kwargs = binder(*args, **launch_kwargs)
+    # what JITFunction.run does next before it compiles (triton 3.8's _pack_args, inline in 3.6)
+    signature = {param.name: spec[0] for param, spec in zip(fn.params, specialization)}
+    constexprs = {path: get_iterable_path(list(bound.values()), path)
+                  for path in find_paths_if(list(signature.values()), lambda _, kind: kind == "constexpr")}
+    attrvals = ["" if kind == "constexpr" else attr for kind, attr in specialization]
+    attrs = {path: backend.parse_attr(get_iterable_path(attrvals, path))
+             for path in find_paths_if(attrvals, lambda _, attr: isinstance(attr, str))}
+    src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=backend.parse_options(kwargs).__dict__)
+
+
+@functools.cache
+def compile_kernel(kernel, config, arch, dtype="bf16", sub_centers=1, shape=HEADLINE, smoothing=False):
+    """`kernel` with tile config `config`, compiled for sm_`arch` as the JIT would at `shape`
+    (cached: several tests read the same compile)."""
     fn = KERNELS[kernel]
-    constants = dict(K=sub_centers, EASY_MARGIN=False, DOT_PRECISION="ieee",
+    constants = dict(K=sub_centers, EASY_MARGIN=False, SMOOTHING=smoothing, DOT_PRECISION="ieee",
                      BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
     constants = {name: value for name, value in constants.items() if name in fn.arg_names}
-    signature = _signature(fn, dtype)
-    # The runtime specialization the JIT applies at launch (tt.divisibility = 16).
-    aligned = [name for name, kind in signature.items() if kind.startswith("*") or name in _ALIGNED_INTS]
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v for n, v in constants.items()},
-                    attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    return _compile(fn, arch, launch_arguments(kernel, shape, dtype, sub_centers),
+                    dict(constants, num_warps=config.num_warps, num_stages=config.num_stages))
+
+
+@functools.cache
+def compile_projection(arch, out_dtype="bf16", shape=HEADLINE):
+    """project_rows_kernel as the chunk plan launches it at `shape`: a chunk's dW rows (`out_dtype`
+    the input dtype) or dX (fp32), D wide; the launch's default warps and stages."""
+    n, c, d = shape
+    rows = n if out_dtype == "fp32" else chunk_plan.chunk_classes(n, c, 1, d, torch.bfloat16, None, 64)
+    block_r, block_d = triton_backend.projection_blocks(d)
+    args = (_Pointer(torch.float32), _Pointer(torch.bfloat16), _Pointer(torch.float32), _Pointer(_DTYPES[out_dtype]),
+            rows, d, d, d, d)
+    return _compile(project_rows_kernel, arch, args, dict(BLOCK_R=block_r, BLOCK_D=block_d))
+
+
+def specialized_arguments(compiled):
+    """Names of the kernel arguments the compile treated as divisible by 16."""
+    fn = compiled.src.fn
+    return {fn.arg_names[path[0]] for path, attr in compiled.src.attrs.items() if ["tt.divisibility", 16] in attr}
 
 
 def resource_usage(compiled, arch):

@@ -21,11 +21,11 @@ from .backward import grad_tile_kernel, project_rows_kernel
 from .configs import tile_config
 from .forward import combine_splits, partial_stats_kernel
 
-# Forward programs per streaming multiprocessor: enough to fill the GPU several times over.
-_PROGRAMS_PER_SM = 4
-# Under the interpreter a few programs, so that small test problems still walk several class
-# tiles per split.
-_INTERPRETER_TARGET_PROGRAMS = 4
+# Under the interpreter the grid is sized for a wave of a few programs, so that small test problems
+# get several class splits and still walk several class tiles per split.
+_INTERPRETER_WAVE = 8
+# The forward's grid is at most this many waves: more splits only add combine work.
+_MAX_FORWARD_WAVES = 4
 
 
 def _interpreted():
@@ -55,17 +55,43 @@ def _dot_precision(dtype):
     return "ieee"
 
 
-def _target_programs(device):
-    if _interpreted():
-        return _INTERPRETER_TARGET_PROGRAMS
-    return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _class_splits(row_blocks, n_classes, block_n, target_programs):
-    """(classes per split, splits): enough programs to fill the GPU, whole tiles per split."""
-    splits = max(1, min(triton.cdiv(target_programs, row_blocks), triton.cdiv(n_classes, block_n)))
-    per_split = triton.cdiv(triton.cdiv(n_classes, splits), block_n) * block_n
+def class_splits(row_blocks, n_classes, block_n, wave):
+    """(classes per split, splits) of the forward grid (row_blocks x splits programs, whole class
+    tiles per split) for a GPU that runs `wave` programs at once: the split count whose longest
+    program walks the fewest tiles in all its waves, ceil(programs / wave) x tiles per split (the
+    fewest splits among equals), so that the grid fills whole waves (docs/backends/triton.md)."""
+    tiles = triton.cdiv(n_classes, block_n)
+    best = None
+    for splits in range(1, min(tiles, triton.cdiv(_MAX_FORWARD_WAVES * wave, row_blocks)) + 1):
+        per_split = triton.cdiv(tiles, splits)
+        cost = triton.cdiv(row_blocks * triton.cdiv(tiles, per_split), wave) * per_split
+        if best is None or cost < best[0]:
+            best = (cost, per_split * block_n)
+    per_split = best[1]
     return per_split, triton.cdiv(n_classes, per_split)
+
+
+def ctas_per_sm(registers, shared, num_warps, props):
+    """Programs of a compiled kernel (registers per thread, shared bytes) that one SM holds: the
+    register file is allocated in units of 8 registers per thread, each CTA also takes 1 KiB of
+    shared memory the driver reserves."""
+    threads = 32 * num_warps
+    by_registers = props.regs_per_multiprocessor // (triton.cdiv(registers, 8) * 8 * threads)
+    by_shared = props.shared_memory_per_multiprocessor // (shared + 1024)
+    return max(1, min(by_registers, by_shared, props.max_threads_per_multi_processor // threads))
+
+
+def _forward_wave(compile_args, config, device):
+    """Forward programs the device runs at once, from the kernel compiled for these arguments
+    (the JIT's own specialization and cache: the launch that follows reuses it)."""
+    if _interpreted():
+        return _INTERPRETER_WAVE
+    args, kwargs = compile_args
+    compiled = partial_stats_kernel.warmup(*args, grid=(1,), **kwargs)
+    compiled._init_handles()  # loads the cubin: n_regs is known from then on
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count * ctas_per_sm(compiled.n_regs, compiled.metadata.shared, config.num_warps,
+                                                     props)
 
 
 def _launch_options(config):
@@ -88,15 +114,21 @@ def forward(x, w, labels, options, norms):
         return PartialStats(*[empty] * 6, labels.new_empty(0))
     config = tile_config("forward", _interpreted())
     row_blocks = triton.cdiv(n, config.block_m)
-    per_split, splits = _class_splits(row_blocks, n_classes, config.block_n, _target_programs(x.device))
-    stats = torch.empty(7, splits, n, dtype=torch.float32, device=x.device)
-    best_class = torch.empty(splits, n, dtype=torch.int64, device=x.device)
+    kwargs = dict(K=k, EASY_MARGIN=options.easy_margin, SMOOTHING=options.label_smoothing > 0,
+                  DOT_PRECISION=_dot_precision(x.dtype), **_launch_options(config))
+
+    def arguments(stats, best_class, per_split):
+        return (x, w, rx, rw, labels, options.m1, options.m2, options.m3, stats, best_class,
+                n, n_classes, dim, x.stride(0), w.stride(0), per_split, options.scale)
+
     with _on_device(x.device):
-        partial_stats_kernel[(row_blocks, splits)](
-            x, w, rx, rw, labels, options.m1, options.m2, options.m3, stats, best_class,
-            n, n_classes, dim, x.stride(0), w.stride(0), per_split, options.scale,
-            K=k, EASY_MARGIN=options.easy_margin, DOT_PRECISION=_dot_precision(x.dtype), **_launch_options(config),
-        )
+        # The occupancy decides the split size, so the compile comes first: outputs as dtypes
+        # (the JIT's warmup), one tile per split (any whole number of tiles specializes alike).
+        wave = _forward_wave((arguments(torch.float32, torch.int64, config.block_n), kwargs), config, x.device)
+        per_split, splits = class_splits(row_blocks, n_classes, config.block_n, wave)
+        stats = torch.empty(7, splits, n, dtype=torch.float32, device=x.device)
+        best_class = torch.empty(splits, n, dtype=torch.int64, device=x.device)
+        partial_stats_kernel[(row_blocks, splits)](*arguments(stats, best_class, per_split), **kwargs)
     return combine_splits(stats, best_class)
 
 
@@ -122,13 +154,18 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
                                 project=project_rows)
 
 
+def projection_blocks(dim):
+    """(BLOCK_R, BLOCK_D) of project_rows_kernel: whole rows, about 4,096 entries per program."""
+    block_d = triton.next_power_of_2(dim)
+    return max(1, 4096 // block_d), block_d
+
+
 def project_rows(grad, v, v_proj, out):
     """chunk_plan.project_rows as one fused kernel (float32 grad, rows of v, out in any dtype)."""
     rows, dim = grad.shape
     if rows == 0:
         return
-    block_d = triton.next_power_of_2(dim)
-    block_r = max(1, 4096 // block_d)
+    block_r, block_d = projection_blocks(dim)
     project_rows_kernel[(triton.cdiv(rows, block_r),)](
         grad, v, v_proj, out, rows, dim, grad.stride(0), v.stride(0), out.stride(0), BLOCK_R=block_r, BLOCK_D=block_d,
     )

@@ -18,14 +18,19 @@ class TileConfig:
     num_stages: int
 
 
-# kernel -> config; the same for every embedding width, as D is walked in BLOCK_K steps. The
-# largest tiles that compile without spills on both sm_80 and sm_90 with the JIT's runtime
-# specialization (triton 3.8, bf16, tests/triton_build.py): 128 x 128 spills on sm_80 in the
-# forward (the online-softmax epilogue holds many live values per entry), so it takes 128 x 64.
-# The gradient tile keeps 128 x 64 too: since it no longer evaluates dphi/dc, 128 x 128 compiles
-# without spills (254 / 255 registers on sm_90 / sm_80), a candidate to time on a GPU.
+# kernel -> config; the same for every embedding width, as D is walked in BLOCK_K steps. Chosen
+# from compiles with the JIT's runtime specialization at the headline shapes (triton 3.8, bf16,
+# tests/triton_build.py; the table in docs/backends/triton.md). The forward's online-softmax
+# epilogue holds several tile-sized values per thread: 128 x 64 at 8 warps took 228 / 255
+# registers (sm_90 / sm_80), one CTA per SM, and even a bare (max, sum-exp) loop takes 139, more
+# than the 128 that two 8-warp CTAs allow. 64 x 64 at 4 warps holds as many entries per thread in
+# 167 / 168 registers (172 / 217 with label smoothing) without spills: three CTAs per SM on both
+# (two with smoothing), one's epilogue under the others' MMAs. BLOCK_K 32 with 4 stages: 64 with 3
+# took 12 registers more on sm_90 and spilled on sm_80 while the margin ran in the tile loop.
+# The gradient tile keeps 128 x 64: 101 / 128 registers, two CTAs per SM; 128 x 128 compiles
+# without spills (159 / 255 registers), a candidate to time on a GPU.
 CONFIGS = {
-    "forward": TileConfig(128, 64, 64, 8, 3),
+    "forward": TileConfig(64, 64, 32, 4, 4),
     "grad_tile": TileConfig(128, 64, 64, 8, 3),
 }
 # Under TRITON_INTERPRET=1 (CPU tests) small tiles keep the interpreter fast and exercise

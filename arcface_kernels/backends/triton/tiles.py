@@ -8,8 +8,6 @@ accumulation keeps cosines near +-1 accurate, where dphi/dc amplifies errors.
 import triton
 import triton.language as tl
 
-from .math import phi
-
 
 @triton.jit
 def load_rows(ptr, rows, row_mask, stride, first_col, D, BLOCK: tl.constexpr):
@@ -60,15 +58,6 @@ def class_cosines(x_ptr, rows, row_mask, rx, stride_x, w_ptr, rw_ptr, classes, c
         # NaN-propagating, as torch.max: a NaN sub-centre row must not be skipped (a finite wrong loss)
         best = tl.maximum(best, cos_k, propagate_nan=tl.PropagateNan.ALL)
     return best, pick
-
-
-@triton.jit
-def target_terms(cos, classes, labels, m1, m2, m3, scale, EASY_MARGIN: tl.constexpr):
-    """Which entries are targets, each row's target cosine and margined target logit s*phi."""
-    is_target = classes[None, :] == labels[:, None]
-    target_cos = tl.sum(tl.where(is_target, cos, 0.0), axis=1)
-    target_logit = scale * phi(target_cos, m1, m2, m3, EASY_MARGIN)
-    return is_target, target_cos, target_logit
 
 
 @triton.jit
