@@ -91,8 +91,6 @@ FORWARD_TAIL = (
     "clamp_min div").split()
 # autograd of the reduction, op._backward (labels, two _rows_seen syncs), chunked_backward's setup
 BACKWARD_HEAD = "ones_like div eq where ge where ne any sync ne any sync mul zeros lt mul where".split()
-# chunk_plan.project_rows in torch ops (the `cuda` backend's projection)
-TORCH_PROJECTION = "to mul sum mul mul sub copy_".split()
 # projection_scale of rx before the final dX projection; the gradient cast to the input dtype
 BACKWARD_TAIL_HEAD = "lt mul where".split()
 
@@ -170,7 +168,10 @@ def _triton_forward(n, c, d):
 def _cuda_forward(n, c, d):
     """csrc/forward.cu partial_stats: 8 fills, then per chunk of the float32 dots the GEMM,
     segment_stats and merge_segments (chunk: classes_per_chunk within the workspace budget)."""
-    chunk = max(1, min(c, DEFAULT_WORKSPACE_BUDGET // (4 * n)))
+    from arcface_kernels.backends.cuda import CLASS_ALIGN
+
+    chunk = max(1, min(c, DEFAULT_WORKSPACE_BUDGET // (4 * n)))  # csrc/chunk_size.h classes_per_chunk
+    chunk = chunk // CLASS_ALIGN * CLASS_ALIGN if chunk >= CLASS_ALIGN else chunk
     out = [Launch("forward", "partial_stats", "cuda-op:partial_stats", 0.0)]
     out += [Launch("forward", "partial_stats: fill", None, LAUNCH_GAP) for _ in range(8)]
     for first in range(0, c, chunk):
@@ -190,7 +191,8 @@ def _backward(backend, n, c, d):
     else:
         from arcface_kernels.backends import cuda as cuda_backend
 
-        step = chunk_plan.chunk_classes(n, c, 1, d, torch.bfloat16, cuda_backend.backward_budget(n, d, torch.bfloat16))
+        step = chunk_plan.chunk_classes(n, c, 1, d, torch.bfloat16, cuda_backend.backward_budget(n, d, torch.bfloat16),
+                                        cuda_backend.CLASS_ALIGN)
     g = CONFIGS["grad_tile"]
     for first in range(0, c, step):
         width = min(step, c - first)
@@ -209,20 +211,23 @@ def _backward(backend, n, c, d):
                          aligned))
         # A_c = G^T X: X (L2 after the first chunk), A_c float32 written
         out.append(_gemm("backward", "GEMM A_c = G^T X", "mm", width, d, n, 4 * width * d, aligned))
-        out += _projection(backend, width, d, "dW_c projection")
+        out += _projection(backend, width, d, "dW_c projection", 8)
     out += _aten("backward", BACKWARD_TAIL_HEAD)
-    out += _projection(backend, n, d, "dX projection")
+    out += _projection(backend, n, d, "dX projection", 10)
     out += _aten("backward", ["to"], 6 * n * d, what="dX to the input dtype")
     return out
 
 
-def _projection(backend, rows, d, what):
+def _projection(backend, rows, d, what, per_entry):
+    """The fused row projection."""
     if backend == "triton":  # triton/backward.project_rows_kernel: read A (4) and w (2), write (2)
         return [Launch("backward", f"{what} (fused kernel)", "triton:project_rows_kernel",
                        LAUNCH_GAP + 8 * rows * d / HBM, 0.0, 8 * rows * d)]
-    per_entry = dict(zip(TORCH_PROJECTION, (6, 12, 4, 0, 8, 12, 6)))  # bytes per entry of each op
-    return [Launch("backward", f"{what}: {name}", name, LAUNCH_GAP + per_entry[name] * rows * d / HBM, 0.0,
-                   per_entry[name] * rows * d) for name in TORCH_PROJECTION]
+    # csrc/backward.cu project_rows, one kernel inside the op: read the float32 gradient (4) and
+    # the bf16 rows (2), write the result (2 for dW, 4 for the float32 dX): `per_entry` bytes
+    return [Launch("backward", "project_rows", "cuda-op:project_rows", 0.0),
+            Launch("backward", f"{what}: project_rows kernel", None, LAUNCH_GAP + per_entry * rows * d / HBM, 0.0,
+                   per_entry * rows * d)]
 
 
 def launches(backend, n, c, d):

@@ -37,7 +37,7 @@ def test_headline_counts():
     triton = cost_model.summary("triton", 4096, 262144, 512)
     cuda = cost_model.summary("cuda", 4096, 262144, 512)
     assert (triton["kernels"], triton["syncs"]) == (1101, 5)
-    assert (cuda["kernels"], cuda["syncs"]) == (2324, 5)
+    assert (cuda["kernels"], cuda["syncs"]) == (1621, 5)
 
 
 def test_wave_quantization_and_occupancy():
