@@ -202,10 +202,10 @@ def _backward(backend, n, c, d):
         else:  # csrc/backward.cu grad_chunk: the float32 dots GEMM, then gradient_tile
             out.append(Launch("backward", "grad_chunk", "cuda-op:grad_chunk", 0.0))
             out.append(_gemm("backward", "grad_chunk: GEMM dots (fp32 out)", None, n, width, d,
-                             4 * n * width + 2 * width * d + 2 * n * d, aligned=width * 2 % 16 == 0))
+                             4 * n * width + 2 * width * d + 2 * n * d))  # rows padded to 16 bytes
             out.append(Launch("backward", "grad_chunk: gradient_tile", None, LAUNCH_GAP + 6 * n * width / HBM,
                               0.0, 6 * n * width))
-        aligned = width * 2 % 16 == 0
+        aligned = step * 2 % 16 == 0  # G's rows are a full chunk apart in the last chunk too
         # B += G W_c: G (bf16, L2), W_c from HBM, B float32 read and written
         out.append(_gemm("backward", "GEMM B += G W_c", "addmm", n, d, width, 2 * width * d + 8 * n * d,
                          aligned))

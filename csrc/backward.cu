@@ -79,18 +79,18 @@ __device__ __forceinline__ void class_gradient(const float* row_dots, const floa
   }
 }
 
-// G of one chunk on a rows x class-segments grid, kEntriesPerThread classes per thread. kVector
-// (K = 1, row starts and rw_chunk 16-byte aligned: the host checks): a full group is read with
-// two 16-byte loads and written with one store; the math per entry is class_gradient's, on the
-// loaded values (same functions, same order: the same bits as the scalar path).
+// G of one chunk on a rows x class-segments grid, kEntriesPerThread classes per thread; rows of
+// dots and G are dots_stride and grad_stride entries apart. kVector (K = 1, row starts and
+// rw_chunk aligned to a group: the host checks): a full group is read with two 16-byte loads and
+// written with one store; the math per entry is class_gradient's, on the loaded values (same
+// functions, same order: the same bits as the scalar path).
 template <typename GradT, bool kVector>
 __global__ void gradient_tile(const float* __restrict__ dots, const float* __restrict__ rw_chunk, RowInputs in,
-                              GradT* __restrict__ grad, int64_t first_class, int64_t chunk_classes, int k_count,
-                              LossSettings loss) {
+                              GradT* __restrict__ grad, int64_t dots_stride, int64_t grad_stride, int64_t first_class,
+                              int64_t chunk_classes, int k_count, LossSettings loss) {
   const int64_t row = blockIdx.x;
-  const int64_t width = chunk_classes * k_count;
-  const float* row_dots = dots + row * width;
-  GradT* row_grad = grad + row * width;
+  const float* row_dots = dots + row * dots_stride;
+  GradT* row_grad = grad + row * grad_stride;
   const float rx = in.rx[row];
   const RowTerms terms = load_row(in, row);
   const int64_t target = chunk_target(in, row, first_class, chunk_classes);
@@ -170,13 +170,17 @@ void grad_chunk(const at::Tensor& x_in, const at::Tensor& w_rows_in, const at::T
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous(), w_rows = w_rows_in.contiguous(), labels = labels_in.contiguous();
   const int64_t n = x.size(0), width = w_rows.size(0), chunk_classes = width / sub_centers;
-  TORCH_CHECK(out.is_cuda() && out.is_contiguous() && out.dim() == 2 && out.size(0) == n && out.size(1) == width,
-              "cuda backend: grad_chunk's out must be a contiguous (N, chunk * K) tensor");
+  TORCH_CHECK(out.is_cuda() && out.dim() == 2 && out.size(0) == n && out.size(1) == width && out.stride(1) == 1 &&
+                  out.stride(0) >= width,
+              "cuda backend: grad_chunk's out must be an (N, chunk * K) tensor with contiguous columns");
   const auto rx = row_vector(rx_in, n, "rx"), rw_rows = row_vector(rw_rows_in, width, "rw_rows");
   const auto lse = row_vector(lse_in, n, "lse"), grad_rows = row_vector(grad_rows_in, n, "grad_rows");
   const auto target_dcos = row_vector(target_dcos_in, n, "target_dcos");
   if (n == 0 || width == 0) return;
-  auto dots = at::empty({n, width}, x.options().dtype(at::kFloat));
+  // rows of the dots padded to 16 bytes (cuBLAS's TMA kernels need a 16-byte leading dimension;
+  // ATen's GEMM writes such a view in place)
+  const int64_t dots_stride = (width + 3) / 4 * 4;
+  auto dots = at::empty({n, dots_stride}, x.options().dtype(at::kFloat)).narrow(1, 0, width);
   chunk_dots(x, w_rows, dots);
   const RowInputs in{labels.data_ptr<int64_t>(), rx.data_ptr<float>(),    nullptr,
                      nullptr,                     nullptr,                lse.data_ptr<float>(),
@@ -187,13 +191,14 @@ void grad_chunk(const at::Tensor& x_in, const at::Tensor& w_rows_in, const at::T
   const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(blocks_per_row));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   // vector accesses need every row start of dots and G, and rw_chunk, aligned to a whole group
-  const bool vector = sub_centers == 1 && width % kEntriesPerThread == 0 && aligned(rw_rows.data_ptr(), 16) &&
+  const bool vector = sub_centers == 1 && out.stride(0) % kEntriesPerThread == 0 && aligned(rw_rows.data_ptr(), 16) &&
                       aligned(out.data_ptr(), kEntriesPerThread * out.element_size());
   const auto launch = [&](auto* grad) {
     using GradT = std::remove_pointer_t<decltype(grad)>;
     const auto kernel = vector ? gradient_tile<GradT, true> : gradient_tile<GradT, false>;
-    kernel<<<grid, kThreads, 0, stream>>>(dots.data_ptr<float>(), rw_rows.data_ptr<float>(), in, grad, first_class,
-                                          chunk_classes, static_cast<int>(sub_centers), loss);
+    kernel<<<grid, kThreads, 0, stream>>>(dots.data_ptr<float>(), rw_rows.data_ptr<float>(), in, grad, dots_stride,
+                                          out.stride(0), first_class, chunk_classes, static_cast<int>(sub_centers),
+                                          loss);
   };
   switch (out.scalar_type()) {
     case at::kFloat: launch(out.data_ptr<float>()); break;

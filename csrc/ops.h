@@ -15,7 +15,8 @@ std::vector<at::Tensor> partial_stats(const at::Tensor& x, const at::Tensor& w, 
                                       const at::Tensor& rx, const at::Tensor& rw, double scale, int64_t sub_centers,
                                       bool easy_margin, int64_t workspace_bytes);
 
-// Writes into `out` (N x chunk * K, float32, bfloat16 or float16) the gradient tile
+// Writes into `out` (N x chunk * K, float32, bfloat16 or float16, columns contiguous, rows any
+// stride >= chunk * K: the chunk plan pads the last chunk's rows) the gradient tile
 // G = dcos * rx * rw^T of the weight rows w_rows = w[first_class * K : stop * K], given the final
 // log-sum-exp and each row's target dcos (docs/design.md section 5): dcos = s g (p - eps / C) off
 // the target, target_dcos on it.

@@ -130,8 +130,9 @@ def test_cuda_backend_glue_matches_the_torch_backend(cpu_ops, k, settings, dtype
 
 @pytest.mark.parametrize("k,dtype", [(1, torch.bfloat16), (1, torch.float32), (3, torch.float16)])
 def test_backward_chunks_are_aligned_to_64_classes(cpu_ops, k, dtype):
-    """Every backward chunk but the last holds a multiple of 64 classes (cuda.CLASS_ALIGN), so G's
-    leading dimension is a multiple of 16 bytes; dW is still right across the chunk boundaries."""
+    """Every backward chunk but the last holds a multiple of 64 classes (cuda.CLASS_ALIGN), and G's
+    rows are a full chunk apart in every chunk (the last one's padded): G's leading dimension is a
+    multiple of 16 bytes throughout; dW is still right across the chunk boundaries."""
     n, num_classes = 5, 300
     x, w, labels = make_problem(n, num_classes, 8, k=k, seed=7, dtype=dtype)
     options = LossOptions(sub_centers=k).for_rows(n, x.device, torch.float32)
@@ -149,8 +150,10 @@ def test_backward_chunks_are_aligned_to_64_classes(cpu_ops, k, dtype):
     firsts, widths, row_bytes = zip(*chunks)
     assert len(chunks) > 2 and sum(widths) == num_classes * k
     assert all(first % cuda_backend.CLASS_ALIGN == 0 for first in firsts)
-    assert all(width % (cuda_backend.CLASS_ALIGN * k) == 0 and bytes_ % 16 == 0
-               for width, bytes_ in zip(widths[:-1], row_bytes[:-1]))
+    assert all(width % (cuda_backend.CLASS_ALIGN * k) == 0 for width in widths[:-1])
+    assert widths[-1] % (cuda_backend.CLASS_ALIGN * k) != 0  # 300 classes: the last chunk is short
+    assert set(row_bytes) == {widths[0] * grad_dtype.itemsize}
+    assert row_bytes[0] % 16 == 0
     ref_dx, ref_dw = torch_backend.backward(grad_rows, x.double(), w.double(), labels, lse, target_dcos, settings_64,
                                             num_classes, norms_64, torch.float64)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
