@@ -96,8 +96,6 @@ BACKWARD_SETUP = (
     "ne clamp acos mul add div floor clamp_min remainder mul rsub mul rsub clamp_min sqrt clamp_min lt mul div sinc "
     "mul div sinc div mul sin div where mul cos mul sin mul cos mul div add mul eq ge __and__ ones_like where neg "
     "expm1 add mul mul where mul zeros lt mul where").split()
-# chunk_plan.project_rows in torch ops (the `cuda` backend's projection)
-TORCH_PROJECTION = "to mul sum mul mul sub copy_".split()
 # projection_scale of rx before the final dX projection; the gradient cast to the input dtype
 BACKWARD_TAIL_HEAD = "lt mul where".split()
 
@@ -175,7 +173,10 @@ def _triton_forward(n, c, d):
 def _cuda_forward(n, c, d):
     """csrc/forward.cu partial_stats: 8 fills, then per chunk of the float32 dots the GEMM,
     segment_stats and merge_segments (chunk: classes_per_chunk within the workspace budget)."""
-    chunk = max(1, min(c, DEFAULT_WORKSPACE_BUDGET // (4 * n)))
+    from arcface_kernels.backends.cuda import CLASS_ALIGN
+
+    chunk = max(1, min(c, DEFAULT_WORKSPACE_BUDGET // (4 * n)))  # csrc/chunk_size.h classes_per_chunk
+    chunk = chunk // CLASS_ALIGN * CLASS_ALIGN if chunk >= CLASS_ALIGN else chunk
     out = [Launch("forward", "partial_stats", "cuda-op:partial_stats", 0.0)]
     out += [Launch("forward", "partial_stats: fill", None, LAUNCH_GAP) for _ in range(8)]
     for first in range(0, c, chunk):
@@ -196,7 +197,8 @@ def _backward(backend, n, c, d):
     else:
         from arcface_kernels.backends import cuda as cuda_backend
 
-        step = chunk_plan.chunk_classes(n, c, 1, d, torch.bfloat16, cuda_backend.backward_budget(n, d, torch.bfloat16))
+        step = chunk_plan.chunk_classes(n, c, 1, d, torch.bfloat16, cuda_backend.backward_budget(n, d, torch.bfloat16),
+                                        cuda_backend.CLASS_ALIGN)
     g = CONFIGS["grad_tile"]
     for first in range(0, c, step):
         width = min(step, c - first)
@@ -206,18 +208,18 @@ def _backward(backend, n, c, d):
         else:  # csrc/backward.cu grad_chunk: the float32 dots GEMM, then gradient_tile
             out.append(Launch("backward", "grad_chunk", "cuda-op:grad_chunk", 0.0))
             out.append(_gemm("backward", "grad_chunk: GEMM dots (fp32 out)", None, n, width, d,
-                             4 * n * width + 2 * width * d + 2 * n * d, aligned=width * 2 % 16 == 0))
+                             4 * n * width + 2 * width * d + 2 * n * d))  # rows padded to 16 bytes
             out.append(Launch("backward", "grad_chunk: gradient_tile", None, LAUNCH_GAP + 6 * n * width / HBM,
                               0.0, 6 * n * width))
-        aligned = width * 2 % 16 == 0
+        aligned = step * 2 % 16 == 0  # G's rows are a full chunk apart in the last chunk too
         # B += G W_c: G (bf16, L2), W_c from HBM, B float32 read and written
         out.append(_gemm("backward", "GEMM B += G W_c", "addmm", n, d, width, 2 * width * d + 8 * n * d,
                          aligned))
         # A_c = G^T X: X (L2 after the first chunk), A_c float32 written
         out.append(_gemm("backward", "GEMM A_c = G^T X", "mm", width, d, n, 4 * width * d, aligned))
-        out += _projection(backend, width, d, "dW_c projection")
+        out += _projection(backend, width, d, "dW_c projection", 8)
     out += _aten("backward", BACKWARD_TAIL_HEAD)
-    out += _projection(backend, n, d, "dX projection")
+    out += _projection(backend, n, d, "dX projection", 10)
     # op.backward_core: dX times sx (float32, read and write), dW times sw in place (bf16)
     out += _aten("backward", ["mul"], 8 * n * d, what="rows seen: dX * sx")
     out += _aten("backward", ["mul_"], 4 * c * d, what="rows seen: dW * sw")
@@ -225,13 +227,16 @@ def _backward(backend, n, c, d):
     return out
 
 
-def _projection(backend, rows, d, what):
+def _projection(backend, rows, d, what, per_entry):
+    """The fused row projection."""
     if backend == "triton":  # triton/backward.project_rows_kernel: read A (4) and w (2), write (2)
         return [Launch("backward", f"{what} (fused kernel)", "triton:project_rows_kernel",
                        LAUNCH_GAP + 8 * rows * d / HBM, 0.0, 8 * rows * d)]
-    per_entry = dict(zip(TORCH_PROJECTION, (6, 12, 4, 0, 8, 12, 6)))  # bytes per entry of each op
-    return [Launch("backward", f"{what}: {name}", name, LAUNCH_GAP + per_entry[name] * rows * d / HBM, 0.0,
-                   per_entry[name] * rows * d) for name in TORCH_PROJECTION]
+    # csrc/backward.cu project_rows, one kernel inside the op: read the float32 gradient (4) and
+    # the bf16 rows (2), write the result (2 for dW, 4 for the float32 dX): `per_entry` bytes
+    return [Launch("backward", "project_rows", "cuda-op:project_rows", 0.0),
+            Launch("backward", f"{what}: project_rows kernel", None, LAUNCH_GAP + per_entry * rows * d / HBM, 0.0,
+                   per_entry * rows * d)]
 
 
 def launches(backend, n, c, d):

@@ -1,10 +1,12 @@
 // The importable Python module arcface_kernels._C: importing it registers the ops of ops.h with
 // the torch dispatcher as torch.ops.arcface_kernels_cuda.* (CUDA implementations), and the module
-// records the GPU code it carries: SASS_ARCHS (tuple of 10 * major + minor) and PTX_ARCH (0 if none).
+// records the GPU code it carries: SASS_ARCHS (tuple of 10 * major + minor) and PTX_ARCH (0 if none),
+// and CLASS_ALIGN, the class multiple of its chunks (chunk_size.h).
 #include <Python.h>
 #include <torch/library.h>
 
 #include "build_info.h"
+#include "chunk_size.h"
 #include "ops.h"
 
 namespace arcface_kernels {
@@ -15,11 +17,13 @@ TORCH_LIBRARY(arcface_kernels_cuda, m) {
   m.def("grad_chunk(Tensor x, Tensor w_rows, Tensor labels, Tensor rx, Tensor rw_rows, Tensor lse, "
         "Tensor grad_rows, Tensor target_dcos, Tensor(a!) out, int first_class, float scale, int sub_centers, "
         "float smoothing_per_class) -> ()");
+  m.def("project_rows(Tensor grad, Tensor v, Tensor proj, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(arcface_kernels_cuda, CUDA, m) {
   m.impl("partial_stats", &partial_stats);
   m.impl("grad_chunk", &grad_chunk);
+  m.impl("project_rows", &project_rows);
 }
 
 }  // namespace arcface_kernels
@@ -40,6 +44,10 @@ PyMODINIT_FUNC PyInit__C(void) {
     return nullptr;
   }
   if (PyModule_AddIntConstant(module, "PTX_ARCH", static_cast<long>(arcface_kernels::ptx_architecture())) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  if (PyModule_AddIntConstant(module, "CLASS_ALIGN", static_cast<long>(arcface_kernels::kClassAlign)) < 0) {
     Py_DECREF(module);
     return nullptr;
   }

@@ -1,5 +1,5 @@
-// Host-side helpers shared by forward.cu and backward.cu: input checks, chunk sizing, the chunk
-// GEMM and the epilogues' launch shape. A chunk's N x chunk * K float32 tile is bounded by the
+// Host-side helpers shared by forward.cu and backward.cu: input checks, chunk sizing (chunk_size.h), the
+// chunk GEMM and the epilogues' launch shape. A chunk's N x chunk * K float32 tile is bounded by the
 // workspace budget the caller passes (backends.common.get_workspace_budget), never N x C.
 #pragma once
 
@@ -10,6 +10,7 @@
 
 #include <algorithm>
 
+#include "chunk_size.h"
 #include "epilogues.cuh"
 
 namespace arcface_kernels {
@@ -29,12 +30,6 @@ inline void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Ten
 inline at::Tensor row_vector(const at::Tensor& v, int64_t length, const char* name) {
   TORCH_CHECK(v.dim() == 1 && v.size(0) == length, "cuda backend: ", name, " must have shape (", length, ",)");
   return v.to(at::kFloat).contiguous();
-}
-
-// Classes per chunk so that the float32 dots N x chunk * K fit in `workspace_bytes`.
-inline int64_t classes_per_chunk(int64_t rows, int64_t sub_centers, int64_t n_classes, int64_t workspace_bytes) {
-  const int64_t per_class = std::max<int64_t>(rows, 1) * sub_centers * static_cast<int64_t>(sizeof(float));
-  return std::max<int64_t>(1, std::min(n_classes, workspace_bytes / per_class));
 }
 
 // Raw dot products of every row with the chunk's weight rows, float32 (out: N x width, contiguous):

@@ -1,5 +1,5 @@
 // The ops of the `cuda` backend (docs/backends/cuda.md); binding.cpp registers them as
-// torch.ops.arcface_kernels_cuda.{partial_stats, grad_chunk}.
+// torch.ops.arcface_kernels_cuda.{partial_stats, grad_chunk, project_rows}.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -15,7 +15,8 @@ std::vector<at::Tensor> partial_stats(const at::Tensor& x, const at::Tensor& w, 
                                       const at::Tensor& rx, const at::Tensor& rw, double scale, int64_t sub_centers,
                                       bool easy_margin, int64_t workspace_bytes);
 
-// Writes into `out` (N x chunk * K, float32, bfloat16 or float16) the gradient tile
+// Writes into `out` (N x chunk * K, float32, bfloat16 or float16, columns contiguous, rows any
+// stride >= chunk * K: the chunk plan pads the last chunk's rows) the gradient tile
 // G = dcos * rx * rw^T of the weight rows w_rows = w[first_class * K : stop * K], given the final
 // log-sum-exp and each row's target dcos (docs/design.md section 5): dcos = s g (p - eps / C) off
 // the target, target_dcos on it.
@@ -23,5 +24,11 @@ void grad_chunk(const at::Tensor& x, const at::Tensor& w_rows, const at::Tensor&
                 const at::Tensor& rw_rows, const at::Tensor& lse, const at::Tensor& grad_rows,
                 const at::Tensor& target_dcos, at::Tensor& out, int64_t first_class, double scale,
                 int64_t sub_centers, double smoothing_per_class);
+
+// out = grad - proj * (v . grad) v per row (docs/design.md eqs. (23)-(24): the dW and dX
+// projections of the chunked backward), computed in float32 and rounded once into out's dtype (inf
+// where it overflows). grad: float32 (rows, D); v, out: (rows, D) in float32, bfloat16 or float16,
+// columns contiguous, any row stride; proj: (rows,) float32.
+void project_rows(const at::Tensor& grad, const at::Tensor& v, const at::Tensor& proj, at::Tensor& out);
 
 }  // namespace arcface_kernels

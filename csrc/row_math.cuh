@@ -92,6 +92,26 @@ ARCFACE_HD RowPartial merge(const RowPartial& a, const RowPartial& b) {
   return r;
 }
 
+// The gradient entry of sub-centre column k of a class whose dcos is `dcos` (docs/design.md eq. (19)):
+// dcos * rx * rw on the class's winning column `pick`, 0 on the others.
+ARCFACE_HD float routed_gradient(float dcos, float rx, float rw, int k, int pick) {
+  return k == pick ? dcos * rx * rw : 0.f;
+}
+
+// The tangent projection out = grad - proj (v . grad) v of one row (docs/design.md eqs. (23)-(24)),
+// as kLanes lanes (a warp) compute it: lane l owns the `vec`-wide pieces l, l + kLanes, ... of the
+// row and sums its products in column order (`piece_dot`), the lanes' sums are added over a fixed
+// butterfly (every lane ends with the same bits: a + b == b + a), and each entry is then
+// `projected_entry`. Explicit fmaf: the host build gives the device's bits.
+constexpr int kLanes = 32;
+
+ARCFACE_HD float piece_dot(float partial, const float* grad, const float* v, int vec) {
+  for (int i = 0; i < vec; ++i) partial = fmaf(grad[i], v[i], partial);
+  return partial;
+}
+
+ARCFACE_HD float projected_entry(float grad, float v, float coef) { return fmaf(-coef, v, grad); }
+
 // Cosine of class j of a row: the max over its K sub-centre columns of the raw dots, and the winner.
 ARCFACE_HD float class_cosine(const float* dots, const float* rw, float rx, int64_t j, int k_count, int* pick) {
   float best = dots[j * k_count] * rx * rw[j * k_count];

@@ -88,6 +88,9 @@ class _CudaOps:
     def grad_chunk(self, *args):
         self.record.append(("cuda-op", "grad_chunk"))
 
+    def project_rows(self, *args):
+        self.record.append(("cuda-op", "project_rows"))
+
 
 @contextlib.contextmanager
 def _stubs(monkeypatch, record):

@@ -50,7 +50,7 @@ def test_headline_counts():
     triton = cost_model.summary("triton", 4096, 262144, 512)
     cuda = cost_model.summary("cuda", 4096, 262144, 512)
     assert (triton["kernels"], triton["syncs"]) == (370, 0)
-    assert (cuda["kernels"], cuda["syncs"]) == (1593, 0)
+    assert (cuda["kernels"], cuda["syncs"]) == (890, 0)
 
 
 def test_wave_quantization_and_occupancy():

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(
 CHECK = """
 import os, sys, torch, arcface_kernels as ak
 assert os.path.realpath(ak.__file__).startswith(os.path.realpath(sys.prefix)), ak.__file__
-for op in ("partial_stats", "grad_chunk"):
+for op in ("partial_stats", "grad_chunk", "project_rows"):
     schemas = torch._C._jit_get_schemas_for_operator("arcface_kernels_cuda::" + op)
     assert schemas, op
     print(schemas[0])

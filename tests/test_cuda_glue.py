@@ -1,5 +1,5 @@
 """The `cuda` backend's Python side (backends/cuda.py) on the CPU: CPU stand-ins for the
-extension's two ops, written from their contracts in csrc/ops.h, replace the CUDA kernels, so the
+extension's ops, written from their contracts in csrc/ops.h, replace the CUDA kernels, so the
 argument order, the chunk walk and the normalization terms are checked against the float64
 `torch` backend without a GPU. (The kernels' own math is checked on the host by
 test_cuda_math_host.py; the kernels themselves on a GPU by test_backends.py.)"""
@@ -50,13 +50,39 @@ def grad_chunk(x, w_rows, labels, rx, rw_rows, lse, grad_rows, target_dcos, out,
     out.copy_(routed * rx[:, None] * rw_rows[None, :])
 
 
+CALLS = []  # (op, details) of every call of the stand-ins below
+
+
+def recorded_grad_chunk(x, w_rows, labels, rx, rw_rows, lse, grad_rows, target_dcos, out, first_class, *args):
+    CALLS.append(("grad_chunk", (first_class, w_rows.shape[0], out.stride(0) * out.element_size())))
+    grad_chunk(x, w_rows, labels, rx, rw_rows, lse, grad_rows, target_dcos, out, first_class, *args)
+
+
+def project_rows(grad, v, proj, out):
+    """csrc/ops.h project_rows: out = grad - proj * (v . grad) v per row, from float32 grad, rounded
+    once into out's dtype."""
+    CALLS.append(("project_rows", (grad.dtype, v.dtype, out.dtype, grad.shape[0])))
+    v = v.float()
+    out.copy_(grad - (proj * (v * grad).sum(1))[:, None] * v)
+
+
 @pytest.fixture(scope="module")
 def cpu_ops():
     library = torch.library.Library("arcface_kernels_cuda", "IMPL")
     library.impl("partial_stats", partial_stats, "CPU")
-    library.impl("grad_chunk", grad_chunk, "CPU")
+    library.impl("grad_chunk", recorded_grad_chunk, "CPU")
+    library.impl("project_rows", project_rows, "CPU")
     yield
     library._destroy()
+
+
+def _backward_inputs(stats, labels, settings, num_classes):
+    """(grad_rows, lse, target_dcos) of the backward from float64 statistics, as op._backward makes them."""
+    active = labels >= 0
+    _, lse, gap = op.finalize(stats, active, settings.label_smoothing, num_classes)
+    grad_rows = torch.where(active, torch.linspace(0.5, 1.5, len(labels), dtype=torch.float64), 0.0)
+    target_dcos = grad_rows * op.target_cosine_gradient(gap, stats.target_cos, active, settings, num_classes)
+    return grad_rows, lse, target_dcos
 
 
 @pytest.mark.parametrize("k,settings,dtype", [
@@ -82,10 +108,8 @@ def test_cuda_backend_glue_matches_the_torch_backend(cpu_ops, k, settings, dtype
         if name == "logit_sum" and not options.label_smoothing:
             continue  # read only with label smoothing: the torch backend leaves it 0 otherwise
         assert rel_err(out, ref) < 1e-5, name
-    active = labels >= 0
-    _, lse, gap = op.finalize(ref_stats, active, settings_64.label_smoothing, num_classes)
-    grad_rows = torch.where(active, torch.linspace(0.5, 1.5, n, dtype=torch.float64), 0.0)
-    target_dcos = grad_rows * op.target_cosine_gradient(gap, ref_stats.target_cos, active, settings_64, num_classes)
+    grad_rows, lse, target_dcos = _backward_inputs(ref_stats, labels, settings_64, num_classes)
+    CALLS.clear()
     with workspace_budget(n * k * 6 * 5):
         dx, dw = cuda_backend.backward(grad_rows.float(), x, w, labels, lse.float(), target_dcos.float(), options,
                                        num_classes, norms, w.dtype)
@@ -95,6 +119,52 @@ def test_cuda_backend_glue_matches_the_torch_backend(cpu_ops, k, settings, dtype
     assert dx.dtype == torch.float32 and dw.dtype == w.dtype
     assert rel_err(dx, ref_dx) < tol
     assert rel_err(dw, ref_dw) < tol
+    # the fused projection wrote dW chunk by chunk, then dX (float32)
+    projections = [details for op_name, details in CALLS if op_name == "project_rows"]
+    chunks = sum(1 for op_name, _ in CALLS if op_name == "grad_chunk")
+    assert len(projections) == chunks + 1 > 2
+    assert projections[-1] == (torch.float32, x.dtype, torch.float32, n)
+    assert sum(rows for *_, rows in projections[:-1]) == w.shape[0]
+    assert all(details[:3] == (torch.float32, w.dtype, w.dtype) for details in projections[:-1])
+
+
+@pytest.mark.parametrize("k,dtype", [(1, torch.bfloat16), (1, torch.float32), (3, torch.float16)])
+def test_backward_chunks_are_aligned_to_64_classes(cpu_ops, k, dtype):
+    """Every backward chunk but the last holds a multiple of 64 classes (cuda.CLASS_ALIGN), and G's
+    rows are a full chunk apart in every chunk (the last one's padded): G's leading dimension is a
+    multiple of 16 bytes throughout; dW is still right across the chunk boundaries."""
+    n, num_classes = 5, 300
+    x, w, labels = make_problem(n, num_classes, 8, k=k, seed=7, dtype=dtype)
+    options = LossOptions(sub_centers=k).for_rows(n, x.device, torch.float32)
+    settings_64 = LossOptions(sub_centers=k).for_rows(n, x.device, torch.float64)
+    norms, norms_64 = row_norms(x, w), row_norms(x.double(), w.double())
+    ref_stats = torch_backend.forward(x.double(), w.double(), labels, settings_64, norms_64)
+    grad_rows, lse, target_dcos = _backward_inputs(ref_stats, labels, settings_64, num_classes)
+    CALLS.clear()
+    grad_dtype, split = chunk_plan.gradient_dtype(dtype), chunk_plan.split_operands(dtype)
+    per_row = chunk_plan.workspace_bytes_per_row(n, 8, grad_dtype, split)
+    with workspace_budget(100 * k * (per_row + 4 * n)):  # 100 classes fit: chunks of 64
+        dx, dw = cuda_backend.backward(grad_rows.float(), x, w, labels, lse.float(), target_dcos.float(), options,
+                                       num_classes, norms, w.dtype)
+    chunks = [details for op_name, details in CALLS if op_name == "grad_chunk"]
+    firsts, widths, row_bytes = zip(*chunks)
+    assert len(chunks) > 2 and sum(widths) == num_classes * k
+    assert all(first % cuda_backend.CLASS_ALIGN == 0 for first in firsts)
+    assert all(width % (cuda_backend.CLASS_ALIGN * k) == 0 for width in widths[:-1])
+    assert widths[-1] % (cuda_backend.CLASS_ALIGN * k) != 0  # 300 classes: the last chunk is short
+    assert set(row_bytes) == {widths[0] * grad_dtype.itemsize}
+    assert row_bytes[0] % 16 == 0
+    ref_dx, ref_dw = torch_backend.backward(grad_rows, x.double(), w.double(), labels, lse, target_dcos, settings_64,
+                                            num_classes, norms_64, torch.float64)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(dw, ref_dw) < tol and rel_err(dx, ref_dx) < tol
+
+
+def test_class_align_is_the_extensions():
+    """cuda.CLASS_ALIGN (backward chunks) and csrc/chunk_size.h's kClassAlign (forward chunks) agree."""
+    from arcface_kernels import _C
+
+    assert _C.CLASS_ALIGN == cuda_backend.CLASS_ALIGN
 
 
 def test_backward_chunk_with_its_float32_dots_fits_the_budget():

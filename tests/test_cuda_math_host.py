@@ -181,3 +181,71 @@ def test_segment_statistics_merge_to_the_row_statistics(harness, width, segments
     best, best_class = c.max(1)  # torch.max returns the first maximal index
     assert torch.equal(out[:, 4], best)
     assert torch.equal(out[:, 5].long(), best_class)
+
+
+@pytest.mark.parametrize("dim,vec", [(1, 1), (45, 1), (64, 4), (512, 4), (100, 4)])
+def test_projection_matches_the_tangent_projection(harness, dim, vec):
+    """csrc project_rows_kernel's math (row_math.cuh, the warp's order emulated by the harness):
+    out = grad - proj (v . grad) v (docs/design.md eqs. (23)-(24)) to float32 accuracy, for rows
+    where the projection removes most of grad (grad nearly along v) and rows where it removes
+    little; rows of v in any dtype arrive as float32. The harness aborts unless every lane ends
+    the butterfly with the same bits."""
+    g = torch.Generator().manual_seed(3)
+    rows = 64
+    v = torch.randn(rows, dim, generator=g)
+    proj = 1.0 / (v.double() ** 2).sum(1)
+    grad = torch.randn(rows, dim, generator=g) * torch.logspace(-3, 3, rows)[:, None]
+    grad[: rows // 2] += 40.0 * v[: rows // 2]  # mostly along v: the projection cancels it
+    proj[-1] = 0.0  # a row clamped at eps (common.projection_scale): grad passes through
+    records = torch.cat([proj[:, None].float(), grad, v], 1)
+    out = harness(["project", dim, vec], records.numpy(), dim)
+    ref = grad.double() - (proj * (v.double() * grad.double()).sum(1))[:, None] * v.double()
+    # float32 rounding of the dot (|grad| |v| scale) and of the products
+    bound = 1e-6 * (grad.double().norm(dim=1) + (proj * v.double().norm(dim=1) * grad.double().norm(dim=1)
+                                                 * v.double().norm(dim=1)))[:, None] + 1e-30
+    assert ((out.double() - ref).abs() <= bound).all()
+    assert torch.equal(out[-1], grad[-1])
+    # the cancelling rows keep only the part orthogonal to v
+    assert ((out[: rows // 2].double() * v[: rows // 2].double()).sum(1).abs()
+            <= 1e-4 * grad[: rows // 2].double().norm(dim=1) * v[: rows // 2].double().norm(dim=1)).all()
+
+
+def test_projection_pieces_change_only_the_dots_summation_order(harness):
+    """Vector pieces (V = 4) and scalar pieces (V = 1) sum the row's products in different orders:
+    the results agree to float32 accuracy, and with a dot of exact terms (small integers) bit for bit."""
+    g = torch.Generator().manual_seed(4)
+    dim = 128
+    grad = torch.randint(-8, 8, (16, dim), generator=g).float()
+    v = torch.randint(-8, 8, (16, dim), generator=g).float()
+    proj = torch.full((16, 1), 2.0**-10)
+    records = torch.cat([proj, grad, v], 1).numpy()
+    assert torch.equal(harness(["project", dim, 4], records, dim), harness(["project", dim, 1], records, dim))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_routed_gradient_writes_only_the_winning_sub_centre(harness, k):
+    g = torch.Generator().manual_seed(5)
+    n = 200
+    dcos, rx = torch.randn(n, generator=g) * 10, torch.rand(n, generator=g) + 0.5
+    rw = torch.rand(n, k, generator=g) + 0.5
+    pick = torch.randint(0, k, (n,), generator=g)
+    out = harness(["route", k], torch.cat([dcos[:, None], rx[:, None], rw, pick[:, None].float()], 1).numpy(), k)
+    ref = torch.zeros(n, k)
+    ref[torch.arange(n), pick] = (dcos * rx * rw[torch.arange(n), pick])
+    assert torch.equal(out, ref)
+
+
+def test_forward_chunks_hold_a_multiple_of_64_classes(harness):
+    """csrc/chunk_size.h: the float32 dots of a chunk within the workspace, a multiple of 64
+    classes whenever 64 fit (so the dots' leading dimension is a multiple of 16 bytes), else what fits."""
+    cases = [(4096, 1, 262144, 64 * 2**20), (1000, 1, 10**6, 2**24), (7, 3, 5000, 2**16), (512, 1, 40, 2**26),
+             (4096, 1, 10**6, 4096 * 4 * 100), (4096, 2, 10**6, 4096 * 8 * 63), (1, 1, 1, 1)]
+    out = harness(["chunk"], torch.tensor(cases, dtype=torch.float32).numpy(), 1)[:, 0].long().tolist()
+    for (rows, k, classes, budget), chunk in zip(cases, out):
+        fits = max(1, min(classes, budget // (4 * rows * k)))
+        assert chunk <= fits and chunk * 4 * rows * k <= max(budget, 4 * rows * k)
+        if fits >= 64:
+            assert chunk % 64 == 0 and chunk > fits - 64
+        else:
+            assert chunk == fits
+    assert out[:4] == [4096, 4160, 768, 40]  # 2^24 / 4000 = 4194 -> 4160; 2^16 / 84 = 780 -> 768

@@ -4,7 +4,9 @@ A backend supplies only the gradient tile of a class chunk,
 
     fill_grad(first_class, stop_class, out)   writes G = dcos * rx * rw^T of weight rows
                                               [first_class * K, stop_class * K) into `out`
-                                              (N, (stop_class - first_class) * K), grad_dtype;
+                                              (N, (stop_class - first_class) * K), grad_dtype,
+                                              columns contiguous, rows a full chunk apart (the
+                                              last chunk's rows are padded);
                                               dcos routed to each class's winning sub-centre row,
                                               0 on the others,
 
@@ -18,7 +20,9 @@ exact bfloat16 pieces of the operands, `split_operands`):
 
 (px, pw: common.projection_scale of the inverse norms). The normalization terms need no pass
 over the tile because rowsum(dcos * cos) = x . (G W) and colsum(dcos * cos) = w . (G^T X).
-One gradient buffer is reused by every chunk; its size is bounded by the workspace budget and
+One gradient buffer (N rows of a full chunk) is reused by every chunk, so G's leading dimension is
+the full chunk's in the last chunk too (a multiple of `align` classes: 16-byte aligned rows for
+cuBLAS's TMA kernels); its size is bounded by the workspace budget and
 by GRAD_BUFFER_BYTES (it should stay in L2 between the kernel that writes it and the two GEMMs
 that read it), never by C. No atomics, fixed chunk order: bit-reproducible.
 """
@@ -143,13 +147,13 @@ def chunked_backward(x, w, norms, sub_centers, grad_dtype, fill_grad, dw_dtype, 
         return b, dw
     split = split_operands(x.dtype)
     step = chunk_classes(n, n_classes, k, dim, grad_dtype, workspace_budget, align, split)
-    buffer = torch.empty(n * step * k, dtype=grad_dtype, device=x.device)
+    buffer = torch.empty(n, step * k, dtype=grad_dtype, device=x.device)
     x_pieces = _pieces(x, split, grad_dtype)
     proj_w = projection_scale(norms.rw)
     for first in range(0, n_classes, step):
         stop = min(first + step, n_classes)
         rows = slice(first * k, stop * k)
-        g = buffer[: n * (stop - first) * k].view(n, (stop - first) * k)
+        g = buffer[:, : (stop - first) * k]
         fill_grad(first, stop, g)
         w_rows = w[rows]
         g_pieces = _pieces(g, split, grad_dtype)

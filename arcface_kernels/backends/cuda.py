@@ -4,7 +4,8 @@ torch dispatcher as torch.ops.arcface_kernels_cuda.{partial_stats, grad_chunk}.
 Forward walks the classes in chunks: a cuBLAS GEMM to float32 dot products, then epilogue
 kernels fold each chunk into the row statistics. Backward is the shared chunk plan
 (chunk_plan.chunked_backward) with this backend's gradient tile (grad_chunk: the same GEMM, then
-an epilogue that writes G). See docs/backends/cuda.md. Importing this module never fails: without
+an epilogue that writes G) and its fused tangent projection (project_rows), in chunks of a
+multiple of CLASS_ALIGN classes. See docs/backends/cuda.md. Importing this module never fails: without
 the extension, or on a GPU the build carries no code for, the backend reports why.
 """
 
@@ -38,6 +39,12 @@ else:
         BUILT_FOR = GpuCode(tuple(_C.SASS_ARCHS), _C.PTX_ARCH)
     else:
         _LOAD_ERROR = "the extension is from an older build of csrc/: rebuild it"
+
+
+# Chunks hold a multiple of this many classes (csrc/chunk_size.h kClassAlign, exported as
+# _C.CLASS_ALIGN): G's and the dots' leading dimensions are then multiples of 16 bytes (cuBLAS's
+# TMA kernels) in every chunk but the last.
+CLASS_ALIGN = 64
 
 
 def _sm(arch):
@@ -94,7 +101,14 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
             options.scale, k, options.label_smoothing / num_classes)
 
     budget = backward_budget(*x.shape, grad_dtype, chunk_plan.split_operands(x.dtype))
-    return chunk_plan.chunked_backward(x, w, norms, k, grad_dtype, fill_grad, dw_dtype, budget)
+    return chunk_plan.chunked_backward(x, w, norms, k, grad_dtype, fill_grad, dw_dtype, budget, align=CLASS_ALIGN,
+                                       project=project_rows)
+
+
+def project_rows(grad, v, v_proj, out):
+    """chunk_plan.project_rows as one CUDA kernel (csrc/backward.cu: a warp per row, read float32
+    grad and v, write out once in its dtype)."""
+    torch.ops.arcface_kernels_cuda.project_rows(grad, v, v_proj, out)
 
 
 register_backend(Backend(

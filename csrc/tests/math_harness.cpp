@@ -1,4 +1,4 @@
-// Host build of the epilogue math (margin_math.cuh, row_math.cuh) for
+// Host build of the epilogue math (margin_math.cuh, row_math.cuh, chunk_size.h) for
 // tests/test_cuda_math_host.py: reads float32 records from stdin, writes float32 results to stdout.
 //
 //   math_harness margin               records (c, m1, m2, m3, easy) -> (phi)
@@ -9,12 +9,17 @@
 //                                     accumulated by T strided "threads" merged in order, segments
 //                                     merged in order; class 0 is the target
 //                                     -> (max, sum_exp, nontarget_sum_exp, logit_sum, best_cos, best_class)
+//   math_harness project D V          records (proj, D grad, D v) -> (D out): project_rows_kernel's order
+//                                     with V-wide pieces (kLanes lanes, butterfly)
+//   math_harness route K              records (dcos, rx, K rw, pick) -> (K entries)
+//   math_harness chunk                records (rows, K, classes, workspace bytes) -> (classes per chunk)
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
 
+#include "../chunk_size.h"
 #include "../row_math.cuh"
 
 using namespace arcface_kernels;
@@ -43,6 +48,28 @@ RowPartial row_stats(const std::vector<float>& row, int64_t width, int64_t segme
     total = merge(total, segment);
   }
   return total;
+}
+
+// One row as project_rows_kernel computes it: lane l sums pieces l, l + kLanes, ... (piece_dot),
+// the lanes' sums are added over the xor butterfly, then every entry is projected_entry.
+void project_row(const float* grad, const float* v, float proj, int64_t dim, int vec, float* out) {
+  float lanes[kLanes];
+  for (int lane = 0; lane < kLanes; ++lane) {
+    lanes[lane] = 0.f;
+    for (int64_t col = int64_t{lane} * vec; col < dim; col += int64_t{kLanes} * vec) {
+      lanes[lane] = piece_dot(lanes[lane], grad + col, v + col, vec);
+    }
+  }
+  for (int offset = kLanes / 2; offset > 0; offset /= 2) {
+    float next[kLanes];
+    for (int lane = 0; lane < kLanes; ++lane) next[lane] = lanes[lane] + lanes[lane ^ offset];
+    std::memcpy(lanes, next, sizeof(lanes));
+  }
+  for (int lane = 1; lane < kLanes; ++lane) {
+    if (std::memcmp(&lanes[lane], &lanes[0], sizeof(float)) != 0) std::abort();  // every lane, the same bits
+  }
+  const float coef = proj * lanes[0];
+  for (int64_t i = 0; i < dim; ++i) out[i] = projected_entry(grad[i], v[i], coef);
 }
 
 }  // namespace
@@ -75,6 +102,28 @@ int main(int argc, char** argv) {
     while (read_record(row)) {
       const RowPartial p = row_stats(row, width, segments, threads);
       write({p.max, p.sum_exp, p.nontarget_sum_exp, p.logit_sum, p.best_cos, static_cast<float>(p.best_class)});
+    }
+  } else if (!std::strcmp(mode, "project") && argc == 4) {
+    const int64_t dim = std::atoll(argv[2]);
+    const int vec = std::atoi(argv[3]);
+    if (vec < 1 || dim % vec != 0) return 2;
+    std::vector<float> r(1 + 2 * dim), out(dim);
+    while (read_record(r)) {
+      project_row(r.data() + 1, r.data() + 1 + dim, r[0], dim, vec, out.data());
+      std::fwrite(out.data(), sizeof(float), out.size(), stdout);
+    }
+  } else if (!std::strcmp(mode, "route") && argc == 3) {
+    const int k = std::atoi(argv[2]);
+    std::vector<float> r(3 + k);
+    while (read_record(r)) {
+      const int pick = static_cast<int>(r[2 + k]);
+      for (int i = 0; i < k; ++i) write({routed_gradient(r[0], r[1], r[2 + i], i, pick)});
+    }
+  } else if (!std::strcmp(mode, "chunk")) {
+    std::vector<float> r(4);
+    while (read_record(r)) {
+      const auto at = [&](int i) { return static_cast<int64_t>(r[i]); };
+      write({static_cast<float>(classes_per_chunk(at(0), at(1), at(2), at(3)))});
     }
   } else {
     return 2;
