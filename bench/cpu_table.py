@@ -9,7 +9,8 @@ CPU user would otherwise run, forward + backward (docs/backends/torch.md; issue 
 
 Implementations, each timed as forward + backward from leaf tensors (gradients zeroed between
 calls, not timed), interleaved over the repeats so that the machine's drift hits all alike,
-medians reported:
+medians reported, of wall time and of the process's CPU time (on a loaded machine a small call's
+wall time is mostly waiting to be scheduled):
 
 - ours: ArcFace (s = 64, m2 = 0.5) on the `torch` backend, raw inputs (the op normalizes).
 - ours m=0: the same at m2 = 0 (plain normalized softmax), what the cross-entropy peers compute.
@@ -192,16 +193,26 @@ def measure(n, c, d, dtype, repeats, with_compile=True, names=None):
         except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not fatal
             skipped[name] = f"failed: {type(e).__name__}: {str(e)[:120]}"
             del calls[name]
-    times = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
+    times = _interleaved(calls, repeats)
     peaks = {name: (_peak(call), getattr(impls[name], "opaque", False)) for name, call in calls.items()
              if name != FLOOR}
     grads = (n + c) * d * torch.tensor([], dtype=dtype).element_size()
-    return {name: statistics.median(v) for name, v in times.items()}, peaks, grads, skipped
+    return times, peaks, grads, skipped
+
+
+def _interleaved(calls, repeats):
+    """name -> (median wall seconds, median CPU seconds of this process) of `repeats` rounds, each
+    calling every implementation once. The CPU time leaves out the time the process waits
+    descheduled, most of a small call's wall time on a loaded machine; with several threads it
+    is their sum."""
+    wall, cpu = ({name: [] for name in calls} for _ in range(2))
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            call()
+            cpu[name].append(time.process_time() - start_cpu)
+            wall[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in calls}
 
 
 def huge_entry(repeats, dtype=torch.float32):
@@ -212,13 +223,7 @@ def huge_entry(repeats, dtype=torch.float32):
     calls = {"ours": lambda: _step(_ours(0.5), raw, y), FLOOR: floor_step(*raw)}
     for call in calls.values():
         call()
-    times = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in times.items()}, _peak(calls["ours"])
+    return _interleaved(calls, repeats), _peak(calls["ours"])
 
 
 def peer_memory_at(n, c, d, dtype, probe_classes=HUGE_PROBE_CLASSES):
@@ -257,26 +262,30 @@ def _mib(nbytes):
 
 def table(n, c, d, dtype, result):
     times, peaks, grads, skipped = result
-    floor, ours, ours0 = times.get(FLOOR), times.get("ours"), times.get("ours m=0")
+    none = (None, None)
+    floor, ours, ours0 = times.get(FLOOR, none), times.get("ours", none), times.get("ours m=0", none)
     lines = [f"### (N, C, D) = ({n}, {c:,}, {d}), {str(dtype).replace('torch.', '')}", "",
-             "| implementation | fwd+bwd ms | / floor | / ours | / ours m=0 | peak extra MiB (grads incl.) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for name, t in times.items():
+             "| implementation | fwd+bwd ms | / floor | / ours | / ours m=0 | CPU ms | CPU / floor | CPU / ours "
+             "| peak extra MiB (grads incl.) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, (t, t_cpu) in times.items():
         peak = "-"
         if name in peaks:
             nbytes, opaque = peaks[name]
             peak = (">= " if opaque else "") + _mib(nbytes)
-        ratios = [f"{t / ref:.2f}" if ref else "-" for ref in (floor, ours, ours0)]
-        lines.append(f"| {name} | {t * 1e3:,.1f} | {' | '.join(ratios)} | {peak} |")
+        ratios = [f"{t / ref[0]:.2f}" if ref[0] else "-" for ref in (floor, ours, ours0)]
+        cpu_ratios = [f"{t_cpu / ref[1]:.2f}" if ref[1] else "-" for ref in (floor, ours)]
+        lines.append(f"| {name} | {t * 1e3:,.1f} | {' | '.join(ratios)} | {t_cpu * 1e3:,.1f} | "
+                     f"{' | '.join(cpu_ratios)} | {peak} |")
     for name, why in skipped.items():
-        lines.append(f"| {name} | {why} | | | | |")
+        lines.append(f"| {name} | {why} | | | | | | | |")
     lines += ["", f"Gradients: {_mib(grads)} MiB.", ""]
     return "\n".join(lines)
 
 
 def huge_table(dtype, result, peers):
     (times, ours_peak), (n, c, d) = result, HUGE
-    floor, ours = times[FLOOR], times["ours"]
+    (floor, _), (ours, _) = times[FLOOR], times["ours"]
     size = torch.tensor([], dtype=dtype).element_size()
     lines = [f"### (N, C, D) = ({n}, {c:,}, {d}), {str(dtype).replace('torch.', '')}: ours only", "",
              f"ours: {ours * 1e3:,.0f} ms forward + backward, {ours / floor:.2f}x the floor ({floor * 1e3:,.0f} ms); "
