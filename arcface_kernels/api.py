@@ -1,5 +1,6 @@
 """The public functional API: margin_softmax_loss and its named forms (docs/design.md section 2)."""
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -71,10 +72,11 @@ def loss_from_options(embeddings, weight, labels, options: LossOptions, *, retur
         rows, lse, target_cos, top1 = reference_loss(embeddings, weight, targets, inputs.options, dtype)
         rows = rows.to(inputs.compute_dtype)
     else:
-        with torch.autocast(device.type, enabled=False):
+        with op.autocast_off(device.type):
             rows, lse, target_cos, top1 = op.fused_loss_rows(
                 embeddings.contiguous(), weight.contiguous(), inputs.labels.contiguous(), inputs.options, name, dtype)
-    loss = reduce_rows(rows, inputs.labels != options.ignore_index, options.reduction)
+    active = inputs.labels != options.ignore_index if options.reduction == "mean" else None
+    loss = reduce_rows(rows, active, options.reduction)
     if return_stats:
         return loss, stats_without_gradient(embeddings, weight, lse, target_cos, top1)
     return loss
@@ -106,14 +108,29 @@ def margin_softmax_loss(
 
     Returns the loss (float32; float64 for float64 inputs), and with return_stats=True a (loss, MarginLossStats) pair.
     """
-    options = LossOptions(scale=scale, m1=m1, m2=m2, m3=m3, sub_centers=sub_centers, easy_margin=easy_margin,
-                          margin_grad=margin_grad, label_smoothing=label_smoothing, ignore_index=ignore_index,
-                          reduction=reduction)
+    settings = dict(scale=scale, m1=m1, m2=m2, m3=m3, sub_centers=sub_centers, easy_margin=easy_margin,
+                    margin_grad=margin_grad, label_smoothing=label_smoothing, ignore_index=ignore_index,
+                    reduction=reduction)
+    if torch.compiler.is_compiling() or not all(type(v) in _PLAIN_SETTINGS for v in settings.values()):
+        options = LossOptions(**settings)
+    else:  # validated once per distinct settings, not on every step
+        options = _plain_options(**settings)
     return loss_from_options(embeddings, weight, labels, options, return_stats=return_stats, backend=backend)
 
 
+# Settings of these exact types are values (hashable, immutable); tensors and numpy numbers are
+# validated on every call.
+_PLAIN_SETTINGS = (bool, int, float, str)
+
+
+@functools.lru_cache(maxsize=64, typed=True)
+def _plain_options(**settings) -> LossOptions:
+    return LossOptions(**settings)
+
+
 def reduce_rows(rows, active, reduction):
-    """The reduction of per-row losses; `active`: the rows whose label is not ignore_index."""
+    """The reduction of per-row losses; `active`: the rows whose label is not ignore_index (read
+    by "mean" only)."""
     if reduction == "none":
         return rows
     total = rows.sum()

@@ -3,7 +3,9 @@ backward cores that the sharded path (distributed.py) shares with it.
 
 `arcface_kernels::margin_softmax_fwd` returns per-row loss and stats;
 `arcface_kernels::margin_softmax_bwd` returns (dX, dW). Both dispatch by name to a fused
-backend from the registry. The LossOptions travel flattened (`LossOptions.flatten`): the
+backend from the registry. torch.compile traces the forward op; eager calls on the CPU run its
+implementation under `_EagerForward` (same context, same backward op), without the custom op's
+dispatch layers. The LossOptions travel flattened (`LossOptions.flatten`): the
 schemas take tensors and plain scalars only. Only O(N + C) numbers (the log-sum-exp, the
 precise gap and target cosine, the inverse norms and row scales, computed once per call) are
 saved for backward, which forms the target gradient factor from them once per row and
@@ -17,6 +19,7 @@ rounded copies are made again in backward rather than saved: a C x D operand cop
 weight is not held between forward and backward, at the cost of one more read of the weight.
 """
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -71,6 +74,14 @@ def target_cosine_gradient(gap: Tensor, target_cos: Tensor, active: Tensor, opti
     eps = options.label_smoothing
     slope = dphi_dcos(target_cos, options.m1, options.m2, options.m3, options.easy_margin, options.straight_through)
     return torch.where(active, options.scale * (torch.expm1(-gap) + (eps - eps / num_classes)) * slope, 0.0)
+
+
+def autocast_off(device_type: str):
+    """torch.autocast(device_type, enabled=False) where autocast is on; where it is off, no
+    context at all (entering and leaving one costs more than a small op on every call)."""
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class Saved(NamedTuple):
@@ -161,8 +172,7 @@ def _targets(labels: Tensor, ignore_index: int) -> Tensor:
     return torch.where(labels == ignore_index, -1, labels.long())
 
 
-@torch.library.custom_op("arcface_kernels::margin_softmax_fwd", mutates_args=())
-def margin_softmax_fwd(
+def _margin_softmax_fwd(
     embeddings: Tensor, weight: Tensor, labels: Tensor, m1: Tensor, m2: Tensor, m3: Tensor,
     options: list[float], backend: str, operand_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -173,13 +183,17 @@ def margin_softmax_fwd(
     opts = LossOptions.unflatten(options, m1, m2, m3)
     num_classes = weight.shape[0] // opts.sub_centers
     labels = _target_labels(labels, opts.ignore_index, num_classes)
-    with torch.autocast(embeddings.device.type, enabled=False):
+    with autocast_off(embeddings.device.type):
         x, w = operands(embeddings, operand_dtype), operands(weight, operand_dtype)
         fwd = forward_stats(x, w, labels, labels >= 0, opts, backend, num_classes)
     dtype, saved = compute_dtype(operand_dtype), fwd.saved
     return (fwd.loss, saved.lse, fwd.stats.target_cos.clone(), fwd.stats.best_class.clone(), saved.gap,
             saved.rx, saved.rw, _scale_or_ones(saved.sx, x.shape[0], dtype, x.device),
             _scale_or_ones(saved.sw, w.shape[0], dtype, w.device))
+
+
+margin_softmax_fwd = torch.library.custom_op("arcface_kernels::margin_softmax_fwd", _margin_softmax_fwd,
+                                             mutates_args=())
 
 
 @margin_softmax_fwd.register_fake
@@ -201,7 +215,7 @@ def margin_softmax_bwd(
     num_classes = weight.shape[0] // opts.sub_centers
     labels = _targets(labels, opts.ignore_index)
     # loss.backward() may run inside the autocast region: the backend computes in its own dtypes.
-    with torch.autocast(embeddings.device.type, enabled=False):
+    with autocast_off(embeddings.device.type):
         x, w = operands(embeddings, operand_dtype), operands(weight, operand_dtype)
         grad_rows = torch.where(labels >= 0, grad_rows.to(lse.dtype), 0.0)
         saved = Saved(lse, gap, target_cos, rx, rw, sx, sw)
@@ -248,6 +262,25 @@ torch.library.register_autograd("arcface_kernels::margin_softmax_bwd", _refuse_d
                                 setup_context=lambda ctx, inputs, output: None)
 
 
+class _EagerForward(torch.autograd.Function):
+    """margin_softmax_fwd for eager calls on the CPU: the same implementation, context and
+    backward (the margin_softmax_bwd op, which refuses double backward), without the custom op's
+    own layers (its dispatch to a Python autograd kernel and back): about a tenth of a small
+    call's fixed cost there (docs/backends/torch.md, "Fixed cost per call"). torch.compile traces
+    the custom op (it needs the fake implementation); on a GPU the op is kept, its launch list
+    being the one bench/cost_model.py models."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _margin_softmax_fwd(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)
+
+
 def fused_loss_rows(embeddings: Tensor, weight: Tensor, labels: Tensor, options: LossOptions, backend: str,
                     operand_dtype: torch.dtype):
     """The op: (loss_rows, lse, target_cos, top1), the first differentiable.
@@ -258,6 +291,8 @@ def fused_loss_rows(embeddings: Tensor, weight: Tensor, labels: Tensor, options:
     int64 (N,), each in [0, C) or equal to options.ignore_index (ignored rows; the op maps them
     to -1 and raises ValueError on any other label). options: margins as (N,) tensors in the
     compute dtype (LossOptions.for_rows). backend: a resolved fused backend name."""
-    outputs = margin_softmax_fwd(embeddings, weight, labels, options.m1, options.m2, options.m3,
-                                 options.flatten(), backend, operand_dtype)
+    eager_cpu = embeddings.device.type == "cpu" and not torch.compiler.is_compiling()
+    forward = _EagerForward.apply if eager_cpu else margin_softmax_fwd
+    outputs = forward(embeddings, weight, labels, options.m1, options.m2, options.m3, options.flatten(), backend,
+                      operand_dtype)
     return outputs[:4]

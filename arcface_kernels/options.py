@@ -8,6 +8,7 @@ uses it.
 """
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +48,8 @@ class LossOptions:
     def __post_init__(self):
         for name, value in validation.check_options(self).items():
             object.__setattr__(self, name, value)
+        # encoded once: the op's schema takes these on every call (`flatten`)
+        object.__setattr__(self, "_flat", tuple(_encode(f, getattr(self, f.name)) for f in _SCALAR_FIELDS))
 
     @property
     def straight_through(self) -> bool:
@@ -63,29 +66,28 @@ class LossOptions:
         """The same options with m1, m2, m3 as (N,) tensors of `dtype` on `device` (floats
         broadcast). Margins carry no gradient: a margin tensor that requires grad is refused
         at construction (validation.py). The settings were validated when `self` was built:
-        they are not validated again (once per head, not per step)."""
-        margins = {name: validation.row_margin(name, getattr(self, name), n, device, dtype) for name in MARGIN_NAMES}
-        return self._validated(**{**{f.name: getattr(self, f.name) for f in _SCALAR_FIELDS}, **margins})
-
-    @classmethod
-    def _validated(cls, **fields) -> "LossOptions":
-        """Options from settings that a LossOptions already validated (no second check)."""
-        options = object.__new__(cls)
-        for name, value in fields.items():
-            object.__setattr__(options, name, value)
+        they are not validated again (once per head, not per step), nor copied one by one."""
+        options = object.__new__(type(self))
+        options.__dict__.update(self.__dict__)
+        options.__dict__.update(m1=validation.row_margin("m1", self.m1, n, device, dtype),
+                                m2=validation.row_margin("m2", self.m2, n, device, dtype),
+                                m3=validation.row_margin("m3", self.m3, n, device, dtype))
         return options
 
     # -- the torch.library boundary ------------------------------------------------------------
 
     def flatten(self) -> list:
-        """The scalar settings as floats, in field order (choices by index, bools as 0/1)."""
-        return [_encode(f, getattr(self, f.name)) for f in _SCALAR_FIELDS]
+        """The scalar settings as floats, in field order (choices by index, bools as 0/1), encoded
+        once when the options were built."""
+        return list(self._flat)
 
     @classmethod
     def unflatten(cls, values, m1: Tensor, m2: Tensor, m3: Tensor) -> "LossOptions":
-        """The options `flatten` encoded (validated when they were built: not checked again)."""
-        scalars = {f.name: _decode(f, v) for f, v in zip(_SCALAR_FIELDS, values)}
-        return cls._validated(m1=m1, m2=m2, m3=m3, **scalars)
+        """The options `flatten` encoded (validated when they were built: not checked again; the
+        decoding is cached, as a head passes the same values on every step)."""
+        options = object.__new__(cls)
+        options.__dict__.update(_decoded(tuple(values)), m1=m1, m2=m2, m3=m3)
+        return options
 
 
 def make_options(owner: str, **settings) -> LossOptions:
@@ -111,6 +113,13 @@ def _encode(f, value):
     if "choices" in f.metadata:
         return float(f.metadata["choices"].index(value))
     return float(value)
+
+
+@functools.lru_cache(maxsize=256)
+def _decoded(values: tuple) -> dict:
+    """The settings `flatten` encoded as `values`, with the encoding itself (`_flat`). Read only:
+    unflatten copies it into each LossOptions."""
+    return {"_flat": values, **{f.name: _decode(f, v) for f, v in zip(_SCALAR_FIELDS, values)}}
 
 
 def _decode(f, value):

@@ -73,14 +73,53 @@ def test_one_pass_norms_give_the_bits_of_the_overflow_safe_path():
         assert torch.equal(common.inverse_norms(w, torch.float32), want)
 
 
-def test_options_are_validated_once_per_call(monkeypatch):
-    # for_rows and the op's unflatten (forward and backward) rebuild validated settings unchecked.
-    from arcface_kernels import validation
+def test_options_are_validated_once_per_settings(monkeypatch):
+    # for_rows and the op's unflatten (forward and backward) rebuild validated settings unchecked;
+    # the functional API validates each distinct set of plain settings once, a head at construction.
+    from arcface_kernels import api, validation
 
     calls = []
     check = validation.check_options
     monkeypatch.setattr(validation, "check_options", lambda options: calls.append(1) or check(options))
+    api._plain_options.cache_clear()
     x, w, y = make_problem(6, 11, 5, seed=4)
     w.requires_grad_(True)
-    ak.margin_softmax_loss(x, w, y, label_smoothing=0.1, backend="torch").backward()
+    for _ in range(3):
+        ak.margin_softmax_loss(x, w, y, label_smoothing=0.1, backend="torch").backward()
     assert len(calls) == 1
+    ak.margin_softmax_loss(x, w, y, label_smoothing=0.2, backend="torch").backward()
+    assert len(calls) == 2
+    # a tensor setting is read on every call (its value may have changed in place)
+    m2 = torch.full((6,), 0.5)
+    for _ in range(2):
+        ak.margin_softmax_loss(x, w, y, m2=m2, backend="torch")
+    assert len(calls) == 4
+    head = ak.ArcFaceLoss(11, 5, backend="torch")
+    for _ in range(2):
+        head(x, y).backward()
+    assert len(calls) == 5
+    # a wrong type is refused on every call, never served from the cache (True == 1, 1 == 1.0)
+    for _ in range(2):
+        with pytest.raises(TypeError, match="sub_centers"):
+            ak.margin_softmax_loss(x, w, y, sub_centers=1.0, backend="torch")
+    with pytest.raises(TypeError, match="easy_margin"):
+        ak.margin_softmax_loss(x, w, y, easy_margin=1, backend="torch")
+
+
+def test_eager_forward_is_the_custom_op_bit_for_bit():
+    # op._EagerForward (eager CPU calls) runs the op's implementation, context and backward op
+    # without the custom op's dispatch layers: the same outputs and gradients, bit for bit.
+    from arcface_kernels import op
+
+    x, w, y = make_problem(9, 13, 6, seed=7)
+    y[2] = -100
+    options = ak.LossOptions(m2=0.4, label_smoothing=0.1).for_rows(9, x.device, torch.float32)
+    results = []
+    for forward in (op.margin_softmax_fwd, op._EagerForward.apply):
+        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        out = forward(xg, wg, y, options.m1, options.m2, options.m3, options.flatten(), "torch", torch.float32)
+        (out[0] * torch.linspace(0.5, 2.0, 9)).sum().backward()
+        assert not any(t.requires_grad for t in out[1:])
+        results.append([*out, xg.grad, wg.grad])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
