@@ -37,6 +37,27 @@ from .common import classes_per_chunk, projection_scale, tile_classes
 from .contract import Backend, PartialStats
 from .registry import register_backend
 
+
+def _find_cpu_ops():
+    """torch.ops.arcface_kernels_cpu when the extension that registers it (arcface_kernels._cpu,
+    csrc/cpu_epilogue.cpp) loads, else None: the package then runs on torch ops alone."""
+    try:
+        from .. import _cpu  # noqa: F401 - loading it registers the ops
+    except ImportError:
+        return None
+    ops = torch.ops.arcface_kernels_cpu
+    return ops if hasattr(ops, "forward_tile") else None
+
+
+_CPU_OPS = _find_cpu_ops()
+
+
+def fused_epilogue(device) -> bool:
+    """Does the chunk loop on `device` run the fused CPU epilogue (csrc/cpu_epilogue.cpp) instead
+    of torch ops? On a CPU, when the extension carries it (tests set _CPU_OPS = None to compare)."""
+    return _CPU_OPS is not None and device.type == "cpu"
+
+
 # forward: the rows whose best cosine a chunk improves get their argmax from a copy of those rows
 # while they are at most 1 / this of the rows (the first chunks: a pass over the whole tile)
 _ARGMAX_COPY_FRACTION = 8
@@ -116,11 +137,36 @@ class _Walk:
 
 def forward(x, w, labels, options, norms):
     walk = _Walk(x, w, labels, options, norms)
-    cdt, n, k, s = walk.cdt, walk.n, walk.k, walk.s
-    device = x.device
-
-    neg_inf = torch.tensor(-float("inf"), dtype=cdt, device=device)
     smoothing = options.label_smoothing != 0
+    chunks = _fused_forward_chunks if fused_epilogue(x.device) else _torch_forward_chunks
+    nt_max, nt_sum, best_z, best_class, target_z, nt_logit_sum = chunks(walk, labels, smoothing)
+    return _finish_forward(walk, labels, options, nt_max, nt_sum, best_z, best_class, target_z, nt_logit_sum)
+
+
+def _fused_forward_chunks(walk, labels, smoothing):
+    """The chunk loop with the CPU epilogue: the GEMM, then one op folds the tile into the row
+    statistics (csrc/cpu_epilogue.cpp, forward_tile: the same rules as _torch_forward_chunks)."""
+    n, k = walk.n, walk.k
+    nt_max = torch.full((n,), -float("inf"), dtype=walk.cdt)
+    nt_sum, target_z, nt_logit_sum = (torch.zeros(n, dtype=walk.cdt) for _ in range(3))
+    best_z = nt_max.clone()
+    best_class = torch.zeros(n, dtype=torch.int64)
+    for start, stop in walk.chunks():
+        ws, _, _ = walk.scaled_rows(start, stop)
+        z = torch.mm(walk.xs, ws.T, out=walk.tile(ws.shape[0]))
+        if k > 1:
+            z = z.view(n, stop - start, k).amax(dim=2)  # eq. (8), as in _torch_forward_chunks
+        _CPU_OPS.forward_tile(z, labels, start, nt_max, nt_sum, best_z, best_class, target_z, nt_logit_sum,
+                              smoothing)
+    return nt_max, nt_sum, best_z, best_class, target_z, nt_logit_sum
+
+
+def _torch_forward_chunks(walk, labels, smoothing):
+    """The chunk loop in torch ops: (non-target max, sum of exp shifted by it, best logit, its
+    class, target logit, non-target logit sum or None without smoothing), per row."""
+    cdt, n, k = walk.cdt, walk.n, walk.k
+    device = walk.xs.device
+    neg_inf = torch.tensor(-float("inf"), dtype=cdt, device=device)
     first = True
     for start, stop in walk.chunks():
         ws, _, _ = walk.scaled_rows(start, stop)
@@ -173,8 +219,14 @@ def forward(x, w, labels, options, norms):
         nt_max = torch.full_like(nt_sum, -float("inf"))
         target_z, best_z, nt_logit_sum = torch.zeros_like(nt_sum), nt_max.clone(), torch.zeros_like(nt_sum)
         best_class = torch.zeros(n, dtype=torch.int64, device=device)
+    return nt_max, nt_sum, best_z, best_class, target_z, (nt_logit_sum if smoothing else None)
+
+
+def _finish_forward(walk, labels, options, nt_max, nt_sum, best_z, best_class, target_z, nt_logit_sum):
+    """The margin on the target and the final statistics, once per row (eq. (10))."""
+    s, smoothing = walk.s, options.label_smoothing != 0
     if not smoothing:
-        nt_logit_sum = torch.zeros_like(nt_sum)
+        nt_logit_sum = torch.zeros_like(nt_sum)  # PartialStats.logit_sum is read only with smoothing
     has_target = labels >= 0
     target_cos = torch.where(has_target, target_z / s, 0.0)
     target_logit = torch.where(has_target, s * phi(target_cos, options.m1, options.m2, options.m3,
@@ -202,30 +254,25 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
     b = torch.zeros(n, walk.dim, dtype=cdt, device=x.device)
     dw = torch.empty(w.shape, dtype=dw_dtype, device=w.device)
     a_buffer = torch.empty_like(walk.w_buffer)
+    fused = fused_epilogue(x.device)
     for start, stop in walk.chunks():
         ws, w_rows, rows = walk.scaled_rows(start, stop)
         width = ws.shape[0]
         p = torch.addmm(bias, walk.xs, ws.T, out=walk.tile(width))  # Z - lse
-        inside, flat, _ = walk.targets(start, stop)
         if k == 1:
-            p.exp_()  # eq. (15)
-            if smooth:
-                p.sub_(smooth)
-            flat_p = p.view(-1)
-            flat_p[flat] = torch.where(inside, target_p, flat_p[flat])
+            _probabilities(walk, p, start, stop, target_p, smooth, fused)
         else:  # route each class's gradient to its winning sub-centre (eq. (18))
             best, pick = p.view(n, stop - start, k).max(dim=2)
-            best.exp_()
-            if smooth:
-                best.sub_(smooth)
-            flat_best = best.view(-1)
-            flat_best[flat] = torch.where(inside, target_p, flat_best[flat])
+            _probabilities(walk, best, start, stop, target_p, smooth, fused)
             p.zero_().view(n, stop - start, k).scatter_(2, pick[:, :, None], best[:, :, None])
-            del best, pick, flat_best  # freed before the next chunk's
+            del best, pick  # freed before the next chunk's
         b.addmm_(p, ws)
         a = torch.mm(p.T, xa, out=a_buffer[: width * walk.dim].view(width, walk.dim))
-        a.mul_(walk.rw[rows][:, None])
         # eq. (24) with ws = rw w: pw (w . A) w = [pw > 0] (ws . A) ws, rounded once into dw_dtype
+        if fused:
+            _CPU_OPS.project_chunk(a, ws, walk.rw[rows], projected[rows], dw[rows])
+            continue
+        a.mul_(walk.rw[rows][:, None])
         coef = torch.linalg.vecdot(a, ws, dim=1).mul_(projected[rows])
         torch.sub(a, ws.mul_(coef[:, None]), out=dw[rows])  # ws is spent: the next chunk rewrites it
     del walk, xa, a_buffer
@@ -233,6 +280,20 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
     dx = torch.empty_like(b)
     _project(b, x, projection_scale(norms.rx), dx)  # eq. (23)
     return dx, dw
+
+
+def _probabilities(walk, p, start, stop, target_p, smooth, fused):
+    """p (N x classes, holding Z - lse) becomes P = exp(p) - eps / C (eq. (15)) with each row's
+    target entry set to target_p, in place."""
+    if fused:
+        _CPU_OPS.backward_tile(p, walk.labels, start, target_p, smooth)
+        return
+    p.exp_()
+    if smooth:
+        p.sub_(smooth)
+    inside, flat, _ = walk.targets(start, stop)
+    flat_p = p.view(-1)
+    flat_p[flat] = torch.where(inside, target_p, flat_p[flat])
 
 
 def _project(grad, v, v_proj, out):
