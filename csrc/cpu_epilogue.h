@@ -11,6 +11,7 @@ namespace arcface_kernels::cpu_rows {
 // statistics that forward_rows folds it into (docs/design.md eq. (10)).
 struct ForwardRows {
   void* tile;
+  const void* col_scale;  // nullptr, or per column: the tile holds xs . w_j, to be scaled by rw_j first
   const int64_t* labels;
   int64_t first_class, width;
   void *nt_max, *nt_sum, *best_z, *target_z, *logit_sum;
@@ -19,16 +20,20 @@ struct ForwardRows {
 };
 
 // A tile holding Z - lse, made P = exp(.) - smooth with each row's target entry set to target_p.
+// With col_scale, the tile holds xs . w_j instead of Z - lse: P = exp(rw_j xs . w_j - lse_i) - smooth,
+// and the tile gets P diag(rw) (target entry target_p * rw_t).
 struct BackwardRows {
   void* tile;
   const int64_t* labels;
   int64_t first_class, width;
   const void* target_p;
   double smooth;
+  const void* col_scale;
+  const void* lse;
 };
 
 // A chunk's class rows: a (rows x dim, scratch), ws, the inverse norms and projection flags, and
-// dW's rows `out` in dW's dtype.
+// dW's rows `out` in dW's dtype. raw_w: `ws` holds the raw rows w and a is already A_c.
 struct ProjectRows {
   void* a;
   const void* ws;
@@ -36,6 +41,7 @@ struct ProjectRows {
   const void* projected;
   void* out;
   int64_t dim;
+  bool raw_w;
 };
 
 #define ARCFACE_DECLARE_CPU_ROWS(ISA)                                       \

@@ -90,6 +90,33 @@ T row_sum_exp(const T* row, int64_t n, T shift) {
   return total;
 }
 
+// row_j *= scale_j, in place.
+template <typename T>
+void scale_columns(T* row, const T* scale, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  const int64_t step = Vec::size();
+  int64_t j = 0;
+  for (; j + step <= n; j += step) (Vec::loadu(row + j) * Vec::loadu(scale + j)).store(row + j);
+  for (; j < n; ++j) row[j] *= scale[j];
+}
+
+// row_j = (exp(row_j scale_j - shift) - smooth) scale_j, in place.
+template <typename T>
+void scaled_exp_minus(T* row, const T* scale, int64_t n, T shift, T smooth) {
+  using Vec = at::vec::Vectorized<T>;
+  const int64_t step = Vec::size();
+  const Vec e(smooth), s(shift);
+  int64_t j = 0;
+  for (; j + step <= n; j += step) {
+    const Vec c = Vec::loadu(scale + j);
+    (((Vec::loadu(row + j) * c - s).exp() - e) * c).store(row + j);
+  }
+  if (j < n) {
+    const Vec c = Vec::loadu(scale + j, n - j);
+    (((Vec::loadu(row + j, n - j) * c - s).exp() - e) * c).store(row + j, n - j);
+  }
+}
+
 // row_j = exp(row_j) - smooth, in place.
 template <typename T>
 void exp_minus(T* row, int64_t n, T smooth) {
@@ -116,6 +143,7 @@ void forward_rows(const ForwardRows& args, int64_t begin, int64_t end) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
   for (int64_t i = begin; i < end; ++i) {
     T* row = static_cast<T*>(args.tile) + i * width;
+    if (args.col_scale) scale_columns(row, static_cast<const T*>(args.col_scale), width);  // Z = s cos
     const int64_t t = args.labels[i] - args.first_class;
     const bool inside = t >= 0 && t < width;
     const T zy = inside ? row[t] : T(0);
@@ -142,16 +170,22 @@ template <typename T>
 void backward_rows(const BackwardRows& args, int64_t begin, int64_t end) {
   const T eps = static_cast<T>(args.smooth);
   const T* target_p = static_cast<const T*>(args.target_p);
+  const T* scale = static_cast<const T*>(args.col_scale);
   for (int64_t i = begin; i < end; ++i) {
     T* row = static_cast<T*>(args.tile) + i * args.width;
-    exp_minus(row, args.width, eps);
+    if (scale) {
+      scaled_exp_minus(row, scale, args.width, static_cast<const T*>(args.lse)[i], eps);
+    } else {
+      exp_minus(row, args.width, eps);
+    }
     const int64_t t = args.labels[i] - args.first_class;
-    if (t >= 0 && t < args.width) row[t] = target_p[i];
+    if (t >= 0 && t < args.width) row[t] = scale ? target_p[i] * scale[t] : target_p[i];
   }
 }
 
 // dW of a chunk's class rows (eq. (24) with ws = rw w): a_j <- rw_j a_j (in place), out_j = a_j -
-// projected_j (ws_j . a_j) ws_j, rounded once from T into O.
+// projected_j (ws_j . a_j) ws_j, rounded once from T into O. With raw_w (ws = w, a = A_c already):
+// out_j = a_j - projected_j rw_j^2 (w_j . a_j) w_j, the same quantity.
 template <typename T, typename O>
 void project_rows(const ProjectRows& args, int64_t begin, int64_t end) {
   using Vec = at::vec::Vectorized<T>;
@@ -160,7 +194,7 @@ void project_rows(const ProjectRows& args, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
     T* ai = static_cast<T*>(args.a) + i * dim;
     const T* wi = static_cast<const T*>(args.ws) + i * dim;
-    const Vec ri(r[i]);
+    const Vec ri(args.raw_w ? T(1) : r[i]);
     Vec acc(T(0));
     int64_t j = 0;
     for (; j + step <= dim; j += step) {
@@ -170,10 +204,10 @@ void project_rows(const ProjectRows& args, int64_t begin, int64_t end) {
     }
     T dot = reduce_lanes(acc, T(0), [](T x, T y) { return x + y; });
     for (; j < dim; ++j) {
-      ai[j] *= r[i];
+      if (!args.raw_w) ai[j] *= r[i];
       dot += ai[j] * wi[j];
     }
-    const T coef = dot * proj[i];
+    const T coef = args.raw_w ? dot * (r[i] * r[i] * proj[i]) : dot * proj[i];
     const Vec c(coef);
     for (j = 0; j + step <= dim; j += step) (Vec::loadu(ai + j) - Vec::loadu(wi + j) * c).store(ai + j);
     for (; j < dim; ++j) ai[j] -= wi[j] * coef;

@@ -101,9 +101,11 @@ def test_top1_ties_take_the_lowest_class(monkeypatch):
     with ak.workspace_budget(1):
         fused, plain = _both_ways(monkeypatch, lambda: _stats(x, w, y, **SPEC))
     assert fused.best_class.tolist() == plain.best_class.tolist() == [2, 1, 1, 2]
-    for name in ("row_max", "sum_exp", "nontarget_sum_exp", "target_logit", "best_cos"):
+    for name in ("row_max", "sum_exp", "nontarget_sum_exp", "best_cos"):
         f, p = getattr(fused, name), getattr(plain, name)
         assert torch.allclose(f, p, rtol=1e-6), name
+    # a target parallel to its row: acos amplifies the cosine's last-bit rounding (d acos / dc -> inf)
+    assert torch.allclose(fused.target_logit, plain.target_logit, atol=1e-3)
 
 
 @needs_ops

@@ -109,7 +109,12 @@ class _Walk:
         self.step = chunk_classes(self.n, self.k, self.dim, cdt, x.device)
         width = min(self.step, max(self.n_classes, 1)) * self.k
         self.tile_buffer = torch.empty(self.n * width, dtype=cdt, device=x.device)
-        self.w_buffer = torch.empty(width * self.dim, dtype=cdt, device=x.device)
+        self.fused = fused_epilogue(x.device)
+        # the fused epilogue on rows already in the compute dtype, without sub-centres, reads W_c
+        # itself and applies rw per column in its sweeps: no ws copy (docs/backends/torch.md)
+        self.raw_w = self.fused and self.k == 1 and w.dtype == cdt and w.is_contiguous()
+        self.w_buffer = None if self.raw_w else torch.empty(width * self.dim, dtype=cdt, device=x.device)
+        self.width = width
         self.labels = labels
         self.rows = torch.arange(self.n, device=x.device)
 
@@ -118,9 +123,11 @@ class _Walk:
             yield start, min(start + self.step, self.n_classes)
 
     def scaled_rows(self, start, stop):
-        """ws = rw * W_c in the compute dtype, in the reused buffer."""
+        """ws = rw * W_c in the compute dtype, in the reused buffer; W_c itself with raw_w."""
         rows = slice(start * self.k, stop * self.k)
         w_rows = self.w[rows]
+        if self.raw_w:
+            return w_rows, w_rows, rows
         out = self.w_buffer[: w_rows.numel()].view(w_rows.shape)
         return torch.mul(w_rows, self.rw[rows][:, None], out=out), w_rows, rows
 
@@ -138,7 +145,7 @@ class _Walk:
 def forward(x, w, labels, options, norms):
     walk = _Walk(x, w, labels, options, norms)
     smoothing = options.label_smoothing != 0
-    chunks = _fused_forward_chunks if fused_epilogue(x.device) else _torch_forward_chunks
+    chunks = _fused_forward_chunks if walk.fused else _torch_forward_chunks
     nt_max, nt_sum, best_z, best_class, target_z, nt_logit_sum = chunks(walk, labels, smoothing)
     return _finish_forward(walk, labels, options, nt_max, nt_sum, best_z, best_class, target_z, nt_logit_sum)
 
@@ -152,12 +159,12 @@ def _fused_forward_chunks(walk, labels, smoothing):
     best_z = nt_max.clone()
     best_class = torch.zeros(n, dtype=torch.int64)
     for start, stop in walk.chunks():
-        ws, _, _ = walk.scaled_rows(start, stop)
-        z = torch.mm(walk.xs, ws.T, out=walk.tile(ws.shape[0]))
+        ws, _, rows = walk.scaled_rows(start, stop)
+        z = torch.mm(walk.xs, ws.T, out=walk.tile(ws.shape[0]))  # with raw_w: xs . w_j, scaled by the op
         if k > 1:
             z = z.view(n, stop - start, k).amax(dim=2)  # eq. (8), as in _torch_forward_chunks
         _CPU_OPS.forward_tile(z, labels, start, nt_max, nt_sum, best_z, best_class, target_z, nt_logit_sum,
-                              smoothing)
+                              smoothing, walk.rw[rows] if walk.raw_w else None)
     return nt_max, nt_sum, best_z, best_class, target_z, nt_logit_sum
 
 
@@ -247,21 +254,26 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
     smooth = options.label_smoothing / num_classes
     row_factor = (s * g) * norms.rx  # a = s g rx: G = diag(a) P diag(rw)
     xa = torch.mul(x, row_factor[:, None].to(cdt))
-    bias = (-lse.to(cdt))[:, None]
+    lse = lse.to(cdt).contiguous()
+    bias = -lse[:, None]
     # the target entry of P: G_iy = target_dcos rx rw_y, i.e. P_iy = target_dcos / (s g)
     target_p = torch.where(g != 0, target_dcos.to(cdt) / torch.where(g != 0, s * g, 1.0), 0.0)
     projected = (projection_scale(norms.rw) > 0).to(cdt)  # 0 on rows clamped at eps (common.projection_scale)
     b = torch.zeros(n, walk.dim, dtype=cdt, device=x.device)
     dw = torch.empty(w.shape, dtype=dw_dtype, device=w.device)
-    a_buffer = torch.empty_like(walk.w_buffer)
-    fused = fused_epilogue(x.device)
+    a_buffer = torch.empty(walk.width * walk.dim, dtype=cdt, device=x.device)
+    fused, raw_w = walk.fused, walk.raw_w
     for start, stop in walk.chunks():
         ws, w_rows, rows = walk.scaled_rows(start, stop)
         width = ws.shape[0]
-        p = torch.addmm(bias, walk.xs, ws.T, out=walk.tile(width))  # Z - lse
-        if k == 1:
+        if raw_w:  # p = xs . w_j; the op makes it P diag(rw), so that the GEMMs below read W_c itself
+            p = torch.mm(walk.xs, ws.T, out=walk.tile(width))
+            _CPU_OPS.backward_tile(p, labels, start, target_p, smooth, walk.rw[rows], lse)
+        elif k == 1:
+            p = torch.addmm(bias, walk.xs, ws.T, out=walk.tile(width))  # Z - lse
             _probabilities(walk, p, start, stop, target_p, smooth, fused)
         else:  # route each class's gradient to its winning sub-centre (eq. (18))
+            p = torch.addmm(bias, walk.xs, ws.T, out=walk.tile(width))
             best, pick = p.view(n, stop - start, k).max(dim=2)
             _probabilities(walk, best, start, stop, target_p, smooth, fused)
             p.zero_().view(n, stop - start, k).scatter_(2, pick[:, :, None], best[:, :, None])
@@ -269,8 +281,9 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
         b.addmm_(p, ws)
         a = torch.mm(p.T, xa, out=a_buffer[: width * walk.dim].view(width, walk.dim))
         # eq. (24) with ws = rw w: pw (w . A) w = [pw > 0] (ws . A) ws, rounded once into dw_dtype
+        # (with raw_w: = [pw > 0] rw^2 (w . A) w, A = P diag(rw)^T Xa)
         if fused:
-            _CPU_OPS.project_chunk(a, ws, walk.rw[rows], projected[rows], dw[rows])
+            _CPU_OPS.project_chunk(a, ws, walk.rw[rows], projected[rows], dw[rows], raw_w)
             continue
         a.mul_(walk.rw[rows][:, None])
         coef = torch.linalg.vecdot(a, ws, dim=1).mul_(projected[rows])
