@@ -11,6 +11,9 @@ The scalings are folded into the GEMM operands rather than applied to the tiles:
     ws = rw * W_c            once per chunk (chunk x D), read by every GEMM of the chunk
     Z  = xs ws^T             = s cos, the tile (the target column patched in place)
 
+(On a CPU with the fused epilogue, float32/float64 rows and K = 1: no ws; the GEMMs read W_c and
+the epilogue applies rw per column, `_Walk.raw_w`.)
+
 Forward, per tile: the target column is read and set to -inf (O(N)), then a row max, one
 exp pass and a row sum give the online log-sum-exp of the non-target logits (eq. (10)); the
 margin phi is applied once per row after the loop, and the target's exp joins there, so the
