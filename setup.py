@@ -1,9 +1,12 @@
 """Build script: the Python package, plus the CUDA extension `arcface_kernels._C` (csrc/) when a
-CUDA toolchain and a CUDA build of torch are present.
+CUDA toolchain and a CUDA build of torch are present, and the CPU extension `arcface_kernels._cpu`
+(the `torch` backend's fused CPU epilogue, csrc/cpu_epilogue*.cpp) when a C++ compiler is, with
+or without CUDA.
 
 ARCFACE_KERNELS_BUILD_CUDA=0 skips the extension, =1 requires it (the build fails without a
 toolchain); unset, it is built when possible and skipped otherwise. Without it the package still
-works: the `cuda` backend then reports "extension not built". The extension is compiled against
+works: the `cuda` backend then reports "extension not built". ARCFACE_KERNELS_BUILD_CPU does the
+same for `_cpu`; without it the `torch` backend runs on torch ops alone. The extensions are compiled against
 the torch that is importable while this runs, so install torch first and build with
 `pip install --no-build-isolation` (an isolated build would compile against a throwaway torch).
 
@@ -11,7 +14,7 @@ pip hides the output of a successful build, so the outcome (built or skipped, an
 written into the package as arcface_kernels/_build_info.json: arcface_kernels.build_info.build_info()
 reads it.
 
-A build that compiles the extension requires the exact torch it was compiled against (the version
+A build that compiles an extension requires the exact torch it was compiled against (the version
 pip sees in torch's metadata, local tag included when it has one, e.g. "torch==2.14.1" or
 "torch==2.14.1+cu130"): the extension links against that torch's C++ ABI and loads with no other.
 A build without it (and the sdist, which compiles nothing) keeps the loose range.
@@ -157,6 +160,37 @@ def _cuda_extension():
     return None, {}, record
 
 
+CPU_SOURCES = ["csrc/cpu_epilogue.cpp", "csrc/cpu_epilogue_avx2.cpp"]
+
+
+def _cpu_extension(record):
+    """(extension or None, cmdclass): the CPU epilogue as its own module, arcface_kernels._cpu, so
+    that a CPU-only build leaves `_C` (and what reports it) as it was. Records "cpu_extension"
+    ("built" or "skipped") and "cpu_reason" in `record`."""
+    wanted = os.environ.get("ARCFACE_KERNELS_BUILD_CPU")
+    compiler = os.environ.get("CXX", "c++")
+    if wanted == "0":
+        reason = "ARCFACE_KERNELS_BUILD_CPU=0"
+    elif record["torch"] is None:
+        reason = "torch not importable at build time"
+    elif shutil.which(compiler) is None:
+        reason = f"no C++ compiler ({compiler} not found; set CXX)"
+    else:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+        record.update(cpu_extension="built", cpu_reason=f"compiled with {compiler}")
+        extension = CppExtension("arcface_kernels._cpu", CPU_SOURCES, extra_compile_args=["-O3"], py_limited_api=False)
+        import torch
+
+        temp = os.path.join(ROOT, "build", f"temp-cpu-{sys.implementation.cache_tag}-torch{torch.__version__}")
+        return extension, {"build_ext": _persistent_build_temp(BuildExtension, temp)}
+    if wanted == "1":
+        raise RuntimeError(f"ARCFACE_KERNELS_BUILD_CPU=1 but the CPU extension cannot be built: {reason}")
+    _log(f"skipping the CPU extension: {reason}")
+    record.update(cpu_extension="skipped", cpu_reason=reason)
+    return None, {}
+
+
 def _installed_torch_version(torch):
     """The version of the installed torch as pip sees it (its distribution metadata: "2.14.1" for
     PyPI's default CUDA build, whose torch.__version__ says "2.14.1+cu130"; "2.14.1+cu126" for a
@@ -172,7 +206,7 @@ def _installed_torch_version(torch):
 def torch_requirement(record):
     """The torch requirement of a build described by `record`: the exact torch a compiled extension
     was built against, else the loose range."""
-    if record["cuda_extension"] == "built":
+    if record["cuda_extension"] == "built" or record.get("cpu_extension") == "built":
         return f"torch=={record['torch_dist']}"
     return TORCH_RANGE
 
@@ -214,6 +248,8 @@ if __name__ == "__main__":  # setuptools runs this file as __main__; tests impor
         setup(install_requires=[TORCH_RANGE])
     else:
         extension, cmdclass, record = _cuda_extension()
-        _log(f"CUDA extension {record['cuda_extension']}: {record['reason']}; requires {torch_requirement(record)}")
-        setup(ext_modules=[extension] if extension else [], install_requires=[torch_requirement(record)],
-              cmdclass={**cmdclass, "build_py": _with_build_record(record)})
+        cpu_extension, cpu_cmdclass = _cpu_extension(record)
+        _log(f"CUDA extension {record['cuda_extension']}: {record['reason']}; CPU extension "
+             f"{record['cpu_extension']}: {record['cpu_reason']}; requires {torch_requirement(record)}")
+        setup(ext_modules=[e for e in (extension, cpu_extension) if e], install_requires=[torch_requirement(record)],
+              cmdclass={**cpu_cmdclass, **cmdclass, "build_py": _with_build_record(record)})

@@ -71,6 +71,8 @@ def test_torch_requirement_is_exact_only_for_a_compiled_build():
     built = {"cuda_extension": "built", "torch_dist": "2.14.1+cu130"}
     assert setup.torch_requirement(built) == "torch==2.14.1+cu130"
     assert setup.torch_requirement({"cuda_extension": "skipped", "torch_dist": "2.14.1"}) == "torch>=2.5"
+    cpu_only = {"cuda_extension": "skipped", "cpu_extension": "built", "torch_dist": "2.14.1"}
+    assert setup.torch_requirement(cpu_only) == "torch==2.14.1"
 
 
 def test_without_torch_the_build_says_so():
@@ -85,7 +87,7 @@ def test_without_torch_the_build_says_so():
 
 
 def test_pure_python_wheel_carries_the_build_record(tmp_path):
-    env = dict(os.environ, ARCFACE_KERNELS_BUILD_CUDA="0")
+    env = dict(os.environ, ARCFACE_KERNELS_BUILD_CUDA="0", ARCFACE_KERNELS_BUILD_CPU="0")
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w",
                             str(tmp_path), ROOT], env=env, capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
@@ -95,6 +97,7 @@ def test_pure_python_wheel_carries_the_build_record(tmp_path):
         assert not [n for n in archive.namelist() if n.endswith(".so")]
         metadata = archive.read("arcface_kernels-0.1.0.dist-info/METADATA").decode()
     assert record["cuda_extension"] == "skipped" and record["reason"] == "ARCFACE_KERNELS_BUILD_CUDA=0", record
+    assert record["cpu_extension"] == "skipped" and record["cpu_reason"] == "ARCFACE_KERNELS_BUILD_CPU=0", record
     # no compiled code: any torch in the range will do
     assert [line for line in metadata.splitlines() if line.startswith("Requires-Dist: torch")] == [
         "Requires-Dist: torch>=2.5"], metadata

@@ -11,6 +11,9 @@ The scalings are folded into the GEMM operands rather than applied to the tiles:
     ws = rw * W_c            once per chunk (chunk x D), read by every GEMM of the chunk
     Z  = xs ws^T             = s cos, the tile (the target column patched in place)
 
+(On a CPU with the fused epilogue, float32/float64 rows and K = 1: no ws; the GEMMs read W_c and
+the epilogue applies rw per column, `_Walk.raw_w`.)
+
 Forward, per tile: the target column is read and set to -inf (O(N)), then a row max, one
 exp pass and a row sum give the online log-sum-exp of the non-target logits (eq. (10)); the
 margin phi is applied once per row after the loop, and the target's exp joins there, so the
@@ -36,6 +39,27 @@ from ..margins import phi
 from .common import classes_per_chunk, projection_scale, tile_classes
 from .contract import Backend, PartialStats
 from .registry import register_backend
+
+
+def _find_cpu_ops():
+    """torch.ops.arcface_kernels_cpu when the extension that registers it (arcface_kernels._cpu,
+    csrc/cpu_epilogue.cpp) loads, else None: the package then runs on torch ops alone."""
+    try:
+        from .. import _cpu  # noqa: F401 - loading it registers the ops
+    except ImportError:
+        return None
+    ops = torch.ops.arcface_kernels_cpu
+    return ops if hasattr(ops, "forward_tile") else None
+
+
+_CPU_OPS = _find_cpu_ops()
+
+
+def fused_epilogue(device) -> bool:
+    """Does the chunk loop on `device` run the fused CPU epilogue (csrc/cpu_epilogue.cpp) instead
+    of torch ops? On a CPU, when the extension carries it (tests set _CPU_OPS = None to compare)."""
+    return _CPU_OPS is not None and device.type == "cpu"
+
 
 # forward: the rows whose best cosine a chunk improves get their argmax from a copy of those rows
 # while they are at most 1 / this of the rows (the first chunks: a pass over the whole tile)
@@ -88,7 +112,12 @@ class _Walk:
         self.step = chunk_classes(self.n, self.k, self.dim, cdt, x.device)
         width = min(self.step, max(self.n_classes, 1)) * self.k
         self.tile_buffer = torch.empty(self.n * width, dtype=cdt, device=x.device)
-        self.w_buffer = torch.empty(width * self.dim, dtype=cdt, device=x.device)
+        self.fused = fused_epilogue(x.device)
+        # the fused epilogue on rows already in the compute dtype, without sub-centres, reads W_c
+        # itself and applies rw per column in its sweeps: no ws copy (docs/backends/torch.md)
+        self.raw_w = self.fused and self.k == 1 and w.dtype == cdt and w.is_contiguous()
+        self.w_buffer = None if self.raw_w else torch.empty(width * self.dim, dtype=cdt, device=x.device)
+        self.width = width
         self.labels = labels
         self.rows = torch.arange(self.n, device=x.device)
 
@@ -97,9 +126,11 @@ class _Walk:
             yield start, min(start + self.step, self.n_classes)
 
     def scaled_rows(self, start, stop):
-        """ws = rw * W_c in the compute dtype, in the reused buffer."""
+        """ws = rw * W_c in the compute dtype, in the reused buffer; W_c itself with raw_w."""
         rows = slice(start * self.k, stop * self.k)
         w_rows = self.w[rows]
+        if self.raw_w:
+            return w_rows, w_rows, rows
         out = self.w_buffer[: w_rows.numel()].view(w_rows.shape)
         return torch.mul(w_rows, self.rw[rows][:, None], out=out), w_rows, rows
 
@@ -116,11 +147,36 @@ class _Walk:
 
 def forward(x, w, labels, options, norms):
     walk = _Walk(x, w, labels, options, norms)
-    cdt, n, k, s = walk.cdt, walk.n, walk.k, walk.s
-    device = x.device
-
-    neg_inf = torch.tensor(-float("inf"), dtype=cdt, device=device)
     smoothing = options.label_smoothing != 0
+    chunks = _fused_forward_chunks if walk.fused else _torch_forward_chunks
+    nt_max, nt_sum, best_z, best_class, target_z, nt_logit_sum = chunks(walk, labels, smoothing)
+    return _finish_forward(walk, labels, options, nt_max, nt_sum, best_z, best_class, target_z, nt_logit_sum)
+
+
+def _fused_forward_chunks(walk, labels, smoothing):
+    """The chunk loop with the CPU epilogue: the GEMM, then one op folds the tile into the row
+    statistics (csrc/cpu_epilogue.cpp, forward_tile: the same rules as _torch_forward_chunks)."""
+    n, k = walk.n, walk.k
+    nt_max = torch.full((n,), -float("inf"), dtype=walk.cdt)
+    nt_sum, target_z, nt_logit_sum = (torch.zeros(n, dtype=walk.cdt) for _ in range(3))
+    best_z = nt_max.clone()
+    best_class = torch.zeros(n, dtype=torch.int64)
+    for start, stop in walk.chunks():
+        ws, _, rows = walk.scaled_rows(start, stop)
+        z = torch.mm(walk.xs, ws.T, out=walk.tile(ws.shape[0]))  # with raw_w: xs . w_j, scaled by the op
+        if k > 1:
+            z = z.view(n, stop - start, k).amax(dim=2)  # eq. (8), as in _torch_forward_chunks
+        _CPU_OPS.forward_tile(z, labels, start, nt_max, nt_sum, best_z, best_class, target_z, nt_logit_sum,
+                              smoothing, walk.rw[rows] if walk.raw_w else None)
+    return nt_max, nt_sum, best_z, best_class, target_z, nt_logit_sum
+
+
+def _torch_forward_chunks(walk, labels, smoothing):
+    """The chunk loop in torch ops: (non-target max, sum of exp shifted by it, best logit, its
+    class, target logit, non-target logit sum or None without smoothing), per row."""
+    cdt, n, k = walk.cdt, walk.n, walk.k
+    device = walk.xs.device
+    neg_inf = torch.tensor(-float("inf"), dtype=cdt, device=device)
     first = True
     for start, stop in walk.chunks():
         ws, _, _ = walk.scaled_rows(start, stop)
@@ -173,8 +229,14 @@ def forward(x, w, labels, options, norms):
         nt_max = torch.full_like(nt_sum, -float("inf"))
         target_z, best_z, nt_logit_sum = torch.zeros_like(nt_sum), nt_max.clone(), torch.zeros_like(nt_sum)
         best_class = torch.zeros(n, dtype=torch.int64, device=device)
+    return nt_max, nt_sum, best_z, best_class, target_z, (nt_logit_sum if smoothing else None)
+
+
+def _finish_forward(walk, labels, options, nt_max, nt_sum, best_z, best_class, target_z, nt_logit_sum):
+    """The margin on the target and the final statistics, once per row (eq. (10))."""
+    s, smoothing = walk.s, options.label_smoothing != 0
     if not smoothing:
-        nt_logit_sum = torch.zeros_like(nt_sum)
+        nt_logit_sum = torch.zeros_like(nt_sum)  # PartialStats.logit_sum is read only with smoothing
     has_target = labels >= 0
     target_cos = torch.where(has_target, target_z / s, 0.0)
     target_logit = torch.where(has_target, s * phi(target_cos, options.m1, options.m2, options.m3,
@@ -195,37 +257,38 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
     smooth = options.label_smoothing / num_classes
     row_factor = (s * g) * norms.rx  # a = s g rx: G = diag(a) P diag(rw)
     xa = torch.mul(x, row_factor[:, None].to(cdt))
-    bias = (-lse.to(cdt))[:, None]
+    lse = lse.to(cdt).contiguous()
+    bias = -lse[:, None]
     # the target entry of P: G_iy = target_dcos rx rw_y, i.e. P_iy = target_dcos / (s g)
     target_p = torch.where(g != 0, target_dcos.to(cdt) / torch.where(g != 0, s * g, 1.0), 0.0)
     projected = (projection_scale(norms.rw) > 0).to(cdt)  # 0 on rows clamped at eps (common.projection_scale)
     b = torch.zeros(n, walk.dim, dtype=cdt, device=x.device)
     dw = torch.empty(w.shape, dtype=dw_dtype, device=w.device)
-    a_buffer = torch.empty_like(walk.w_buffer)
+    a_buffer = torch.empty(walk.width * walk.dim, dtype=cdt, device=x.device)
+    fused, raw_w = walk.fused, walk.raw_w
     for start, stop in walk.chunks():
         ws, w_rows, rows = walk.scaled_rows(start, stop)
         width = ws.shape[0]
-        p = torch.addmm(bias, walk.xs, ws.T, out=walk.tile(width))  # Z - lse
-        inside, flat, _ = walk.targets(start, stop)
-        if k == 1:
-            p.exp_()  # eq. (15)
-            if smooth:
-                p.sub_(smooth)
-            flat_p = p.view(-1)
-            flat_p[flat] = torch.where(inside, target_p, flat_p[flat])
+        if raw_w:  # p = xs . w_j; the op makes it P diag(rw), so that the GEMMs below read W_c itself
+            p = torch.mm(walk.xs, ws.T, out=walk.tile(width))
+            _CPU_OPS.backward_tile(p, labels, start, target_p, smooth, walk.rw[rows], lse)
+        elif k == 1:
+            p = torch.addmm(bias, walk.xs, ws.T, out=walk.tile(width))  # Z - lse
+            _probabilities(walk, p, start, stop, target_p, smooth, fused)
         else:  # route each class's gradient to its winning sub-centre (eq. (18))
+            p = torch.addmm(bias, walk.xs, ws.T, out=walk.tile(width))
             best, pick = p.view(n, stop - start, k).max(dim=2)
-            best.exp_()
-            if smooth:
-                best.sub_(smooth)
-            flat_best = best.view(-1)
-            flat_best[flat] = torch.where(inside, target_p, flat_best[flat])
+            _probabilities(walk, best, start, stop, target_p, smooth, fused)
             p.zero_().view(n, stop - start, k).scatter_(2, pick[:, :, None], best[:, :, None])
-            del best, pick, flat_best  # freed before the next chunk's
+            del best, pick  # freed before the next chunk's
         b.addmm_(p, ws)
         a = torch.mm(p.T, xa, out=a_buffer[: width * walk.dim].view(width, walk.dim))
-        a.mul_(walk.rw[rows][:, None])
         # eq. (24) with ws = rw w: pw (w . A) w = [pw > 0] (ws . A) ws, rounded once into dw_dtype
+        # (with raw_w: = [pw > 0] rw^2 (w . A) w, A = P diag(rw)^T Xa)
+        if fused:
+            _CPU_OPS.project_chunk(a, ws, walk.rw[rows], projected[rows], dw[rows], raw_w)
+            continue
+        a.mul_(walk.rw[rows][:, None])
         coef = torch.linalg.vecdot(a, ws, dim=1).mul_(projected[rows])
         torch.sub(a, ws.mul_(coef[:, None]), out=dw[rows])  # ws is spent: the next chunk rewrites it
     del walk, xa, a_buffer
@@ -233,6 +296,20 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
     dx = torch.empty_like(b)
     _project(b, x, projection_scale(norms.rx), dx)  # eq. (23)
     return dx, dw
+
+
+def _probabilities(walk, p, start, stop, target_p, smooth, fused):
+    """p (N x classes, holding Z - lse) becomes P = exp(p) - eps / C (eq. (15)) with each row's
+    target entry set to target_p, in place."""
+    if fused:
+        _CPU_OPS.backward_tile(p, walk.labels, start, target_p, smooth)
+        return
+    p.exp_()
+    if smooth:
+        p.sub_(smooth)
+    inside, flat, _ = walk.targets(start, stop)
+    flat_p = p.view(-1)
+    flat_p[flat] = torch.where(inside, target_p, flat_p[flat])
 
 
 def _project(grad, v, v_proj, out):

@@ -1,0 +1,160 @@
+// The `torch` backend's fused CPU epilogue (docs/backends/torch.md, "Fused CPU epilogue"): the
+// per-row work on a class chunk's (N x chunk) tile of logits Z = s cos in one sweep per row, where
+// the pure-torch loop of backends/chunked.py runs several full-tile ops. Same math and rules as
+// that loop (docs/design.md sections 4-5): the lowest class wins ties, an all -inf row adds 0 to
+// its sum, NaN propagates. Rows are split across threads (at::parallel_for); each row is reduced
+// by one thread in a fixed order, so results do not depend on the thread count.
+//
+// The row kernels (cpu_epilogue_rows.h) exist twice: the baseline copy compiled here, and the AVX2
+// + FMA copy of cpu_epilogue_avx2.cpp, taken when torch's own CPU capability (at::get_cpu_capability,
+// which ATEN_CPU_CAPABILITY overrides) is AVX2 or AVX512.
+//
+// The extension module arcface_kernels._cpu (setup.py builds it with or without CUDA): importing it
+// registers torch.ops.arcface_kernels_cpu.{forward_tile, backward_tile, project_chunk, vector_isa};
+// backends/chunked.py uses torch ops without it.
+#include <Python.h>
+
+#define ARCFACE_CPU_ISA baseline
+#include "cpu_epilogue_rows.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <string>
+
+namespace arcface_kernels {
+namespace {
+
+bool use_avx2() {
+  if (!cpu_rows::avx2::vectorized_for_avx2()) return false;
+  const std::string capability = at::get_cpu_capability();
+  return capability == "AVX2" || capability == "AVX512";
+}
+
+int64_t grain(int64_t width) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(width, 1)); }
+
+void check_tile(const at::Tensor& tile, const at::Tensor& labels) {
+  TORCH_CHECK(tile.device().is_cpu() && tile.dim() == 2 && tile.is_contiguous(), "tile: a contiguous 2-d CPU tensor");
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous() && labels.dim() == 1 &&
+                  labels.size(0) == tile.size(0),
+              "labels: contiguous int64, one per tile row");
+}
+
+void check_vector(const at::Tensor& v, int64_t rows, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(v.scalar_type() == dtype && v.is_contiguous() && v.dim() == 1 && v.size(0) == rows, name,
+              ": a contiguous vector, one entry per row, of dtype ", dtype);
+}
+
+const void* optional_vector(const std::optional<at::Tensor>& v, int64_t rows, at::ScalarType dtype, const char* name) {
+  if (!v.has_value()) return nullptr;
+  check_vector(*v, rows, dtype, name);
+  return v->data_ptr();
+}
+
+}  // namespace
+
+// Folds one chunk's tile z (N x chunk: the logits s cos of classes [first_class, first_class +
+// chunk), or with col_scale = rw_c the products xs . w_j; overwritten) into the running row
+// statistics (cpu_rows::forward_rows).
+void forward_tile(at::Tensor& z, const at::Tensor& labels, int64_t first_class, at::Tensor& nt_max,
+                  at::Tensor& nt_sum, at::Tensor& best_z, at::Tensor& best_class, at::Tensor& target_z,
+                  at::Tensor& logit_sum, bool smoothing, const std::optional<at::Tensor>& col_scale) {
+  check_tile(z, labels);
+  const int64_t n = z.size(0);
+  for (const at::Tensor* v : {&nt_max, &nt_sum, &best_z, &target_z, &logit_sum}) {
+    check_vector(*v, n, z.scalar_type(), "forward_tile's row statistics");
+  }
+  check_vector(best_class, n, at::kLong, "best_class");
+  const cpu_rows::ForwardRows args{z.data_ptr(),
+                                   optional_vector(col_scale, z.size(1), z.scalar_type(), "col_scale"),
+                                   labels.data_ptr<int64_t>(), first_class,  z.size(1),
+                                   nt_max.data_ptr(),    nt_sum.data_ptr(),          best_z.data_ptr(),
+                                   target_z.data_ptr(),  logit_sum.data_ptr(),       best_class.data_ptr<int64_t>(),
+                                   smoothing};
+  const bool avx2 = use_avx2();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "forward_tile", [&] {
+    at::parallel_for(0, n, grain(args.width), [&](int64_t begin, int64_t end) {
+      avx2 ? cpu_rows::avx2::forward_rows<scalar_t>(args, begin, end)
+           : cpu_rows::baseline::forward_rows<scalar_t>(args, begin, end);
+    });
+  });
+}
+
+// p (N x chunk, holding Z - lse) becomes P = exp(p) - smooth with the target entries set to
+// target_p, in place; or, given col_scale = rw_c and lse, p holds xs . w_j and becomes P diag(rw_c)
+// (cpu_rows::backward_rows).
+void backward_tile(at::Tensor& p, const at::Tensor& labels, int64_t first_class, const at::Tensor& target_p,
+                   double smooth, const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& lse) {
+  check_tile(p, labels);
+  check_vector(target_p, p.size(0), p.scalar_type(), "target_p");
+  TORCH_CHECK(col_scale.has_value() == lse.has_value(), "backward_tile: col_scale and lse go together");
+  const cpu_rows::BackwardRows args{p.data_ptr(),
+                                    labels.data_ptr<int64_t>(),
+                                    first_class,
+                                    p.size(1),
+                                    target_p.data_ptr(),
+                                    smooth,
+                                    optional_vector(col_scale, p.size(1), p.scalar_type(), "col_scale"),
+                                    optional_vector(lse, p.size(0), p.scalar_type(), "lse")};
+  const bool avx2 = use_avx2();
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "backward_tile", [&] {
+    at::parallel_for(0, p.size(0), grain(args.width), [&](int64_t begin, int64_t end) {
+      avx2 ? cpu_rows::avx2::backward_rows<scalar_t>(args, begin, end)
+           : cpu_rows::baseline::backward_rows<scalar_t>(args, begin, end);
+    });
+  });
+}
+
+// dW's rows `out` of one chunk from a = P^T Xa (scratch), ws = rw w, rw and the projection flags;
+// with raw_w, from a = A_c and the raw rows w (cpu_rows::project_rows).
+void project_chunk(at::Tensor& a, const at::Tensor& ws, const at::Tensor& rw, const at::Tensor& projected,
+                   at::Tensor& out, bool raw_w) {
+  TORCH_CHECK(a.device().is_cpu() && a.dim() == 2 && a.is_contiguous() && ws.is_contiguous() &&
+                  ws.sizes() == a.sizes() && ws.scalar_type() == a.scalar_type(),
+              "a, ws: contiguous CPU matrices of one shape and dtype");
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == a.sizes(), "out: contiguous, of a's shape");
+  check_vector(rw, a.size(0), a.scalar_type(), "rw");
+  check_vector(projected, a.size(0), a.scalar_type(), "projected");
+  const cpu_rows::ProjectRows args{a.data_ptr(),   ws.data_ptr(), rw.data_ptr(), projected.data_ptr(),
+                                   out.data_ptr(), a.size(1),     raw_w};
+  const bool avx2 = use_avx2();
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "project_chunk", [&] {
+    using T = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "project_chunk_out", [&] {
+      at::parallel_for(0, a.size(0), grain(args.dim), [&](int64_t begin, int64_t end) {
+        avx2 ? cpu_rows::avx2::project_rows<T, scalar_t>(args, begin, end)
+             : cpu_rows::baseline::project_rows<T, scalar_t>(args, begin, end);
+      });
+    });
+  });
+}
+
+// Which copy of the row kernels runs here: "avx2" or "baseline".
+std::string vector_isa() { return use_avx2() ? "avx2" : "baseline"; }
+
+TORCH_LIBRARY(arcface_kernels_cpu, m) {
+  m.def("forward_tile(Tensor(a!) z, Tensor labels, int first_class, Tensor(b!) nt_max, Tensor(c!) nt_sum, "
+        "Tensor(d!) best_z, Tensor(e!) best_class, Tensor(f!) target_z, Tensor(g!) logit_sum, bool smoothing, "
+        "Tensor? col_scale=None) -> ()");
+  m.def("backward_tile(Tensor(a!) p, Tensor labels, int first_class, Tensor target_p, float smooth, "
+        "Tensor? col_scale=None, Tensor? lse=None) -> ()");
+  m.def("project_chunk(Tensor(a!) a, Tensor ws, Tensor rw, Tensor projected, Tensor(b!) out, bool raw_w=False) -> ()");
+  m.def("vector_isa() -> str", &vector_isa);
+}
+
+TORCH_LIBRARY_IMPL(arcface_kernels_cpu, CPU, m) {
+  m.impl("forward_tile", &forward_tile);
+  m.impl("backward_tile", &backward_tile);
+  m.impl("project_chunk", &project_chunk);
+}
+
+}  // namespace arcface_kernels
+
+static struct PyModuleDef cpu_module_def = {PyModuleDef_HEAD_INIT, "_cpu", "arcface_kernels CPU ops", -1, nullptr};
+
+PyMODINIT_FUNC PyInit__cpu(void) { return PyModule_Create(&cpu_module_def); }

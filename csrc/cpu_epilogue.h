@@ -1,0 +1,61 @@
+// The row kernels of the fused CPU epilogue (cpu_epilogue.cpp): plain pointers and a row range,
+// compiled once per instruction set (cpu_epilogue_rows.h, included by cpu_epilogue.cpp for the
+// baseline and by cpu_epilogue_avx2.cpp for AVX2 + FMA); cpu_epilogue.cpp picks one at run time.
+#pragma once
+
+#include <cstdint>
+
+namespace arcface_kernels::cpu_rows {
+
+// One chunk's tile of logits (N x width, row-major, the compute dtype) and the running row
+// statistics that forward_rows folds it into (docs/design.md eq. (10)).
+struct ForwardRows {
+  void* tile;
+  const void* col_scale;  // nullptr, or per column: the tile holds xs . w_j, to be scaled by rw_j first
+  const int64_t* labels;
+  int64_t first_class, width;
+  void *nt_max, *nt_sum, *best_z, *target_z, *logit_sum;
+  int64_t* best_class;
+  bool smoothing;
+};
+
+// A tile holding Z - lse, made P = exp(.) - smooth with each row's target entry set to target_p.
+// With col_scale, the tile holds xs . w_j instead of Z - lse: P = exp(rw_j xs . w_j - lse_i) - smooth,
+// and the tile gets P diag(rw) (target entry target_p * rw_t).
+struct BackwardRows {
+  void* tile;
+  const int64_t* labels;
+  int64_t first_class, width;
+  const void* target_p;
+  double smooth;
+  const void* col_scale;
+  const void* lse;
+};
+
+// A chunk's class rows: a (rows x dim, scratch), ws, the inverse norms and projection flags, and
+// dW's rows `out` in dW's dtype. raw_w: `ws` holds the raw rows w and a is already A_c.
+struct ProjectRows {
+  void* a;
+  const void* ws;
+  const void* rw;
+  const void* projected;
+  void* out;
+  int64_t dim;
+  bool raw_w;
+};
+
+#define ARCFACE_DECLARE_CPU_ROWS(ISA)                                       \
+  namespace ISA {                                                           \
+  template <typename T>                                                     \
+  void forward_rows(const ForwardRows& args, int64_t begin, int64_t end);   \
+  template <typename T>                                                     \
+  void backward_rows(const BackwardRows& args, int64_t begin, int64_t end); \
+  template <typename T, typename O>                                         \
+  void project_rows(const ProjectRows& args, int64_t begin, int64_t end);   \
+  bool vectorized_for_avx2();                                               \
+  }
+
+ARCFACE_DECLARE_CPU_ROWS(baseline)
+ARCFACE_DECLARE_CPU_ROWS(avx2)
+
+}  // namespace arcface_kernels::cpu_rows

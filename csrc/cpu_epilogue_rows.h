@@ -1,0 +1,240 @@
+// The row kernels of the fused CPU epilogue (cpu_epilogue.h), in the namespace ARCFACE_CPU_ISA,
+// with at::vec::Vectorized of whatever instruction set the including file selected. Included once
+// per instruction set: see cpu_epilogue.cpp and cpu_epilogue_avx2.cpp.
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "cpu_epilogue.h"
+
+#ifndef ARCFACE_CPU_ISA
+#error "define ARCFACE_CPU_ISA (the namespace of this copy) before including cpu_epilogue_rows.h"
+#endif
+
+namespace arcface_kernels::cpu_rows::ARCFACE_CPU_ISA {
+namespace {
+
+template <typename T>
+T max_nan(T a, T b) {  // torch.maximum: NaN wins
+  if (std::isnan(a)) return a;
+  if (std::isnan(b)) return b;
+  return a > b ? a : b;
+}
+
+// Horizontal reduction of a vector's lanes in lane order (fixed: deterministic).
+template <typename T, typename Op>
+T reduce_lanes(const at::vec::Vectorized<T>& v, T init, Op op) {
+  alignas(64) T lanes[at::vec::Vectorized<T>::size()];
+  v.store(lanes);
+  for (int64_t i = 0; i < at::vec::Vectorized<T>::size(); ++i) init = op(init, lanes[i]);
+  return init;
+}
+
+template <typename T>
+T row_max(const T* row, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  const int64_t step = Vec::size();
+  int64_t j = 0;
+  T best = -std::numeric_limits<T>::infinity();
+  if (n >= step) {
+    Vec acc = Vec::loadu(row);
+    for (j = step; j + step <= n; j += step) acc = at::vec::maximum(acc, Vec::loadu(row + j));
+    best = reduce_lanes(acc, best, max_nan<T>);
+  }
+  for (; j < n; ++j) best = max_nan(best, row[j]);
+  return best;
+}
+
+// The first index holding `value` (the first NaN when it is NaN): torch.argmax's choice.
+template <typename T>
+int64_t first_index(const T* row, int64_t n, T value) {
+  const bool nan = std::isnan(value);
+  for (int64_t j = 0; j < n; ++j) {
+    if (nan ? std::isnan(row[j]) : row[j] == value) return j;
+  }
+  return 0;
+}
+
+template <typename T>
+T row_sum(const T* row, int64_t begin, int64_t end) {
+  using Vec = at::vec::Vectorized<T>;
+  const int64_t step = Vec::size();
+  Vec acc(T(0));
+  int64_t j = begin;
+  for (; j + step <= end; j += step) acc = acc + Vec::loadu(row + j);
+  T total = reduce_lanes(acc, T(0), [](T a, T b) { return a + b; });
+  for (; j < end; ++j) total += row[j];
+  return total;
+}
+
+// sum_j exp(row_j - shift), with torch's vectorized exp (Sleef) on every entry, the tail included.
+template <typename T>
+T row_sum_exp(const T* row, int64_t n, T shift) {
+  using Vec = at::vec::Vectorized<T>;
+  const int64_t step = Vec::size();
+  const Vec s(shift);
+  Vec acc(T(0));
+  int64_t j = 0;
+  for (; j + step <= n; j += step) acc = acc + (Vec::loadu(row + j) - s).exp();
+  T total = reduce_lanes(acc, T(0), [](T a, T b) { return a + b; });
+  if (j < n) {
+    alignas(64) T tail[Vec::size()];
+    (Vec::loadu(row + j, n - j) - s).exp().store(tail);
+    for (int64_t i = 0; i < n - j; ++i) total += tail[i];
+  }
+  return total;
+}
+
+// row_j *= scale_j, in place.
+template <typename T>
+void scale_columns(T* row, const T* scale, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  const int64_t step = Vec::size();
+  int64_t j = 0;
+  for (; j + step <= n; j += step) (Vec::loadu(row + j) * Vec::loadu(scale + j)).store(row + j);
+  for (; j < n; ++j) row[j] *= scale[j];
+}
+
+// row_j = (exp(row_j scale_j - shift) - smooth) scale_j, in place.
+template <typename T>
+void scaled_exp_minus(T* row, const T* scale, int64_t n, T shift, T smooth) {
+  using Vec = at::vec::Vectorized<T>;
+  const int64_t step = Vec::size();
+  const Vec e(smooth), s(shift);
+  int64_t j = 0;
+  for (; j + step <= n; j += step) {
+    const Vec c = Vec::loadu(scale + j);
+    (((Vec::loadu(row + j) * c - s).exp() - e) * c).store(row + j);
+  }
+  if (j < n) {
+    const Vec c = Vec::loadu(scale + j, n - j);
+    (((Vec::loadu(row + j, n - j) * c - s).exp() - e) * c).store(row + j, n - j);
+  }
+}
+
+// row_j = exp(row_j) - smooth, in place.
+template <typename T>
+void exp_minus(T* row, int64_t n, T smooth) {
+  using Vec = at::vec::Vectorized<T>;
+  const int64_t step = Vec::size();
+  const Vec e(smooth);
+  int64_t j = 0;
+  for (; j + step <= n; j += step) (Vec::loadu(row + j).exp() - e).store(row + j);
+  if (j < n) (Vec::loadu(row + j, n - j).exp() - e).store(row + j, n - j);
+}
+
+}  // namespace
+
+// The forward loop body of chunked.py, per row: the target entry read and set to -inf (the tile
+// is scratch), the non-target max, the top-1 of the plain logits (the lowest class on ties; the
+// argmax searched only when the chunk improves the row's best; NaN counts as the largest, as in
+// torch.argmax), the online log-sum-exp update shifted by max(running max, chunk max) (an all -inf
+// row adds 0) and the smoothing logit sum.
+template <typename T>
+void forward_rows(const ForwardRows& args, int64_t begin, int64_t end) {
+  const int64_t width = args.width;
+  T *mx = static_cast<T*>(args.nt_max), *sum = static_cast<T*>(args.nt_sum), *bz = static_cast<T*>(args.best_z);
+  T *tz = static_cast<T*>(args.target_z), *ls = static_cast<T*>(args.logit_sum);
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  for (int64_t i = begin; i < end; ++i) {
+    T* row = static_cast<T*>(args.tile) + i * width;
+    if (args.col_scale) scale_columns(row, static_cast<const T*>(args.col_scale), width);  // Z = s cos
+    const int64_t t = args.labels[i] - args.first_class;
+    const bool inside = t >= 0 && t < width;
+    const T zy = inside ? row[t] : T(0);
+    if (inside) row[t] = neg_inf;  // the target's term is kept apart
+    const T chunk_max = row_max(row, width);
+    const T plain = inside ? max_nan(chunk_max, zy) : chunk_max;
+    if (plain > bz[i] || (std::isnan(plain) && !std::isnan(bz[i]))) {
+      const int64_t arg = first_index(row, width, chunk_max);
+      const bool target_wins = inside && (zy > chunk_max || (zy == chunk_max && t < arg));
+      args.best_class[i] = (target_wins ? t : arg) + args.first_class;
+      bz[i] = plain;
+    }
+    const T new_max = max_nan(mx[i], chunk_max);
+    const T shift = new_max == neg_inf ? T(0) : new_max;
+    sum[i] = sum[i] * std::exp(mx[i] - shift) + row_sum_exp(row, width, shift);
+    mx[i] = new_max;
+    if (inside) tz[i] = zy;
+    if (args.smoothing) ls[i] += inside ? row_sum(row, 0, t) + row_sum(row, t + 1, width) : row_sum(row, 0, width);
+  }
+}
+
+// The backward loop body of chunked.py: P = exp(Z - lse) - eps / C (eq. (15)), the target entry patched.
+template <typename T>
+void backward_rows(const BackwardRows& args, int64_t begin, int64_t end) {
+  const T eps = static_cast<T>(args.smooth);
+  const T* target_p = static_cast<const T*>(args.target_p);
+  const T* scale = static_cast<const T*>(args.col_scale);
+  for (int64_t i = begin; i < end; ++i) {
+    T* row = static_cast<T*>(args.tile) + i * args.width;
+    if (scale) {
+      scaled_exp_minus(row, scale, args.width, static_cast<const T*>(args.lse)[i], eps);
+    } else {
+      exp_minus(row, args.width, eps);
+    }
+    const int64_t t = args.labels[i] - args.first_class;
+    if (t >= 0 && t < args.width) row[t] = scale ? target_p[i] * scale[t] : target_p[i];
+  }
+}
+
+// dW of a chunk's class rows (eq. (24) with ws = rw w): a_j <- rw_j a_j (in place), out_j = a_j -
+// projected_j (ws_j . a_j) ws_j, rounded once from T into O. With raw_w (ws = w, a = A_c already):
+// out_j = a_j - projected_j rw_j^2 (w_j . a_j) w_j, the same quantity.
+template <typename T, typename O>
+void project_rows(const ProjectRows& args, int64_t begin, int64_t end) {
+  using Vec = at::vec::Vectorized<T>;
+  const int64_t step = Vec::size(), dim = args.dim;
+  const T *r = static_cast<const T*>(args.rw), *proj = static_cast<const T*>(args.projected);
+  for (int64_t i = begin; i < end; ++i) {
+    T* ai = static_cast<T*>(args.a) + i * dim;
+    const T* wi = static_cast<const T*>(args.ws) + i * dim;
+    const Vec ri(args.raw_w ? T(1) : r[i]);
+    Vec acc(T(0));
+    int64_t j = 0;
+    for (; j + step <= dim; j += step) {
+      const Vec v = Vec::loadu(ai + j) * ri;
+      v.store(ai + j);
+      acc = acc + v * Vec::loadu(wi + j);
+    }
+    T dot = reduce_lanes(acc, T(0), [](T x, T y) { return x + y; });
+    for (; j < dim; ++j) {
+      if (!args.raw_w) ai[j] *= r[i];
+      dot += ai[j] * wi[j];
+    }
+    const T coef = args.raw_w ? dot * (r[i] * r[i] * proj[i]) : dot * proj[i];
+    const Vec c(coef);
+    for (j = 0; j + step <= dim; j += step) (Vec::loadu(ai + j) - Vec::loadu(wi + j) * c).store(ai + j);
+    for (; j < dim; ++j) ai[j] -= wi[j] * coef;
+    at::vec::convert(ai, static_cast<O*>(args.out) + i * dim, dim);
+  }
+}
+
+#define ARCFACE_INSTANTIATE_PROJECT(T)                                                     \
+  template void project_rows<T, float>(const ProjectRows&, int64_t, int64_t);          \
+  template void project_rows<T, double>(const ProjectRows&, int64_t, int64_t);         \
+  template void project_rows<T, c10::Half>(const ProjectRows&, int64_t, int64_t);      \
+  template void project_rows<T, c10::BFloat16>(const ProjectRows&, int64_t, int64_t);
+
+bool vectorized_for_avx2() {
+#ifdef CPU_CAPABILITY_AVX2
+  return true;
+#else
+  return false;
+#endif
+}
+
+template void forward_rows<float>(const ForwardRows&, int64_t, int64_t);
+template void forward_rows<double>(const ForwardRows&, int64_t, int64_t);
+template void backward_rows<float>(const BackwardRows&, int64_t, int64_t);
+template void backward_rows<double>(const BackwardRows&, int64_t, int64_t);
+ARCFACE_INSTANTIATE_PROJECT(float)
+ARCFACE_INSTANTIATE_PROJECT(double)
+#undef ARCFACE_INSTANTIATE_PROJECT
+
+}  // namespace arcface_kernels::cpu_rows::ARCFACE_CPU_ISA
