@@ -11,6 +11,18 @@ from .build_info import extension_status
 from .selfcheck import check
 
 
+def _cpu_epilogue_message():
+    """Whether the `torch` backend's CPU chunk loop runs the fused C++ epilogue (arcface_kernels._cpu)."""
+    from .backends import chunked
+    from .build_info import build_info
+
+    if chunked._CPU_OPS is not None:
+        return f"CPU epilogue extension loaded ({chunked._CPU_OPS.vector_isa()} row kernels)"
+    info = build_info()
+    reason = info.get("cpu_reason", "no build record") if info.get("cpu_extension") != "built" else "built, cannot load"
+    return f"CPU epilogue extension not in use ({reason}): the CPU path runs on torch ops"
+
+
 def _versions(extension_message):
     lines = [f"python {platform.python_version()}", f"torch {torch.__version__} (CUDA {torch.version.cuda})"]
     try:
@@ -20,6 +32,7 @@ def _versions(extension_message):
     except ImportError:
         lines.append("triton not installed")
     lines.append(extension_message)
+    lines.append(_cpu_epilogue_message())
     return lines
 
 
