@@ -40,7 +40,16 @@ from .backends import PartialStats, resolve_backend
 from .entry import prepare_loss_inputs
 from .options import MARGIN_NAMES, LossOptions, make_options
 from .partial_fc import ClassSampler, class_rows
-from .validation import boolean, check_tensors, fraction, integer, invalid_labels, label_error, positive_int
+from .validation import (
+    boolean,
+    check_tensors,
+    fraction,
+    integer,
+    invalid_labels,
+    label_error,
+    positive_int,
+    refuse_margin_gradient,
+)
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 
@@ -198,6 +207,7 @@ def sharded_loss_from_options(embeddings, weight_shard, labels, options: LossOpt
     """sharded_margin_softmax_loss with its settings in a LossOptions; the embeddings' gradient
     is multiplied by embedding_grad_scale (ShardedMarginLoss's DDP correction)."""
     return_stats = boolean("return_stats", return_stats)
+    refuse_margin_gradient(options, "the sharded loss")
     inputs = prepare_loss_inputs(embeddings, weight_shard, labels, options)
     dtype, labels, options = inputs.operand_dtype, inputs.labels, inputs.options
     ignore_index, reduction = options.ignore_index, options.reduction
