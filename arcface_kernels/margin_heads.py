@@ -5,7 +5,7 @@ goes through CombinedMarginLoss.forward, the one entry pipeline, as margin overr
 here touches N x C. Settings are named as the authors name them; weight is
 (num_classes * sub_centers, embedding_size) and the heads take raw (unnormalized) embeddings.
 Where the authors' code differs from the op's rules, the class docstring says so (README,
-"Adaptive-margin heads"; docs/design.md section 3).
+"Adaptive-margin heads"; docs/design.md section 3, "The adaptive-margin heads").
 """
 
 import torch
