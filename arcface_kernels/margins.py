@@ -23,8 +23,9 @@ FALLBACKS = ("threshold", "clip")
 CLIP_EPS = 1e-3
 
 
-def _clip_bounds(clip):
-    return clip, math.pi - clip
+def _within_clip(angle, clip):
+    """Where eq. (3a) leaves the angle as it is (its slopes are those of eq. (2) there, 0 elsewhere)."""
+    return (angle >= clip) & (angle <= math.pi - clip)
 
 
 def phi(cos, m1, m2, m3, easy_margin=False, clip=None):
@@ -33,16 +34,16 @@ def phi(cos, m1, m2, m3, easy_margin=False, clip=None):
     c = cos.clamp(-1.0, 1.0)
     angle = m1 * torch.acos(c) + m2
     if clip is not None:
-        value = torch.cos(angle.clamp(*_clip_bounds(clip))) - m3
-        return torch.where(c > 0, value, c) if easy_margin else value
-    # k = floor(angle / pi) >= 1 only past pi: SphereFace's monotone extension.
-    k = torch.floor(angle / math.pi).clamp_min(0.0)
-    sign = 1.0 - 2.0 * torch.remainder(k, 2.0)
-    sphere_rule = sign * torch.cos(angle) - 2.0 * k - m3
-    # m1 == 1: past pi use c - m3 - m2 * sin(m2) (insightface / pytorch-metric-learning).
-    arc_fallback = c - m3 - m2 * torch.sin(torch.as_tensor(m2, dtype=c.dtype, device=c.device))
-    unit_m1 = torch.as_tensor(m1 == 1.0, device=c.device)
-    value = torch.where(unit_m1 & (k >= 1.0), arc_fallback, sphere_rule)
+        value = torch.cos(angle.clamp(clip, math.pi - clip)) - m3
+    else:
+        # k = floor(angle / pi) >= 1 only past pi: SphereFace's monotone extension.
+        k = torch.floor(angle / math.pi).clamp_min(0.0)
+        sign = 1.0 - 2.0 * torch.remainder(k, 2.0)
+        sphere_rule = sign * torch.cos(angle) - 2.0 * k - m3
+        # m1 == 1: past pi use c - m3 - m2 * sin(m2) (insightface / pytorch-metric-learning).
+        arc_fallback = c - m3 - m2 * torch.sin(torch.as_tensor(m2, dtype=c.dtype, device=c.device))
+        unit_m1 = torch.as_tensor(m1 == 1.0, device=c.device)
+        value = torch.where(unit_m1 & (k >= 1.0), arc_fallback, sphere_rule)
     if easy_margin:
         value = torch.where(c > 0, value, c)
     return value
@@ -75,8 +76,7 @@ def dphi_dcos(cos, m1, m2, m3, easy_margin=False, straight_through=False, clip=N
     m2 = torch.as_tensor(m2, dtype=c.dtype, device=c.device)
     nominal = sign * m1 * (torch.cos(m2) * sin_ratio + torch.sin(m2) * torch.cos(m1 * theta) / sin_theta)
     if clip is not None:  # inside the bounds k = 0 and sign = 1: eq. (5); at a bound phi is constant
-        low, high = _clip_bounds(clip)
-        grad = torch.where((angle >= low) & (angle <= high), nominal, torch.zeros_like(c))
+        grad = torch.where(_within_clip(angle, clip), nominal, torch.zeros_like(c))
     else:
         unit_m1 = torch.as_tensor(m1 == 1.0, device=c.device)
         grad = torch.where(unit_m1 & (k >= 1.0), torch.ones_like(c), nominal)
@@ -94,8 +94,7 @@ def dphi_dmargins(cos, m1, m2, easy_margin=False, clip=None):
     angle = m1 * torch.acos(c) + m2
     m2 = torch.as_tensor(m2, dtype=c.dtype, device=c.device)
     if clip is not None:
-        low, high = _clip_bounds(clip)
-        d_m2 = torch.where((angle >= low) & (angle <= high), -torch.sin(angle), torch.zeros_like(c))
+        d_m2 = torch.where(_within_clip(angle, clip), -torch.sin(angle), torch.zeros_like(c))
     else:
         k = torch.floor(angle / math.pi).clamp_min(0.0)
         sign = 1.0 - 2.0 * torch.remainder(k, 2.0)

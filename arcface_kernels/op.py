@@ -66,11 +66,11 @@ def finalize(stats: PartialStats, active: Tensor, label_smoothing: float, num_cl
     return torch.where(active, loss, 0.0), lse, gap
 
 
-def _target_factor(gap: Tensor, active: Tensor, options: LossOptions, num_classes: int):
-    """d loss_i / d phi_i per unit upstream gradient, s (expm1(-gap) + eps - eps/C) (eq. (16) times s,
-    with p_y - 1 = expm1(-gap) from the precise gap of `finalize`); 0 on rows without a target."""
+def _target_factor(gap: Tensor, options: LossOptions, num_classes: int):
+    """d loss_i / d phi_i per unit upstream gradient on rows with a target: s (expm1(-gap) + eps - eps/C)
+    (eq. (16) times s, with p_y - 1 = expm1(-gap) from the precise gap of `finalize`)."""
     eps = options.label_smoothing
-    return torch.where(active, options.scale * (torch.expm1(-gap) + (eps - eps / num_classes)), 0.0)
+    return options.scale * (torch.expm1(-gap) + (eps - eps / num_classes))
 
 
 def target_cosine_gradient(gap: Tensor, target_cos: Tensor, active: Tensor, options: LossOptions, num_classes: int):
@@ -79,14 +79,15 @@ def target_cosine_gradient(gap: Tensor, target_cos: Tensor, active: Tensor, opti
     times it at the target entry instead of recomputing phi and dphi/dc in every tile."""
     slope = dphi_dcos(target_cos, options.m1, options.m2, options.m3, options.easy_margin, options.straight_through,
                       options.clip)
-    return _target_factor(gap, active, options, num_classes) * slope
+    return torch.where(active, _target_factor(gap, options, num_classes) * slope, 0.0)
 
 
 def margin_gradients(grad_rows: Tensor, gap: Tensor, target_cos: Tensor, active: Tensor, options: LossOptions,
                      num_classes: int):
     """(d loss / d m2, d loss / d m3), (N,) each: g_i s (expm1(-gap) + eps - eps/C) dphi/dm (docs/design.md
-    eq. (17a)), from what forward saved, O(N): the margin enters the target logit only."""
-    factor = grad_rows * _target_factor(gap, active, options, num_classes)
+    eq. (17a)), from what forward saved, O(N): the margin enters the target logit only; 0 on rows
+    without a target."""
+    factor = torch.where(active, grad_rows * _target_factor(gap, options, num_classes), 0.0)
     d_m2, d_m3 = dphi_dmargins(target_cos, options.m1, options.m2, options.easy_margin, options.clip)
     return factor * d_m2, factor * d_m3
 
