@@ -10,6 +10,7 @@ from . import op
 from .backends import resolve_backend
 from .backends.reference import reference_loss
 from .entry import prepare_loss_inputs
+from .margins import CLIP_EPS
 from .options import LossOptions, Margin
 from .validation import boolean
 
@@ -94,7 +95,7 @@ def margin_softmax_loss(
     sub_centers: int = 1,
     easy_margin: bool = False,
     fallback: str = "threshold",
-    clip_eps: float = 1e-3,
+    clip_eps: float = CLIP_EPS,
     margin_grad: str = "exact",
     label_smoothing: float = 0.0,
     ignore_index: int = -100,

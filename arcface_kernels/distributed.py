@@ -38,6 +38,7 @@ from . import op
 from .api import reduce_rows, stats_without_gradient
 from .backends import PartialStats, resolve_backend
 from .entry import prepare_loss_inputs
+from .margins import CLIP_EPS
 from .options import MARGIN_NAMES, LossOptions, make_options
 from .partial_fc import ClassSampler, class_rows
 from .validation import (
@@ -186,7 +187,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
 
 def sharded_margin_softmax_loss(embeddings, weight_shard, labels, *, class_offset, num_classes,
                                 scale=64.0, m1=1.0, m2=0.5, m3=0.0, sub_centers=1, easy_margin=False,
-                                fallback="threshold", clip_eps=1e-3, margin_grad="exact", label_smoothing=0.0,
+                                fallback="threshold", clip_eps=CLIP_EPS, margin_grad="exact", label_smoothing=0.0,
                                 ignore_index=-100, reduction="mean", return_stats=False, process_group=None,
                                 backend="auto"):
     """The margin-softmax loss of this rank's rows against classes sharded over the group.

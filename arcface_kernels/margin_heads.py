@@ -14,11 +14,13 @@ import torch.nn.functional as F
 from .api import reduce_rows
 from .dtypes import compute_dtype
 from .heads import CombinedMarginLoss
-from .validation import _choice, _real, boolean
+from .margins import CLIP_EPS
+from .validation import _choice, _real, boolean, check_labels, check_rows
 
 
 def _norms(embeddings):
     """|x_i| in the compute dtype (with autograd history)."""
+    check_rows(embeddings, embeddings, 1)  # a named error before the margins read the rows
     return embeddings.to(compute_dtype(embeddings.dtype)).norm(dim=1)
 
 
@@ -39,7 +41,7 @@ class AdaFaceLoss(CombinedMarginLoss):
     0.5 here (m3 = g_add reaches 2 margin, and m3 is a cosine offset in (-1, 1)).
     """
 
-    def __init__(self, num_classes, embedding_size, *, scale=64.0, margin=0.4, h=0.333, t_alpha=0.01, eps=1e-3,
+    def __init__(self, num_classes, embedding_size, *, scale=64.0, margin=0.4, h=0.333, t_alpha=0.01, eps=CLIP_EPS,
                  **kwargs):
         self.margin, self.h = _real("margin", margin), _real("h", h)
         self.t_alpha, self.eps = _real("t_alpha", t_alpha), _real("eps", eps)
@@ -93,12 +95,13 @@ class ElasticFaceLoss(CombinedMarginLoss):
 
     def margins(self, embeddings, labels):
         """This step's per-row margins (N,), drawn from torch's default generator."""
+        check_rows(embeddings, embeddings, 1)
         n, dtype = embeddings.shape[0], compute_dtype(embeddings.dtype)
         drawn = torch.normal(self.margin, self.std, size=(n,), device=embeddings.device, dtype=dtype)
         if not self.plus:
             return drawn
         with torch.no_grad():
-            k = self.sub_centers
+            k, labels = self.sub_centers, check_labels(labels, n)
             safe = labels.clamp(0, self.num_classes - 1)  # ignored rows: any class (their margin is unused)
             centres = self.weight.view(self.num_classes, k, -1)[safe].to(dtype)
             target_cos = torch.einsum("nd,nkd->nk", F.normalize(embeddings.to(dtype), dim=1),

@@ -175,3 +175,8 @@ def test_heads_refuse_bad_settings_by_name():
         ak.MagFaceLoss(C, D, l_a=120.0)
     with pytest.raises(TypeError, match="h must be a float"):
         ak.AdaFaceLoss(C, D, h="0.3")
+    for head in (ak.AdaFaceLoss(C, D), ak.MagFaceLoss(C, D), ak.ElasticFaceLoss(C, D, plus=True)):
+        with pytest.raises(TypeError, match="embeddings must be"):
+            head([[1.0] * D], torch.zeros(1, dtype=torch.int64))
+        with pytest.raises(TypeError, match="labels must be int64"):
+            head(torch.randn(2, D), torch.zeros(2, dtype=torch.int32))
