@@ -80,7 +80,8 @@ class ElasticFaceLoss(CombinedMarginLoss):
 
     Difference from the authors: past theta + m_i = pi their kind="arc" keeps cos(theta + m_i),
     which rises again with theta; the op applies its threshold rule there (docs/design.md eq. (3)).
-    They agree wherever theta_y + m_i < pi.
+    They agree wherever theta_y + m_i < pi. The authors draw for the labelled rows only: the
+    generator's stream differs from theirs in batches with ignored rows.
     """
 
     def __init__(self, num_classes, embedding_size, *, kind="arc", scale=64.0, margin=None, std=0.0125, plus=False,
