@@ -10,6 +10,7 @@ from . import op
 from .backends import resolve_backend
 from .backends.reference import reference_loss
 from .entry import prepare_loss_inputs
+from .margins import CLIP_EPS
 from .options import LossOptions, Margin
 from .validation import boolean
 
@@ -93,6 +94,8 @@ def margin_softmax_loss(
     m3: Margin = 0.0,
     sub_centers: int = 1,
     easy_margin: bool = False,
+    fallback: str = "threshold",
+    clip_eps: float = CLIP_EPS,
     margin_grad: str = "exact",
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
@@ -109,8 +112,8 @@ def margin_softmax_loss(
     Returns the loss (float32; float64 for float64 inputs), and with return_stats=True a (loss, MarginLossStats) pair.
     """
     settings = dict(scale=scale, m1=m1, m2=m2, m3=m3, sub_centers=sub_centers, easy_margin=easy_margin,
-                    margin_grad=margin_grad, label_smoothing=label_smoothing, ignore_index=ignore_index,
-                    reduction=reduction)
+                    fallback=fallback, clip_eps=clip_eps, margin_grad=margin_grad, label_smoothing=label_smoothing,
+                    ignore_index=ignore_index, reduction=reduction)
     if torch.compiler.is_compiling() or not all(type(v) in _PLAIN_SETTINGS for v in settings.values()):
         options = LossOptions(**settings)
     else:  # validated once per distinct settings, not on every step

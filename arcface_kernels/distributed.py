@@ -38,9 +38,19 @@ from . import op
 from .api import reduce_rows, stats_without_gradient
 from .backends import PartialStats, resolve_backend
 from .entry import prepare_loss_inputs
+from .margins import CLIP_EPS
 from .options import MARGIN_NAMES, LossOptions, make_options
 from .partial_fc import ClassSampler, class_rows
-from .validation import boolean, check_tensors, fraction, integer, invalid_labels, label_error, positive_int
+from .validation import (
+    boolean,
+    check_tensors,
+    fraction,
+    integer,
+    invalid_labels,
+    label_error,
+    positive_int,
+    refuse_margin_gradient,
+)
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 
@@ -86,7 +96,7 @@ def _check_agreement(embeddings, weight_shard, labels, options, num_classes, cla
     fingerprint = torch.tensor(
         [options.scale, k, options.easy_margin, options.straight_through, options.label_smoothing, num_classes,
          ignore_index, embeddings.shape[1], _DTYPE_CODES[embeddings.dtype], class_offset, local_classes,
-         float(bad_labels.any()), embeddings.shape[0]],
+         float(bad_labels.any()), embeddings.shape[0], options.clip or 0.0],
         dtype=torch.float64, device=embeddings.device)
     parts = [torch.empty_like(fingerprint) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, fingerprint, group=group)
@@ -96,6 +106,8 @@ def _check_agreement(embeddings, weight_shard, labels, options, num_classes, cla
     for col, name in enumerate(names):
         if not torch.all(table[:, col] == table[0, col]):
             raise ValueError(f"ranks disagree on {name}: {table[:, col].tolist()}")
+    if not torch.all(table[:, 13] == table[0, 13]):  # 0: fallback="threshold"
+        raise ValueError(f"ranks disagree on fallback / clip_eps: {table[:, 13].tolist()}")
     offsets, counts = table[:, 9].long().tolist(), table[:, 10].long().tolist()
     expected = [sum(counts[:r]) for r in range(len(counts))]
     if offsets != expected or sum(counts) != num_classes:
@@ -175,8 +187,9 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
 
 def sharded_margin_softmax_loss(embeddings, weight_shard, labels, *, class_offset, num_classes,
                                 scale=64.0, m1=1.0, m2=0.5, m3=0.0, sub_centers=1, easy_margin=False,
-                                margin_grad="exact", label_smoothing=0.0, ignore_index=-100,
-                                reduction="mean", return_stats=False, process_group=None, backend="auto"):
+                                fallback="threshold", clip_eps=CLIP_EPS, margin_grad="exact", label_smoothing=0.0,
+                                ignore_index=-100, reduction="mean", return_stats=False, process_group=None,
+                                backend="auto"):
     """The margin-softmax loss of this rank's rows against classes sharded over the group.
 
     weight_shard holds the rows of classes [class_offset, class_offset + shard classes); labels
@@ -186,8 +199,8 @@ def sharded_margin_softmax_loss(embeddings, weight_shard, labels, *, class_offse
     rank's sum; "none" its rows. Every rank must call it (it runs collectives).
     """
     options = LossOptions(scale=scale, m1=m1, m2=m2, m3=m3, sub_centers=sub_centers, easy_margin=easy_margin,
-                          margin_grad=margin_grad, label_smoothing=label_smoothing, ignore_index=ignore_index,
-                          reduction=reduction)
+                          fallback=fallback, clip_eps=clip_eps, margin_grad=margin_grad,
+                          label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
     return sharded_loss_from_options(embeddings, weight_shard, labels, options, class_offset=class_offset,
                                      num_classes=num_classes, return_stats=return_stats,
                                      process_group=process_group, backend=backend)
@@ -198,6 +211,7 @@ def sharded_loss_from_options(embeddings, weight_shard, labels, options: LossOpt
     """sharded_margin_softmax_loss with its settings in a LossOptions; the embeddings' gradient
     is multiplied by embedding_grad_scale (ShardedMarginLoss's DDP correction)."""
     return_stats = boolean("return_stats", return_stats)
+    refuse_margin_gradient(options, "the sharded loss")
     inputs = prepare_loss_inputs(embeddings, weight_shard, labels, options)
     dtype, labels, options = inputs.operand_dtype, inputs.labels, inputs.options
     ignore_index, reduction = options.ignore_index, options.reduction

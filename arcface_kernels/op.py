@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .backends import PartialStats, RowNorms, common, get_backend
 from .dtypes import compute_dtype
-from .margins import dphi_dcos
+from .margins import dphi_dcos, dphi_dmargins
 from .options import LossOptions
 from .validation import target_labels as _target_labels
 
@@ -66,14 +66,30 @@ def finalize(stats: PartialStats, active: Tensor, label_smoothing: float, num_cl
     return torch.where(active, loss, 0.0), lse, gap
 
 
+def _target_factor(gap: Tensor, options: LossOptions, num_classes: int):
+    """d loss_i / d phi_i per unit upstream gradient on rows with a target: s (expm1(-gap) + eps - eps/C)
+    (eq. (16) times s, with p_y - 1 = expm1(-gap) from the precise gap of `finalize`)."""
+    eps = options.label_smoothing
+    return options.scale * (torch.expm1(-gap) + (eps - eps / num_classes))
+
+
 def target_cosine_gradient(gap: Tensor, target_cos: Tensor, active: Tensor, options: LossOptions, num_classes: int):
     """d loss_i / d cos_iy per unit upstream gradient, once per row (docs/design.md eqs. (16)-(17)):
-    s (expm1(-gap) + eps - eps/C) dphi/dc(cos_iy), with p_y - 1 = expm1(-gap) from the precise
-    gap of `finalize`; 0 on rows without a target. Backends write g_i times it at the target
-    entry instead of recomputing phi and dphi/dc in every tile."""
-    eps = options.label_smoothing
-    slope = dphi_dcos(target_cos, options.m1, options.m2, options.m3, options.easy_margin, options.straight_through)
-    return torch.where(active, options.scale * (torch.expm1(-gap) + (eps - eps / num_classes)) * slope, 0.0)
+    s (expm1(-gap) + eps - eps/C) dphi/dc(cos_iy); 0 on rows without a target. Backends write g_i
+    times it at the target entry instead of recomputing phi and dphi/dc in every tile."""
+    slope = dphi_dcos(target_cos, options.m1, options.m2, options.m3, options.easy_margin, options.straight_through,
+                      options.clip)
+    return torch.where(active, _target_factor(gap, options, num_classes) * slope, 0.0)
+
+
+def margin_gradients(grad_rows: Tensor, gap: Tensor, target_cos: Tensor, active: Tensor, options: LossOptions,
+                     num_classes: int):
+    """(d loss / d m2, d loss / d m3), (N,) each: g_i s (expm1(-gap) + eps - eps/C) dphi/dm (docs/design.md
+    eq. (17a)), from what forward saved, O(N): the margin enters the target logit only; 0 on rows
+    without a target."""
+    factor = torch.where(active, grad_rows * _target_factor(gap, options, num_classes), 0.0)
+    d_m2, d_m3 = dphi_dmargins(target_cos, options.m1, options.m2, options.easy_margin, options.clip)
+    return factor * d_m2, factor * d_m3
 
 
 def autocast_off(device_type: str):
@@ -244,7 +260,13 @@ def _backward(ctx, grad_loss, *grad_reported):
         grad_loss = torch.zeros_like(lse)
     dx, dw = margin_softmax_bwd(grad_loss, embeddings, weight, labels, m1, m2, m3, lse, gap, target_cos, rx, rw, sx,
                                 sw, *ctx.settings)
-    return dx, dw, None, None, None, None, None, None, None
+    d_m2 = d_m3 = None
+    if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:  # per-row margins that require grad (MagFace)
+        opts = LossOptions.unflatten(ctx.settings[0], m1, m2, m3)
+        active = labels != opts.ignore_index
+        grad_rows = torch.where(active, grad_loss.to(lse.dtype), 0.0)
+        d_m2, d_m3 = margin_gradients(grad_rows, gap, target_cos, active, opts, weight.shape[0] // opts.sub_centers)
+    return dx, dw, None, None, d_m2, d_m3, None, None, None
 
 
 # Only the loss rows are differentiated; the stats, the norms and the scales are reported.

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import validation
+from .margins import CLIP_EPS, FALLBACKS
 
 Margin = float | Tensor
 REDUCTIONS = ("mean", "sum", "none")
@@ -40,6 +41,8 @@ class LossOptions:
     m3: Margin = 0.0
     sub_centers: int = 1
     easy_margin: bool = False
+    fallback: str = field(default="threshold", metadata=_choice(*FALLBACKS))
+    clip_eps: float = CLIP_EPS
     margin_grad: str = field(default="exact", metadata=_choice(*MARGIN_GRADS))
     label_smoothing: float = 0.0
     ignore_index: int = -100
@@ -56,6 +59,11 @@ class LossOptions:
         """margin_grad == "straight_through": dphi/dc is taken as 1."""
         return self.margin_grad == "straight_through"
 
+    @property
+    def clip(self) -> float | None:
+        """fallback == "clip": AdaFace's eps, the bound of the clipped angle (margins.phi); else None."""
+        return self.clip_eps if self.fallback == "clip" else None
+
     def replace(self, owner: str = "LossOptions.replace()", **changes) -> "LossOptions":
         """A copy with some settings changed (validated again); an unknown name is a TypeError
         naming `owner`, the caller the user called."""
@@ -64,9 +72,10 @@ class LossOptions:
 
     def for_rows(self, n: int, device: torch.device, dtype: torch.dtype) -> "LossOptions":
         """The same options with m1, m2, m3 as (N,) tensors of `dtype` on `device` (floats
-        broadcast). Margins carry no gradient: a margin tensor that requires grad is refused
-        at construction (validation.py). The settings were validated when `self` was built:
-        they are not validated again (once per head, not per step), nor copied one by one."""
+        broadcast). m2 and m3 tensors keep their autograd history (the op returns their
+        gradient); an m1 that requires grad is refused at construction (validation.py). The
+        settings were validated when `self` was built: they are not validated again (once per
+        head, not per step), nor copied one by one."""
         options = object.__new__(type(self))
         options.__dict__.update(self.__dict__)
         options.__dict__.update(m1=validation.row_margin("m1", self.m1, n, device, dtype),

@@ -21,11 +21,26 @@ MAX_ANGULAR_MARGIN = math.pi / 2
 
 
 def _no_grad_margin(name, value):
-    if isinstance(value, Tensor) and value.requires_grad:
-        raise ValueError(
-            f"{name} requires grad, but margins carry no gradient (the op does not differentiate "
-            f"through them); pass {name}.detach()"
-        )
+    """Per-row m2 and m3 may require grad (the op returns d loss / d m, docs/design.md eq. (17a));
+    m1 may not, nor a 0-d margin tensor (it is read as a float, which would drop the gradient)."""
+    if not (isinstance(value, Tensor) and value.requires_grad):
+        return
+    if name == "m1":
+        raise ValueError("m1 requires grad, but the multiplicative margin carries no gradient (the op "
+                         "differentiates through m2 and m3 only); pass m1.detach()")
+    if value.dim() == 0:
+        raise ValueError(f"{name} requires grad as a 0-d tensor, which is read as a float (no gradient); pass "
+                         f"{name}.detach(), or an (N,) tensor of per-row margins to get their gradient")
+
+
+def refuse_margin_gradient(options, owner):
+    """For the paths that do not return the margins' gradient yet (the sharded loss): a per-row m2
+    or m3 that requires grad is refused by name rather than given a silent zero gradient."""
+    for name in ("m2", "m3"):
+        value = getattr(options, name)
+        if isinstance(value, Tensor) and value.requires_grad:
+            raise NotImplementedError(f"{owner} does not differentiate through the margins yet: {name} requires "
+                                      f"grad; pass {name}.detach() (margin_softmax_loss and the heads do return it)")
 
 
 def _real(name, value):
@@ -121,6 +136,7 @@ def _check_margin_range(name, low, high):
 
 def check_options(options) -> dict:
     """Validated, normalized values of a LossOptions' fields (numbers as Python floats / ints)."""
+    from .margins import FALLBACKS
     from .options import MARGIN_GRADS, REDUCTIONS
 
     values = {
@@ -130,6 +146,8 @@ def check_options(options) -> dict:
         "m3": _margin("m3", options.m3),
         "sub_centers": integer("sub_centers", options.sub_centers),
         "easy_margin": boolean("easy_margin", options.easy_margin),
+        "fallback": _choice("fallback", options.fallback, FALLBACKS),
+        "clip_eps": _real("clip_eps", options.clip_eps),
         "margin_grad": _choice("margin_grad", options.margin_grad, MARGIN_GRADS),
         "label_smoothing": _real("label_smoothing", options.label_smoothing),
         "ignore_index": integer("ignore_index", options.ignore_index),
@@ -139,14 +157,17 @@ def check_options(options) -> dict:
         raise ValueError(f"scale must be a positive float, got {values['scale']}")
     if values["sub_centers"] < 1:
         raise ValueError(f"sub_centers must be a positive int, got {values['sub_centers']}")
+    if not 0.0 < values["clip_eps"] < MAX_ANGULAR_MARGIN:
+        raise ValueError(f"clip_eps (the clipped angle's distance to 0 and pi, radians) must lie in (0, pi/2), "
+                         f"got {values['clip_eps']}")
     if not 0.0 <= values["label_smoothing"] <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {values['label_smoothing']}")
     return values
 
 
 def row_margin(name, value, n, device, dtype):
-    """A margin as an (N,) tensor of `dtype` on `device`; a float is broadcast. Margins carry no
-    gradient (docs/design.md section 2)."""
+    """A margin as an (N,) tensor of `dtype` on `device`; a float is broadcast. A tensor keeps its
+    autograd history (m2, m3 may require grad: docs/design.md eq. (17a))."""
     if isinstance(value, Tensor):
         if value.dim() != 1 or value.shape[0] != n:
             raise ValueError(f"{name} as a tensor must have shape ({n},), got {tuple(value.shape)}")

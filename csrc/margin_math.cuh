@@ -31,10 +31,19 @@ ARCFACE_HD AngleTerms angle_terms(float cos_value, float m1, float m2) {
   return t;
 }
 
-ARCFACE_HD float phi(float cos_value, float m1, float m2, float m3, bool easy_margin) {
+// kClip: fallback="clip" (docs/design.md eq. (3a)), AdaFace's angle clipped into
+// [clip_eps, pi - clip_eps]; false: the threshold rules (eqs. (3)-(4)). A template flag, so the
+// plain path compiles only its own rule.
+template <bool kClip = false>
+ARCFACE_HD float phi(float cos_value, float m1, float m2, float m3, bool easy_margin, float clip_eps = 0.f) {
   const AngleTerms t = angle_terms(cos_value, m1, m2);
-  float value = (m1 == 1.f && t.k >= 1.f) ? t.c - m3 - m2 * sinf(m2)  // m1 == 1 past pi
-                                          : t.sign * cosf(t.angle) - 2.f * t.k - m3;
+  float value;
+  if (kClip) {
+    value = cosf(fminf(fmaxf(t.angle, clip_eps), kPi - clip_eps)) - m3;
+  } else {
+    value = (m1 == 1.f && t.k >= 1.f) ? t.c - m3 - m2 * sinf(m2)  // m1 == 1 past pi
+                                      : t.sign * cosf(t.angle) - 2.f * t.k - m3;
+  }
   if (easy_margin && !(t.c > 0.f)) value = t.c;
   return value;
 }

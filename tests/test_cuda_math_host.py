@@ -249,3 +249,23 @@ def test_forward_chunks_hold_a_multiple_of_64_classes(harness):
         else:
             assert chunk == fits
     assert out[:4] == [4096, 4160, 768, 40]  # 2^24 / 4000 = 4194 -> 4160; 2^16 / 84 = 780 -> 768
+
+
+@pytest.mark.parametrize("m1", (1.0, 1.35))
+def test_clipped_phi_matches_margins_py(harness, m1):
+    """fallback="clip" (eq. (3a), the template flag of csrc/margin_math.cuh) against margins.phi: angles
+    inside the bounds, and clipped at eps (a negative m2, AdaFace's g_ang, near theta = 0) and at
+    pi - eps (past pi - m2)."""
+    clipped_low = clipped_high = 0
+    for m2 in (-0.3, 0.0, 0.5):
+        for eps in (1e-3, 0.05):
+            c = _cosine_grid(m1, abs(m2))
+            angle = m1 * torch.acos(c.double().clamp(-1, 1)) + m2
+            clipped_low += int((angle < eps).sum())
+            clipped_high += int((angle > math.pi - eps).sum())
+            flags = torch.tensor([m1, m2, 0.2, 0.0, eps]).expand(len(c), 5)
+            out = harness(["margin_clip"], torch.cat([c[:, None], flags], 1).numpy(), 1)
+            ref = phi(c, m1, m2, 0.2, False, clip=eps)
+            bad = ~_close(out[:, 0], ref, _angle_slack(c, m1, m2))
+            assert not bad.any(), (m2, eps, c[bad][:4].tolist(), out[bad, 0][:4].tolist())
+    assert clipped_low > 10 and clipped_high > 10

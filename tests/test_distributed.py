@@ -182,6 +182,7 @@ def _worker(rank, world):
         (2, torch.float64, "sum", dict(m1=1.2, m2=0.2, m3=0.1, label_smoothing=0.1)),
         (3, torch.float64, "none", dict(m2=per_row, scale=8.0)),
         (1, torch.float32, "mean", dict(m3=0.35, label_smoothing=0.2)),
+        (1, torch.float64, "mean", dict(m2=per_row - 0.4, m3=0.2, fallback="clip", clip_eps=0.05)),
     ]
     for k, dtype, reduction, options in cases:
         _check_matches_reference(rank, world, k, dtype, reduction, options)

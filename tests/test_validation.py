@@ -35,7 +35,7 @@ def call(x=None, w=None, y=None, **kwargs):
         (dict(m1=0.0), ValueError, "m1 .* must be positive"),
         (dict(m3=1.5), ValueError, r"m3 .* must lie in \(-1, 1\)"),
         (dict(label_smoothing=float("nan")), ValueError, "label_smoothing must be finite"),
-        (dict(m2=torch.full((4,), 0.5, requires_grad=True)), ValueError, "m2 requires grad, but margins carry"),
+        (dict(m1=torch.full((4,), 1.0, requires_grad=True)), ValueError, "m1 requires grad, but the multiplicative"),
         (dict(m3=torch.tensor(0.1, requires_grad=True)), ValueError, "m3 requires grad"),
         (dict(x=torch.randint(0, 3, (4, 5))), TypeError, "embeddings must be float"),
         (dict(w=torch.randn(6, 5, dtype=torch.float16)), TypeError, "same dtype"),

@@ -85,7 +85,7 @@ def compile_kernel(kernel, config, arch, dtype="bf16", sub_centers=1, shape=HEAD
     """`kernel` with tile config `config`, compiled for sm_`arch` as the JIT would at `shape`
     (cached: several tests read the same compile)."""
     fn = KERNELS[kernel]
-    constants = dict(K=sub_centers, EASY_MARGIN=False, SMOOTHING=smoothing, DOT_PRECISION="ieee",
+    constants = dict(K=sub_centers, EASY_MARGIN=False, CLIP_EPS=0.0, SMOOTHING=smoothing, DOT_PRECISION="ieee",
                      BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
     constants = {name: value for name, value in constants.items() if name in fn.arg_names}
     return _compile(fn, arch, launch_arguments(kernel, shape, dtype, sub_centers),

@@ -240,7 +240,7 @@ def _finish_forward(walk, labels, options, nt_max, nt_sum, best_z, best_class, t
     has_target = labels >= 0
     target_cos = torch.where(has_target, target_z / s, 0.0)
     target_logit = torch.where(has_target, s * phi(target_cos, options.m1, options.m2, options.m3,
-                                                   options.easy_margin), 0.0)
+                                                   options.easy_margin, options.clip), 0.0)
     row_max = torch.where(has_target, torch.maximum(nt_max, target_logit), nt_max)
     shift = torch.where(row_max == -float("inf"), 0.0, row_max)
     nontarget_sum_exp = nt_sum * torch.exp(nt_max - shift)

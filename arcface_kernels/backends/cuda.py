@@ -18,7 +18,7 @@ from ..dtypes import KERNEL_DTYPES
 from . import chunk_plan
 from .common import get_workspace_budget
 from .contract import Backend, PartialStats
-from .registry import register_backend
+from .registry import get_backend, register_backend
 
 
 class GpuCode(NamedTuple):
@@ -76,6 +76,11 @@ def _available(device):
 
 
 def forward(x, w, labels, options, norms):
+    if options.clip is not None:
+        # The compiled forward carries the threshold rules only: csrc/margin_math.cuh has the clip
+        # (phi<true>, checked on the host) but the kernels are not yet instantiated with it, so the
+        # triton forward computes these statistics (same contract); backward is this backend's.
+        return get_backend("triton").forward(x, w, labels, options, norms)
     stats = torch.ops.arcface_kernels_cuda.partial_stats(
         x, w, labels, options.m1, options.m2, options.m3, norms.rx, norms.rw, options.scale, options.sub_centers,
         options.easy_margin, get_workspace_budget())

@@ -14,21 +14,29 @@ import torch
 import torch.nn.functional as F
 
 from ..dtypes import compute_dtype
-from ..margins import NORM_EPS, dphi_dcos, phi
+from ..margins import NORM_EPS, dphi_dcos, dphi_dmargins, phi
 from .common import overflow_scales
 
 
 class _Margin(torch.autograd.Function):
+    """phi with the contract's dphi/dc, and dphi/dm2, dphi/dm3 for per-row margins that require
+    grad (margins.dphi_dmargins; m1 carries no gradient)."""
+
     @staticmethod
-    def forward(ctx, cos, m1, m2, m3, easy_margin, straight_through):
+    def forward(ctx, cos, m1, m2, m3, easy_margin, straight_through, clip):
         ctx.save_for_backward(cos, m1, m2, m3)
-        ctx.flags = (easy_margin, straight_through)
-        return phi(cos, m1, m2, m3, easy_margin)
+        ctx.flags = (easy_margin, straight_through, clip)
+        return phi(cos, m1, m2, m3, easy_margin, clip)
 
     @staticmethod
     def backward(ctx, grad):
         cos, m1, m2, m3 = ctx.saved_tensors
-        return grad * dphi_dcos(cos, m1, m2, m3, *ctx.flags), None, None, None, None, None
+        easy_margin, straight_through, clip = ctx.flags
+        d_cos = grad * dphi_dcos(cos, m1, m2, m3, easy_margin, straight_through, clip)
+        d_m2 = d_m3 = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            d_m2, d_m3 = (grad * d for d in dphi_dmargins(cos, m1, m2, easy_margin, clip))
+        return d_cos, None, d_m2, d_m3, None, None, None
 
 
 class _RoundTo(torch.autograd.Function):
@@ -62,7 +70,8 @@ class _Cosines(torch.autograd.Function):
             return grad @ w, grad.T @ x
 
 
-def reference_logits(x, w, labels, m1, m2, m3, *, scale, sub_centers, easy_margin=False, straight_through=False):
+def reference_logits(x, w, labels, m1, m2, m3, *, scale, sub_centers, easy_margin=False, straight_through=False,
+                     clip=None):
     """The full N x C margined logits (target margin only where label >= 0) and the cosines of
     rows x, w already in the compute dtype."""
     cdt = x.dtype
@@ -76,7 +85,7 @@ def reference_logits(x, w, labels, m1, m2, m3, *, scale, sub_centers, easy_margi
     has_target = labels >= 0
     safe = torch.where(has_target, labels, 0)
     cos_y = cos.gather(1, safe[:, None])[:, 0]
-    margined = _Margin.apply(cos_y, m1.to(cdt), m2.to(cdt), m3.to(cdt), easy_margin, straight_through)
+    margined = _Margin.apply(cos_y, m1.to(cdt), m2.to(cdt), m3.to(cdt), easy_margin, straight_through, clip)
     onehot = F.one_hot(safe, cos.shape[1]).bool() & has_target[:, None]
     logits = scale * torch.where(onehot, margined[:, None], cos)
     return logits, cos
@@ -115,7 +124,7 @@ def reference_loss(embeddings, weight, targets, options, operand_dtype):
         w = _RoundTo.apply(weight, operand_dtype, cdt)
         logits, cos = reference_logits(x, w, targets, options.m1, options.m2, options.m3, scale=options.scale,
                                        sub_centers=options.sub_centers, easy_margin=options.easy_margin,
-                                       straight_through=options.straight_through)
+                                       straight_through=options.straight_through, clip=options.clip)
         loss = cross_entropy_rows(logits, targets, options.label_smoothing)
         with torch.no_grad():
             lse = torch.logsumexp(logits, dim=1)

@@ -2,6 +2,7 @@
 // tests/test_cuda_math_host.py: reads float32 records from stdin, writes float32 results to stdout.
 //
 //   math_harness margin               records (c, m1, m2, m3, easy) -> (phi)
+//   math_harness margin_clip          records (c, m1, m2, m3, easy, eps) -> (phi<true>, the clip rule)
 //   math_harness gradient             records (c, is_target, m1, m2, m3, lse, grad, target_dcos, scale,
 //                                     smoothing_per_class, easy) -> (z, dcos)
 //   math_harness class_cosine K       records (rx, K dots, K rw) -> (cos, pick)
@@ -80,6 +81,9 @@ int main(int argc, char** argv) {
   if (!std::strcmp(mode, "margin")) {
     std::vector<float> r(5);
     while (read_record(r)) write({phi(r[0], r[1], r[2], r[3], r[4] != 0.f)});
+  } else if (!std::strcmp(mode, "margin_clip")) {
+    std::vector<float> r(6);
+    while (read_record(r)) write({phi<true>(r[0], r[1], r[2], r[3], r[4] != 0.f, r[5])});
   } else if (!std::strcmp(mode, "gradient")) {
     std::vector<float> r(11);
     while (read_record(r)) {

@@ -114,8 +114,9 @@ def forward(x, w, labels, options, norms):
         return PartialStats(*[empty] * 6, labels.new_empty(0))
     config = tile_config("forward", _interpreted())
     row_blocks = triton.cdiv(n, config.block_m)
-    kwargs = dict(K=k, EASY_MARGIN=options.easy_margin, SMOOTHING=options.label_smoothing > 0,
-                  DOT_PRECISION=_dot_precision(x.dtype), **_launch_options(config))
+    kwargs = dict(K=k, EASY_MARGIN=options.easy_margin, CLIP_EPS=options.clip or 0.0,
+                  SMOOTHING=options.label_smoothing > 0, DOT_PRECISION=_dot_precision(x.dtype),
+                  **_launch_options(config))
 
     def arguments(stats, best_class, per_split):
         return (x, w, rx, rw, labels, options.m1, options.m2, options.m3, stats, best_class,

@@ -20,7 +20,8 @@ def partial_stats_kernel(
     x_ptr, w_ptr, rx_ptr, rw_ptr, labels_ptr, m1_ptr, m2_ptr, m3_ptr,
     stats_ptr, best_class_ptr,
     N, C, D, stride_x, stride_w, classes_per_split, scale,
-    K: tl.constexpr, EASY_MARGIN: tl.constexpr, SMOOTHING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    K: tl.constexpr, EASY_MARGIN: tl.constexpr, CLIP_EPS: tl.constexpr, SMOOTHING: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -73,7 +74,7 @@ def partial_stats_kernel(
         best_cos = tl.where(better, tile_best, best_cos)
 
     own_target = (labels >= start) & (labels < stop)
-    target_logit = tl.where(own_target, scale * phi(target_cos, m1, m2, m3, EASY_MARGIN), 0.0)
+    target_logit = tl.where(own_target, scale * phi(target_cos, m1, m2, m3, EASY_MARGIN, CLIP_EPS), 0.0)
     if SMOOTHING:
         logit_sum += target_logit  # 0 where the split does not hold the label
     target_z = tl.where(own_target, target_logit, float("-inf"))

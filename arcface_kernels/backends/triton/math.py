@@ -25,16 +25,21 @@ def acos(c):
 
 
 @triton.jit
-def phi(cos, m1, m2, m3, EASY_MARGIN: tl.constexpr):
+def phi(cos, m1, m2, m3, EASY_MARGIN: tl.constexpr, CLIP_EPS: tl.constexpr):
     """The margined target cosine (margins.phi). Only the forward needs it: backward takes the
-    target's dcos from the op (op.target_cosine_gradient), so no dphi/dc lives in a kernel."""
+    target's dcos from the op (op.target_cosine_gradient), so no dphi/dc lives in a kernel.
+    CLIP_EPS > 0: fallback="clip" (eq. (3a)), the angle clipped into [CLIP_EPS, pi - CLIP_EPS];
+    0: the threshold rules (eqs. (3)-(4)). A constexpr: each path compiles only its own rule."""
     c = tl.minimum(tl.maximum(cos, -1.0), 1.0)
     angle = m1 * acos(c) + m2
-    k = tl.maximum(tl.floor(angle / PI), 0.0)
-    sign = 1.0 - 2.0 * (k - 2.0 * tl.floor(k / 2.0))
-    sphere_rule = sign * tl.cos(angle) - 2.0 * k - m3
-    arc_fallback = c - m3 - m2 * tl.sin(m2)
-    value = tl.where((m1 == 1.0) & (k >= 1.0), arc_fallback, sphere_rule)
+    if CLIP_EPS > 0:
+        value = tl.cos(tl.minimum(tl.maximum(angle, CLIP_EPS), PI - CLIP_EPS)) - m3
+    else:
+        k = tl.maximum(tl.floor(angle / PI), 0.0)
+        sign = 1.0 - 2.0 * (k - 2.0 * tl.floor(k / 2.0))
+        sphere_rule = sign * tl.cos(angle) - 2.0 * k - m3
+        arc_fallback = c - m3 - m2 * tl.sin(m2)
+        value = tl.where((m1 == 1.0) & (k >= 1.0), arc_fallback, sphere_rule)
     if EASY_MARGIN:
         value = tl.where(c > 0, value, c)
     return value
