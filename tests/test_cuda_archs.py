@@ -17,11 +17,11 @@ import setup  # noqa: E402
 
 cuda_backend = importlib.import_module("arcface_kernels.backends.cuda")
 GpuCode = cuda_backend.GpuCode
-DEFAULT_BUILD = GpuCode((75, 80, 86, 89, 90), 90)
+DEFAULT_BUILD = GpuCode((75, 80, 90), 90)
 
 
 def test_setup_builds_every_generation_and_ptx_for_the_newest():
-    assert setup.ARCHS == "7.5;8.0;8.6;8.9;9.0+PTX"
+    assert setup.ARCHS == "7.5;8.0;9.0+PTX"
     assert setup._ptx_arch(setup.ARCHS) == 90
     assert setup._ptx_arch("8.0;9.0") == 0
     assert setup._ptx_arch("8.0+PTX 10.0+PTX") == 100
@@ -77,7 +77,7 @@ def test_auto_falls_back_where_the_build_cannot_run(fake_gpu, without_triton):
     fake_gpu(7, 0)
     choice = resolve("auto", torch.device("cuda"), torch.bfloat16)
     assert choice.name != "cuda"
-    carried = "SASS for sm_75, sm_80, sm_86, sm_89, sm_90 and PTX for compute_90"
+    carried = "SASS for sm_75, sm_80, sm_90 and PTX for compute_90"
     assert f"cuda the extension carries {carried}, nothing that runs on this sm_70 GPU" in choice.reason
     with pytest.raises(RuntimeError, match="backend='cuda' is not available on cuda: .*sm_70 GPU"):
         resolve("cuda", torch.device("cuda"), torch.bfloat16)

@@ -107,7 +107,7 @@ def test_wheel_builds_installs_and_registers_ops(tmp_path):
         record = json.loads(archive.read("arcface_kernels/_build_info.json"))  # what setup.py did
     assert record["cuda_extension"] == "built" and record["torch"] == torch.__version__, record
     sass = _gpu_code(str(tmp_path / "unpacked" / shared), "elf")
-    assert sass == {75, 80, 86, 89, 90}, sass  # setup.ARCHS: Turing to Hopper
+    assert sass == {75, 80, 90}, sass  # setup.ARCHS: Turing to Hopper
     assert _gpu_code(str(tmp_path / "unpacked" / shared), "ptx") == {90}  # newer GPUs JIT it
 
     # a fresh environment that sees this one's torch, not this checkout or an editable install of it

@@ -160,12 +160,11 @@ def test_health_report_help(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(torch.version.cuda is None or setup._cuda_home() is None,
-                    reason="needs a CUDA toolkit and a CUDA build of torch")
 def test_sdist_installs_into_a_new_venv_with_the_extension(tmp_path):
     """`python -m build --sdist`, then pip installs the sdist into a new venv (which sees this
-    environment's torch, as in test_cuda_extension.py), compiling the extension for one
-    architecture; the health report passes there, and the installed metadata pins this torch."""
+    environment's torch, as in test_cuda_extension.py), compiling the CPU extension from it (every
+    csrc/ file is in the sdist; the CUDA build from the tree is test_cuda_extension.py's, left out
+    here for CI time); the health report passes there, and the installed metadata pins this torch."""
     from packaging.requirements import Requirement
     from test_cuda_extension import _fresh_venv_seeing_outer_packages
 
@@ -181,14 +180,14 @@ def test_sdist_installs_into_a_new_venv_with_the_extension(tmp_path):
 
     python = _fresh_venv_seeing_outer_packages(tmp_path / "venv")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(ARCFACE_KERNELS_BUILD_CUDA="1", TORCH_CUDA_ARCH_LIST="8.0")  # one architecture: CI time
+    env.update(ARCFACE_KERNELS_BUILD_CUDA="0", ARCFACE_KERNELS_BUILD_CPU="1")
     install = subprocess.run([python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--ignore-installed",
                               archive], capture_output=True, text=True, timeout=1200, env=env, cwd=tmp_path)
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
     report = subprocess.run([python, "-m", "arcface_kernels"], capture_output=True, text=True, timeout=300, env=env,
                             cwd=tmp_path)
     assert report.returncode == 0, report.stdout + report.stderr[-3000:]
-    assert f"CUDA extension built against torch {torch.__version__} and loaded" in report.stdout, report.stdout
+    assert "CPU epilogue extension loaded" in report.stdout, report.stdout
     assert "all available backends healthy" in report.stdout
     # the installed metadata requires exactly the torch it was compiled with, and pip sees that torch
     query = ("import importlib.metadata as m; print(m.version('torch')); "
