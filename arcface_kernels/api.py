@@ -97,6 +97,8 @@ def margin_softmax_loss(
     fallback: str = "threshold",
     clip_eps: float = CLIP_EPS,
     margin_grad: str = "exact",
+    nontarget: str = "none",
+    nontarget_t: float | Tensor = 0.0,
     label_smoothing: float = 0.0,
     ignore_index: int = -100,
     reduction: str = "mean",
@@ -106,13 +108,16 @@ def margin_softmax_loss(
     """Combined-margin softmax cross-entropy without materializing the N x C logits.
 
     cos_ij = <x_i, w_j> / (|x_i| |w_j|), the target logit is s * phi(cos_iy) with
-    phi(c) = cos(m1 * acos(c) + m2) - m3, the others s * cos_ij; the loss is the cross
-    entropy of those logits. See docs/design.md section 2 for every argument.
+    phi(c) = cos(m1 * acos(c) + m2) - m3, the others s * cos_ij (or, with nontarget, s * h(cos_ij)
+    where cos_ij is above the row's threshold: CurricularFace, MV-Softmax, insightface's
+    filtering; docs/design.md section 3c); the loss is the cross entropy of those logits. See
+    docs/design.md section 2 for every argument.
 
     Returns the loss (float32; float64 for float64 inputs), and with return_stats=True a (loss, MarginLossStats) pair.
     """
     settings = dict(scale=scale, m1=m1, m2=m2, m3=m3, sub_centers=sub_centers, easy_margin=easy_margin,
-                    fallback=fallback, clip_eps=clip_eps, margin_grad=margin_grad, label_smoothing=label_smoothing,
+                    fallback=fallback, clip_eps=clip_eps, margin_grad=margin_grad, nontarget=nontarget,
+                    nontarget_t=nontarget_t, label_smoothing=label_smoothing,
                     ignore_index=ignore_index, reduction=reduction)
     if torch.compiler.is_compiling() or not all(type(v) in _PLAIN_SETTINGS for v in settings.values()):
         options = LossOptions(**settings)

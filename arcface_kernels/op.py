@@ -28,6 +28,7 @@ from torch import Tensor
 from .backends import PartialStats, RowNorms, common, get_backend
 from .dtypes import compute_dtype
 from .margins import dphi_dcos, dphi_dmargins
+from .negatives import HardNegatives, coefficients, hard_negatives, target_cosines
 from .options import LossOptions
 from .validation import target_labels as _target_labels
 
@@ -110,6 +111,7 @@ class Saved(NamedTuple):
     rw: Tensor
     sx: Tensor | None    # common.overflow_safe_rows' scales (None: every row seen as given)
     sw: Tensor | None
+    negatives: HardNegatives | None = None  # the non-target epilogue's tau and (a, b, e) (negatives.py)
 
 
 class Forward(NamedTuple):
@@ -123,21 +125,37 @@ def operands(v: Tensor, operand_dtype: torch.dtype) -> Tensor:
     return v if v.dtype == operand_dtype else v.to(operand_dtype)
 
 
+def _require_nontarget_epilogue(backend: str):
+    if not get_backend(backend).nontarget_epilogue:
+        raise NotImplementedError(f"backend={backend!r} does not compute the non-target epilogue (nontarget=...) "
+                                  f"yet; use backend='reference'")
+
+
 def forward_stats(x: Tensor, w: Tensor, labels: Tensor, active: Tensor, options: LossOptions, backend: str,
-                  num_classes: int, merge=None) -> Forward:
+                  num_classes: int, merge=None, merge_rows=None) -> Forward:
     """The forward of the op on operands x, w (one dtype): the overflow-safe rows, the backend's
     partial statistics, merge(stats) when given (the sharded path's all-reduces, eq. (14)) and the
     precise loss. labels: local targets (-1 where absent); active: rows that have a target in the
-    whole problem. The target gradient factor is backward's (backward_core): a forward that is
-    not differentiated does not pay for dphi/dc."""
+    whole problem. With a non-target epilogue the target cosines come first (negatives.py), summed
+    over class shards by merge_rows when given. The target gradient factor is backward's
+    (backward_core): a forward that is not differentiated does not pay for dphi/dc."""
     dtype = compute_dtype(x.dtype)
     x_seen, rx, sx = common.overflow_safe_rows(x, dtype, sync_free=True)
     w_seen, rw, sw = common.overflow_safe_rows(w, dtype, sync_free=True)
+    negatives = None
+    if options.nontarget != "none":
+        _require_nontarget_epilogue(backend)
+        target_cos = target_cosines(x_seen, w_seen, labels, rx, rw, options.sub_centers)
+        if merge_rows is not None:
+            target_cos = merge_rows(target_cos)
+        negatives = hard_negatives(options.nontarget, options.nontarget_t, target_cos, active, options.m1,
+                                   options.m2, options.m3)
+        options = options.with_negatives(negatives)
     stats = get_backend(backend).forward(x_seen, w_seen, labels, options, RowNorms(rx, rw))
     if merge is not None:
         stats = merge(stats)
     loss, lse, gap = finalize(stats, active, options.label_smoothing, num_classes)
-    return Forward(loss, stats, Saved(lse, gap, stats.target_cos, rx, rw, sx, sw))
+    return Forward(loss, stats, Saved(lse, gap, stats.target_cos, rx, rw, sx, sw, negatives))
 
 
 def _rows_seen(v: Tensor, scale: Tensor | None):
@@ -169,7 +187,7 @@ def backward_core(grad_rows: Tensor, x: Tensor, w: Tensor, labels: Tensor, saved
     dw_out = dw_dtype if w_seen is None or in_place else compute_dtype(x.dtype)
     dx, dw = get_backend(backend).backward(
         grad_rows, x if x_seen is None else x_seen, w if w_seen is None else w_seen, labels, saved.lse, target_dcos,
-        options, num_classes, RowNorms(saved.rx, saved.rw), dw_out)
+        options.with_negatives(saved.negatives), num_classes, RowNorms(saved.rx, saved.rw), dw_out)
     # d/dv of a function of the seen rows s * v is s times the gradient with respect to them.
     if x_seen is not None:
         dx = dx * saved.sx[:, None]
@@ -190,22 +208,23 @@ def _targets(labels: Tensor, ignore_index: int) -> Tensor:
 
 def _margin_softmax_fwd(
     embeddings: Tensor, weight: Tensor, labels: Tensor, m1: Tensor, m2: Tensor, m3: Tensor,
-    options: list[float], backend: str, operand_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    options: list[float], backend: str, operand_dtype: torch.dtype, nontarget_t: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns loss_rows (0 on ignored rows), lse, target_cos (compute dtype), int64 top-1 class,
     and for backward the precise gap (finalize), the inverse norms rx, rw of the rows the backend
-    saw and the power-of-two scales sx, sw that made those rows from the given ones (1 for all but
-    huge rows)."""
-    opts = LossOptions.unflatten(options, m1, m2, m3)
+    saw, the power-of-two scales sx, sw that made those rows from the given ones (1 for all but
+    huge rows) and the non-target epilogue's per-row threshold (empty without one)."""
+    opts = LossOptions.unflatten(options, m1, m2, m3, nontarget_t)
     num_classes = weight.shape[0] // opts.sub_centers
     labels = _target_labels(labels, opts.ignore_index, num_classes)
     with autocast_off(embeddings.device.type):
         x, w = operands(embeddings, operand_dtype), operands(weight, operand_dtype)
         fwd = forward_stats(x, w, labels, labels >= 0, opts, backend, num_classes)
     dtype, saved = compute_dtype(operand_dtype), fwd.saved
+    threshold = saved.lse.new_empty(0) if saved.negatives is None else saved.negatives.threshold
     return (fwd.loss, saved.lse, fwd.stats.target_cos.clone(), fwd.stats.best_class.clone(), saved.gap,
             saved.rx, saved.rw, _scale_or_ones(saved.sx, x.shape[0], dtype, x.device),
-            _scale_or_ones(saved.sw, w.shape[0], dtype, w.device))
+            _scale_or_ones(saved.sw, w.shape[0], dtype, w.device), threshold)
 
 
 margin_softmax_fwd = torch.library.custom_op("arcface_kernels::margin_softmax_fwd", _margin_softmax_fwd,
@@ -213,60 +232,67 @@ margin_softmax_fwd = torch.library.custom_op("arcface_kernels::margin_softmax_fw
 
 
 @margin_softmax_fwd.register_fake
-def _(embeddings, weight, labels, m1, m2, m3, options, backend, operand_dtype):
+def _(embeddings, weight, labels, m1, m2, m3, options, backend, operand_dtype, nontarget_t=None):
     n, dtype = embeddings.shape[0], compute_dtype(operand_dtype)
     row = embeddings.new_empty((n,), dtype=dtype)
     class_row = weight.new_empty((weight.shape[0],), dtype=dtype)
+    threshold = row.clone() if nontarget_t is not None else row.new_empty(0)
     return (row, row.clone(), row.clone(), embeddings.new_empty((n,), dtype=torch.int64), row.clone(), row.clone(),
-            class_row, row.clone(), class_row.clone())
+            class_row, row.clone(), class_row.clone(), threshold)
 
 
 @torch.library.custom_op("arcface_kernels::margin_softmax_bwd", mutates_args=())
 def margin_softmax_bwd(
     grad_rows: Tensor, embeddings: Tensor, weight: Tensor, labels: Tensor, m1: Tensor, m2: Tensor, m3: Tensor,
     lse: Tensor, gap: Tensor, target_cos: Tensor, rx: Tensor, rw: Tensor, sx: Tensor, sw: Tensor, options: list[float],
-    backend: str, operand_dtype: torch.dtype,
+    backend: str, operand_dtype: torch.dtype, nontarget_t: Tensor | None = None, threshold: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    opts = LossOptions.unflatten(options, m1, m2, m3)
+    opts = LossOptions.unflatten(options, m1, m2, m3, nontarget_t)
     num_classes = weight.shape[0] // opts.sub_centers
     labels = _targets(labels, opts.ignore_index)
     # loss.backward() may run inside the autocast region: the backend computes in its own dtypes.
     with autocast_off(embeddings.device.type):
         x, w = operands(embeddings, operand_dtype), operands(weight, operand_dtype)
         grad_rows = torch.where(labels >= 0, grad_rows.to(lse.dtype), 0.0)
-        saved = Saved(lse, gap, target_cos, rx, rw, sx, sw)
+        negatives = None if nontarget_t is None else HardNegatives(threshold, coefficients(opts.nontarget,
+                                                                                          nontarget_t))
+        saved = Saved(lse, gap, target_cos, rx, rw, sx, sw, negatives)
         dx, dw = backward_core(grad_rows, x, w, labels, saved, opts, backend, num_classes, weight.dtype)
     return dx.to(embeddings.dtype), dw
 
 
 @margin_softmax_bwd.register_fake
 def _(grad_rows, embeddings, weight, labels, m1, m2, m3, lse, gap, target_cos, rx, rw, sx, sw, options, backend,
-      operand_dtype):
+      operand_dtype, nontarget_t=None, threshold=None):
     return torch.empty_like(embeddings), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
-    embeddings, weight, labels, m1, m2, m3, options, backend, operand_dtype = inputs
+    embeddings, weight, labels, m1, m2, m3, options, backend, operand_dtype, *nontarget_t = inputs
     ctx.settings = (options, backend, operand_dtype)
-    loss, lse, target_cos, top1, gap, rx, rw, sx, sw = output
+    loss, lse, target_cos, top1, gap, rx, rw, sx, sw, threshold = output
     # Reported, not differentiated: api.py makes a loss built on them raise (in eager mode).
-    ctx.mark_non_differentiable(lse, target_cos, top1, gap, rx, rw, sx, sw)
-    ctx.save_for_backward(embeddings, weight, labels, m1, m2, m3, lse, gap, target_cos, rx, rw, sx, sw)
+    ctx.mark_non_differentiable(lse, target_cos, top1, gap, rx, rw, sx, sw, threshold)
+    ctx.save_for_backward(embeddings, weight, labels, m1, m2, m3, lse, gap, target_cos, rx, rw, sx, sw,
+                          *nontarget_t, threshold)
+    ctx.nontarget = bool(nontarget_t) and nontarget_t[0] is not None
 
 
 def _backward(ctx, grad_loss, *grad_reported):
-    embeddings, weight, labels, m1, m2, m3, lse, gap, target_cos, rx, rw, sx, sw = ctx.saved_tensors
+    embeddings, weight, labels, m1, m2, m3, lse, gap, target_cos, rx, rw, sx, sw, *nontarget = ctx.saved_tensors
     if grad_loss is None:
         grad_loss = torch.zeros_like(lse)
+    # the non-target epilogue's t and per-row threshold, when forward had one
+    epilogue = nontarget[-2:] if ctx.nontarget else ()
     dx, dw = margin_softmax_bwd(grad_loss, embeddings, weight, labels, m1, m2, m3, lse, gap, target_cos, rx, rw, sx,
-                                sw, *ctx.settings)
+                                sw, *ctx.settings, *epilogue)
     d_m2 = d_m3 = None
     if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:  # per-row margins that require grad (MagFace)
         opts = LossOptions.unflatten(ctx.settings[0], m1, m2, m3)
         active = labels != opts.ignore_index
         grad_rows = torch.where(active, grad_loss.to(lse.dtype), 0.0)
         d_m2, d_m3 = margin_gradients(grad_rows, gap, target_cos, active, opts, weight.shape[0] // opts.sub_centers)
-    return dx, dw, None, None, d_m2, d_m3, None, None, None
+    return (dx, dw, None, None, d_m2, d_m3, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 9)
 
 
 # Only the loss rows are differentiated; the stats, the norms and the scales are reported.
@@ -315,6 +341,7 @@ def fused_loss_rows(embeddings: Tensor, weight: Tensor, labels: Tensor, options:
     compute dtype (LossOptions.for_rows). backend: a resolved fused backend name."""
     eager_cpu = embeddings.device.type == "cpu" and not torch.compiler.is_compiling()
     forward = _EagerForward.apply if eager_cpu else margin_softmax_fwd
+    epilogue = () if options.nontarget_t is None else (options.nontarget_t,)
     outputs = forward(embeddings, weight, labels, options.m1, options.m2, options.m3, options.flatten(), backend,
-                      operand_dtype)
+                      operand_dtype, *epilogue)
     return outputs[:4]

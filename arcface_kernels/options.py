@@ -16,11 +16,14 @@ from torch import Tensor
 
 from . import validation
 from .margins import CLIP_EPS, FALLBACKS
+from .negatives import NONTARGET_MODES
 
 Margin = float | Tensor
 REDUCTIONS = ("mean", "sum", "none")
 MARGIN_GRADS = ("exact", "straight_through")
 MARGIN_NAMES = ("m1", "m2", "m3")
+# Settings that may be tensors: they cross the torch.library boundary as tensors, not in `flatten`.
+TENSOR_NAMES = MARGIN_NAMES + ("nontarget_t",)
 
 
 def _choice(*choices):
@@ -32,7 +35,10 @@ class LossOptions:
     """The loss settings of docs/design.md section 2.
 
     m1, m2, m3 are floats or per-row (N,) tensors as the caller gave them; `for_rows` turns
-    them into the (N,) tensors the backends read.
+    them into the (N,) tensors the backends read. nontarget selects the non-target epilogue
+    (negatives.py, docs/design.md section 3c) and nontarget_t is its parameter: CurricularFace's
+    t (a float or a 0-d tensor, e.g. a running buffer), MV-Softmax's weight, or the filtering
+    threshold; `for_rows` makes it a 0-d tensor of the compute dtype (None when nontarget is "none").
     """
 
     scale: float = 64.0
@@ -44,6 +50,8 @@ class LossOptions:
     fallback: str = field(default="threshold", metadata=_choice(*FALLBACKS))
     clip_eps: float = CLIP_EPS
     margin_grad: str = field(default="exact", metadata=_choice(*MARGIN_GRADS))
+    nontarget: str = field(default="none", metadata=_choice(*NONTARGET_MODES))
+    nontarget_t: float | Tensor = 0.0
     label_smoothing: float = 0.0
     ignore_index: int = -100
     reduction: str = field(default="mean", metadata=_choice(*REDUCTIONS))
@@ -53,6 +61,16 @@ class LossOptions:
             object.__setattr__(self, name, value)
         # encoded once: the op's schema takes these on every call (`flatten`)
         object.__setattr__(self, "_flat", tuple(_encode(f, getattr(self, f.name)) for f in _SCALAR_FIELDS))
+
+    # The per-call non-target epilogue (negatives.HardNegatives), attached by the op once it has
+    # the target cosines (with_negatives); None without one.
+    negatives = None
+
+    def with_negatives(self, negatives) -> "LossOptions":
+        """A copy carrying `negatives` (negatives.HardNegatives or None) for the backends."""
+        options = object.__new__(type(self))
+        options.__dict__.update(self.__dict__, negatives=negatives)
+        return options
 
     @property
     def straight_through(self) -> bool:
@@ -72,15 +90,18 @@ class LossOptions:
 
     def for_rows(self, n: int, device: torch.device, dtype: torch.dtype) -> "LossOptions":
         """The same options with m1, m2, m3 as (N,) tensors of `dtype` on `device` (floats
-        broadcast). m2 and m3 tensors keep their autograd history (the op returns their
-        gradient); an m1 that requires grad is refused at construction (validation.py). The
-        settings were validated when `self` was built: they are not validated again (once per
-        head, not per step), nor copied one by one."""
+        broadcast) and nontarget_t as a 0-d tensor there (None without a non-target epilogue).
+        m2 and m3 tensors keep their autograd history (the op returns their gradient); an m1
+        that requires grad is refused at construction (validation.py). The settings were
+        validated when `self` was built: they are not validated again (once per head, not per
+        step), nor copied one by one."""
         options = object.__new__(type(self))
         options.__dict__.update(self.__dict__)
         options.__dict__.update(m1=validation.row_margin("m1", self.m1, n, device, dtype),
                                 m2=validation.row_margin("m2", self.m2, n, device, dtype),
-                                m3=validation.row_margin("m3", self.m3, n, device, dtype))
+                                m3=validation.row_margin("m3", self.m3, n, device, dtype),
+                                nontarget_t=validation.nontarget_parameter(self.nontarget, self.nontarget_t,
+                                                                           device, dtype))
         return options
 
     # -- the torch.library boundary ------------------------------------------------------------
@@ -91,11 +112,11 @@ class LossOptions:
         return list(self._flat)
 
     @classmethod
-    def unflatten(cls, values, m1: Tensor, m2: Tensor, m3: Tensor) -> "LossOptions":
+    def unflatten(cls, values, m1: Tensor, m2: Tensor, m3: Tensor, nontarget_t: Tensor | None = None) -> "LossOptions":
         """The options `flatten` encoded (validated when they were built: not checked again; the
         decoding is cached, as a head passes the same values on every step)."""
         options = object.__new__(cls)
-        options.__dict__.update(_decoded(tuple(values)), m1=m1, m2=m2, m3=m3)
+        options.__dict__.update(_decoded(tuple(values)), m1=m1, m2=m2, m3=m3, nontarget_t=nontarget_t)
         return options
 
 
@@ -115,7 +136,7 @@ def _check_names(owner, settings):
 
 
 OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(LossOptions))
-_SCALAR_FIELDS = tuple(f for f in dataclasses.fields(LossOptions) if f.name not in MARGIN_NAMES)
+_SCALAR_FIELDS = tuple(f for f in dataclasses.fields(LossOptions) if f.name not in TENSOR_NAMES)
 
 
 def _encode(f, value):

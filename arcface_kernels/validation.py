@@ -137,6 +137,7 @@ def _check_margin_range(name, low, high):
 def check_options(options) -> dict:
     """Validated, normalized values of a LossOptions' fields (numbers as Python floats / ints)."""
     from .margins import FALLBACKS
+    from .negatives import NONTARGET_MODES
     from .options import MARGIN_GRADS, REDUCTIONS
 
     values = {
@@ -149,6 +150,8 @@ def check_options(options) -> dict:
         "fallback": _choice("fallback", options.fallback, FALLBACKS),
         "clip_eps": _real("clip_eps", options.clip_eps),
         "margin_grad": _choice("margin_grad", options.margin_grad, MARGIN_GRADS),
+        "nontarget": _choice("nontarget", options.nontarget, NONTARGET_MODES),
+        "nontarget_t": _nontarget_t(options.nontarget, options.nontarget_t),
         "label_smoothing": _real("label_smoothing", options.label_smoothing),
         "ignore_index": integer("ignore_index", options.ignore_index),
         "reduction": _choice("reduction", options.reduction, REDUCTIONS),
@@ -163,6 +166,38 @@ def check_options(options) -> dict:
     if not 0.0 <= values["label_smoothing"] <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {values['label_smoothing']}")
     return values
+
+
+def _nontarget_t(mode, value):
+    """The non-target map's parameter (negatives.py): a finite float, or for CurricularFace a 0-d
+    floating tensor (its running t, read on the device: never .item()'d) that does not require
+    grad (the authors update t under no_grad; the map's t carries no gradient). None: the
+    for_rows form of an unused parameter (mode "none")."""
+    if value is None and mode == "none":
+        return value
+    if isinstance(value, Tensor) and value.dim() == 0 and mode == "curricular":
+        if not value.dtype.is_floating_point:
+            raise TypeError(f"nontarget_t must be a floating tensor, got {value.dtype}")
+        if value.requires_grad:
+            raise ValueError("nontarget_t requires grad, but the non-target map's t carries no gradient; pass "
+                             "t.detach()")
+        return value
+    value = _real("nontarget_t", value)
+    if mode == "mv" and value < 1.0:
+        raise ValueError(f"nontarget_t (MV-Softmax's mv_weight t, hard negatives become t c + t - 1) must be "
+                         f">= 1, got {value}")
+    return value
+
+
+def nontarget_parameter(mode, value, device, dtype):
+    """nontarget_t as the 0-d tensor of `dtype` on `device` the op takes (None for mode "none")."""
+    if mode == "none":
+        return None
+    if isinstance(value, Tensor):
+        if value.device != device:
+            raise ValueError(f"nontarget_t must be on {device}, got {value.device}")
+        return value.detach().to(dtype)
+    return torch.full((), value, dtype=dtype, device=device)
 
 
 def row_margin(name, value, n, device, dtype):

@@ -62,13 +62,29 @@ def _normalize(v):
     return u / u.norm(dim=1, keepdim=True).clamp_min(EPS / peak)
 
 
+def _hard_negative_logits(cos, cos_y, onehot, nontarget, t, margins):
+    """Non-target cosines above the row's threshold remapped (no gradient through the mask):
+    CurricularFace c (t + c) and MV-Softmax t c + t - 1 above cos(m1 theta_y + m2) - m3 (no rule
+    past pi), the filtering 0 above the threshold t."""
+    if nontarget == "filter":
+        threshold = torch.full_like(cos_y, float(t))
+    else:
+        m1, m2, m3 = margins
+        threshold = torch.cos(m1 * torch.acos(cos_y.detach().clamp(-1, 1)) + m2) - m3
+    hard = (cos.detach() > threshold[:, None]) & ~onehot
+    t = torch.as_tensor(t, dtype=torch.float64)
+    mapped = {"curricular": cos * (t + cos), "mv": t * cos + t - 1, "filter": torch.zeros_like(cos)}[nontarget]
+    return torch.where(hard, mapped, cos)
+
+
 def oracle(x, w, y, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0, k=1, eps=0.0, ignore_index=-100, reduction="mean",
-           row_weights=None):
+           row_weights=None, nontarget="none", nontarget_t=0.0):
     """Loss and (dX, dW) in float64 for raw x (N, D), w (C*K, D); labels with ignore_index.
 
     Margins are floats or (N,) tensors. A target cosine of exactly +-1 (parallel vectors) has
     d cos / d x = 0, so its margin term is held constant there (acos' derivative is infinite).
-    row_weights: the upstream gradient of reduction="none" (default ones).
+    row_weights: the upstream gradient of reduction="none" (default ones). nontarget,
+    nontarget_t: the hard-negative map (CurricularFace, MV-Softmax, filtering).
     """
     x = x.detach().double().requires_grad_(True)
     w = w.detach().double().requires_grad_(True)
@@ -86,7 +102,11 @@ def oracle(x, w, y, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0, k=1, eps=0.0, ignore_
         if n else cos_y
     phis = torch.where(inside, phis, phis.detach())
     onehot = torch.nn.functional.one_hot(target, c).bool() & active[:, None]
-    z = scale * torch.where(onehot, phis[:, None], cos)
+    others = cos
+    if nontarget != "none":
+        others = _hard_negative_logits(cos, cos_y, onehot, nontarget, nontarget_t,
+                                       [m for m in margins])
+    z = scale * torch.where(onehot, phis[:, None], others)
     lse = torch.logsumexp(z, dim=1)
     z_y = z.gather(1, target[:, None])[:, 0]
     rows = torch.where(active, lse - (1 - eps) * z_y - eps / c * z.sum(1), 0.0)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..dtypes import compute_dtype
 from ..margins import NORM_EPS, dphi_dcos, dphi_dmargins, phi
+from ..negatives import hard_negatives, is_hard, map_cosines
 from .common import overflow_scales
 
 
@@ -71,9 +72,10 @@ class _Cosines(torch.autograd.Function):
 
 
 def reference_logits(x, w, labels, m1, m2, m3, *, scale, sub_centers, easy_margin=False, straight_through=False,
-                     clip=None):
-    """The full N x C margined logits (target margin only where label >= 0) and the cosines of
-    rows x, w already in the compute dtype."""
+                     clip=None, nontarget="none", nontarget_t=None):
+    """The full N x C margined logits (target margin only where label >= 0, hard non-targets
+    remapped by the non-target epilogue, eq. (N1)) and the cosines of rows x, w already in the
+    compute dtype."""
     cdt = x.dtype
     # Huge rows scaled by a power of two first (exact, differentiable), as the op does for the
     # fused backends: F.normalize's squared norm would overflow.
@@ -87,7 +89,12 @@ def reference_logits(x, w, labels, m1, m2, m3, *, scale, sub_centers, easy_margi
     cos_y = cos.gather(1, safe[:, None])[:, 0]
     margined = _Margin.apply(cos_y, m1.to(cdt), m2.to(cdt), m3.to(cdt), easy_margin, straight_through, clip)
     onehot = F.one_hot(safe, cos.shape[1]).bool() & has_target[:, None]
-    logits = scale * torch.where(onehot, margined[:, None], cos)
+    others = cos
+    if nontarget != "none":  # the mask and t carry no gradient (negatives.py)
+        hard = hard_negatives(nontarget, nontarget_t.detach(), torch.where(has_target, cos_y.detach(), 0.0), has_target,
+                              m1.to(cdt), m2.to(cdt), m3.to(cdt))
+        others = map_cosines(cos, is_hard(cos.detach(), hard.threshold, onehot), hard.coeffs)
+    logits = scale * torch.where(onehot, margined[:, None], others)
     return logits, cos
 
 
@@ -124,7 +131,8 @@ def reference_loss(embeddings, weight, targets, options, operand_dtype):
         w = _RoundTo.apply(weight, operand_dtype, cdt)
         logits, cos = reference_logits(x, w, targets, options.m1, options.m2, options.m3, scale=options.scale,
                                        sub_centers=options.sub_centers, easy_margin=options.easy_margin,
-                                       straight_through=options.straight_through, clip=options.clip)
+                                       straight_through=options.straight_through, clip=options.clip,
+                                       nontarget=options.nontarget, nontarget_t=options.nontarget_t)
         loss = cross_entropy_rows(logits, targets, options.label_smoothing)
         with torch.no_grad():
             lse = torch.logsumexp(logits, dim=1)
