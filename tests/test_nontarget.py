@@ -4,14 +4,13 @@ it against the independent float64 oracle (tests/float64_oracle.py)."""
 
 import copy
 
+import authors_heads as authors
 import pytest
 import torch
+from float64_oracle import oracle
 
 import arcface_kernels as ak
 from arcface_kernels.backends import backend_status, get_backend
-
-import authors_heads as authors
-from float64_oracle import oracle
 from helpers import TOL, loss_and_grads, rel_err
 
 MODES = {  # settings of each mode, with t: CurricularFace's running t, MV-Softmax's weight, the threshold
