@@ -20,6 +20,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .backends.common import get_workspace_budget
+
 NONTARGET_MODES = ("none", "curricular", "mv", "filter")
 
 
@@ -67,12 +69,18 @@ def coefficients(mode: str, t: Tensor) -> Tensor:
 def target_cosines(x: Tensor, w: Tensor, labels: Tensor, rx: Tensor, rw: Tensor, sub_centers: int) -> Tensor:
     """cos of each row to its target class (the max over its sub-centre rows), 0 where label < 0:
     the dot of the rows the backend sees times their inverse norms, as the kernels form it
-    (docs/design.md section 4), accumulated in float64 (O(N K D), once per call)."""
+    (docs/design.md section 4), accumulated in float64 (O(N K D), once per call), in row slices
+    whose float64 temporaries stay within the workspace budget."""
     n, k = x.shape[0], sub_centers
     safe = torch.where(labels >= 0, labels, 0)
-    rows = (safe[:, None] * k + torch.arange(k, device=x.device)).reshape(-1)
-    dots = (x.double().repeat_interleave(k, 0) * w[rows].double()).sum(1)
-    cos = (dots * rx.double().repeat_interleave(k, 0) * rw[rows].double()).view(n, k).amax(1)
+    rows = safe[:, None] * k + torch.arange(k, device=x.device)  # (N, K) rows of w
+    # three (slice, K, D) float64 temporaries: the gathered rows, the row copy, their product
+    step = max(1, get_workspace_budget() // (3 * 8 * k * max(1, x.shape[1])))
+    cos = torch.empty(n, dtype=torch.float64, device=x.device)
+    for first in range(0, n, step):
+        part = rows[first:first + step]
+        dots = (x[first:first + step, None, :].double() * w[part].double()).sum(2)
+        cos[first:first + step] = (dots * rx[first:first + step, None].double() * rw[part].double()).amax(1)
     return torch.where(labels >= 0, cos, 0.0).to(rx.dtype)
 
 

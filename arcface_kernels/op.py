@@ -146,6 +146,8 @@ def forward_stats(x: Tensor, w: Tensor, labels: Tensor, active: Tensor, options:
     if options.nontarget != "none":
         _require_nontarget_epilogue(backend)
         target_cos = target_cosines(x_seen, w_seen, labels, rx, rw, options.sub_centers)
+        if merge is not None and merge_rows is None:  # a class shard alone would see 0 for others' targets
+            raise NotImplementedError("a sharded forward with a non-target epilogue needs merge_rows")
         if merge_rows is not None:
             target_cos = merge_rows(target_cos)
         negatives = hard_negatives(options.nontarget, options.nontarget_t, target_cos, active, options.m1,
@@ -221,7 +223,8 @@ def _margin_softmax_fwd(
         x, w = operands(embeddings, operand_dtype), operands(weight, operand_dtype)
         fwd = forward_stats(x, w, labels, labels >= 0, opts, backend, num_classes)
     dtype, saved = compute_dtype(operand_dtype), fwd.saved
-    threshold = saved.lse.new_empty(0) if saved.negatives is None else saved.negatives.threshold
+    threshold = (torch.empty(0, dtype=dtype, device=x.device) if saved.negatives is None
+                 else saved.negatives.threshold)
     return (fwd.loss, saved.lse, fwd.stats.target_cos.clone(), fwd.stats.best_class.clone(), saved.gap,
             saved.rx, saved.rw, _scale_or_ones(saved.sx, x.shape[0], dtype, x.device),
             _scale_or_ones(saved.sw, w.shape[0], dtype, w.device), threshold)
