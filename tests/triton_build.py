@@ -28,6 +28,7 @@ from triton.runtime.jit import create_function_from_signature
 from arcface_kernels.backends import chunk_plan
 from arcface_kernels.backends import triton as triton_backend
 from arcface_kernels.backends.triton.backward import grad_tile_kernel, project_rows_kernel
+from arcface_kernels.backends.triton.configs import register_cap
 from arcface_kernels.backends.triton.forward import partial_stats_kernel
 
 KERNELS = {"forward": partial_stats_kernel, "grad_tile": grad_tile_kernel}
@@ -92,7 +93,8 @@ def compile_kernel(kernel, config, arch, dtype="bf16", sub_centers=1, shape=HEAD
                      DOT_PRECISION="ieee", BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
     constants = {name: value for name, value in constants.items() if name in fn.arg_names}
     return _compile(fn, arch, launch_arguments(kernel, shape, dtype, sub_centers, nontarget),
-                    dict(constants, num_warps=config.num_warps, num_stages=config.num_stages))
+                    dict(constants, num_warps=config.num_warps, num_stages=config.num_stages,
+                         **register_cap(kernel, nontarget)))
 
 
 @functools.cache

@@ -18,7 +18,7 @@ from ..common import float32_matmul_uses_tf32
 from ..contract import Backend, PartialStats
 from ..registry import register_backend
 from .backward import grad_tile_kernel, project_rows_kernel
-from .configs import tile_config
+from .configs import register_cap, tile_config
 from .forward import combine_splits, partial_stats_kernel
 
 # Under the interpreter the grid is sized for a wave of a few programs, so that small test problems
@@ -159,6 +159,7 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
             n, first, stop, dim, x.stride(0), w.stride(0), out.stride(0), options.scale,
             options.label_smoothing / num_classes,
             K=k, NONTARGET=threshold is not None, DOT_PRECISION=_dot_precision(x.dtype), **_launch_options(config),
+            **register_cap("grad_tile", threshold is not None),
         )
 
     with _on_device(x.device):
