@@ -110,7 +110,7 @@ def _hard_negatives(options):
     NONTARGET=False variants take no extra argument and compile as without the epilogue."""
     if options.negatives is None:
         return None, None
-    return options.negatives.threshold.float().contiguous(), options.negatives.coeffs.float().contiguous()
+    return options.negatives.threshold, options.negatives.coeffs  # contiguous, read as float32
 
 
 def forward(x, w, labels, options, norms):
