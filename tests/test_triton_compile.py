@@ -79,3 +79,29 @@ def test_a_row_count_off_16_is_not_marked():
     headline = compile_kernel("forward", CONFIGS["forward"], 90)
     odd = compile_kernel("forward", CONFIGS["forward"], 90, shape=(4095, 262144, 512))
     assert specialized_arguments(odd) == specialized_arguments(headline) - {"N"}
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+@pytest.mark.parametrize("kernel", sorted(CONFIGS))
+def test_nontarget_variant_compiles_without_spills(kernel, arch):
+    """The non-target epilogue's NONTARGET variant (configs.register_cap included): no spills and
+    at least two CTAs per SM, as the plain kernels."""
+    config = CONFIGS[kernel]
+    compiled = compile_kernel(kernel, config, arch, nontarget=True)
+    usage = resource_usage(compiled, arch)
+    ctas = triton_backend.ctas_per_sm(usage["registers"], compiled.metadata.shared, config.num_warps, PROPS[arch])
+    print(f"{kernel} NONTARGET sm_{arch}: {usage}, {ctas} CTAs/SM")
+    assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, usage
+    assert ctas >= 2, usage
+
+
+@pytest.mark.parametrize("kernel", sorted(CONFIGS))
+def test_the_plain_kernels_take_no_argument_of_the_epilogue(kernel):
+    """The plain launch passes None for the threshold and coefficient pointers: JIT constants, so
+    the plain kernel's parameters are the NONTARGET variant's less those two."""
+    def parameters(compiled):
+        return compiled.asm["ptx"].count(".param .")
+
+    plain = compile_kernel(kernel, CONFIGS[kernel], 90)
+    assert parameters(plain) == parameters(compile_kernel(kernel, CONFIGS[kernel], 90, nontarget=True)) - 2
+    assert plain.src.signature["threshold_ptr"] == plain.src.signature["coeffs_ptr"] == "constexpr"

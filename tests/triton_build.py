@@ -28,6 +28,7 @@ from triton.runtime.jit import create_function_from_signature
 from arcface_kernels.backends import chunk_plan
 from arcface_kernels.backends import triton as triton_backend
 from arcface_kernels.backends.triton.backward import grad_tile_kernel, project_rows_kernel
+from arcface_kernels.backends.triton.configs import register_cap
 from arcface_kernels.backends.triton.forward import partial_stats_kernel
 
 KERNELS = {"forward": partial_stats_kernel, "grad_tile": grad_tile_kernel}
@@ -46,22 +47,24 @@ class _Pointer:
         return 1 << 21
 
 
-def launch_arguments(kernel, shape, dtype="bf16", sub_centers=1):
+def launch_arguments(kernel, shape, dtype="bf16", sub_centers=1, nontarget=False):
     """The positional arguments the backend's launch code passes `kernel` at (N, C, D), pointers
     as stand-ins: the forward's those of its warm-up compile (one tile per split: every split
     size the launch then picks is a whole number of tiles, specialized alike), the gradient
-    tile's those of the first chunk of the chunk plan."""
+    tile's those of the first chunk of the chunk plan. The non-target epilogue's threshold and
+    coefficients are None on the plain path, as the launch passes them."""
     n, c, d = shape
     dt = _DTYPES[dtype]
     x, f32, i64 = _Pointer(dt), _Pointer(torch.float32), _Pointer(torch.int64)
+    negatives = (f32, f32) if nontarget else (None, None)
     config = triton_backend.tile_config(kernel)
     if kernel == "forward":
-        return (x, x, f32, f32, i64, f32, f32, f32, f32, i64, n, c, d, d, d, config.block_n, 64.0)
+        return (x, x, f32, f32, i64, f32, f32, f32, *negatives, f32, i64, n, c, d, d, d, config.block_n, 64.0)
     grad_dtype = chunk_plan.gradient_dtype(dt)
     step = chunk_plan.chunk_classes(n, c, sub_centers, d, grad_dtype, None, config.block_n,
                                     chunk_plan.split_operands(dt))
     g = _Pointer(grad_dtype)
-    return (x, x, f32, f32, i64, f32, f32, f32, g, n, 0, step, d, d, d, step * sub_centers, 64.0, 0.0)
+    return (x, x, f32, f32, i64, f32, f32, f32, *negatives, g, n, 0, step, d, d, d, step * sub_centers, 64.0, 0.0)
 
 
 def _compile(fn, arch, args, launch_kwargs):
@@ -81,15 +84,17 @@ def _compile(fn, arch, args, launch_kwargs):
 
 
 @functools.cache
-def compile_kernel(kernel, config, arch, dtype="bf16", sub_centers=1, shape=HEADLINE, smoothing=False):
+def compile_kernel(kernel, config, arch, dtype="bf16", sub_centers=1, shape=HEADLINE, smoothing=False,
+                   nontarget=False):
     """`kernel` with tile config `config`, compiled for sm_`arch` as the JIT would at `shape`
-    (cached: several tests read the same compile)."""
+    (cached: several tests read the same compile); nontarget: the non-target epilogue's variant."""
     fn = KERNELS[kernel]
-    constants = dict(K=sub_centers, EASY_MARGIN=False, CLIP_EPS=0.0, SMOOTHING=smoothing, DOT_PRECISION="ieee",
-                     BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
+    constants = dict(K=sub_centers, NONTARGET=nontarget, EASY_MARGIN=False, CLIP_EPS=0.0, SMOOTHING=smoothing,
+                     DOT_PRECISION="ieee", BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
     constants = {name: value for name, value in constants.items() if name in fn.arg_names}
-    return _compile(fn, arch, launch_arguments(kernel, shape, dtype, sub_centers),
-                    dict(constants, num_warps=config.num_warps, num_stages=config.num_stages))
+    return _compile(fn, arch, launch_arguments(kernel, shape, dtype, sub_centers, nontarget),
+                    dict(constants, num_warps=config.num_warps, num_stages=config.num_stages,
+                         **register_cap(kernel, nontarget)))
 
 
 @functools.cache

@@ -18,7 +18,7 @@ from ..common import float32_matmul_uses_tf32
 from ..contract import Backend, PartialStats
 from ..registry import register_backend
 from .backward import grad_tile_kernel, project_rows_kernel
-from .configs import tile_config
+from .configs import register_cap, tile_config
 from .forward import combine_splits, partial_stats_kernel
 
 # Under the interpreter the grid is sized for a wave of a few programs, so that small test problems
@@ -104,6 +104,15 @@ def _on_device(device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _hard_negatives(options):
+    """The non-target epilogue's tau (N,) and (a, b, e) (3,) device tensors (negatives.py), or
+    (None, None) on the plain path: None pointers are constants to the JIT, so the kernels'
+    NONTARGET=False variants take no extra argument and compile as without the epilogue."""
+    if options.negatives is None:
+        return None, None
+    return options.negatives.threshold, options.negatives.coeffs  # contiguous, read as float32
+
+
 def forward(x, w, labels, options, norms):
     n, dim = x.shape
     k = options.sub_centers
@@ -114,12 +123,13 @@ def forward(x, w, labels, options, norms):
         return PartialStats(*[empty] * 6, labels.new_empty(0))
     config = tile_config("forward", _interpreted())
     row_blocks = triton.cdiv(n, config.block_m)
-    kwargs = dict(K=k, EASY_MARGIN=options.easy_margin, CLIP_EPS=options.clip or 0.0,
+    threshold, coeffs = _hard_negatives(options)
+    kwargs = dict(K=k, NONTARGET=threshold is not None, EASY_MARGIN=options.easy_margin, CLIP_EPS=options.clip or 0.0,
                   SMOOTHING=options.label_smoothing > 0, DOT_PRECISION=_dot_precision(x.dtype),
                   **_launch_options(config))
 
     def arguments(stats, best_class, per_split):
-        return (x, w, rx, rw, labels, options.m1, options.m2, options.m3, stats, best_class,
+        return (x, w, rx, rw, labels, options.m1, options.m2, options.m3, threshold, coeffs, stats, best_class,
                 n, n_classes, dim, x.stride(0), w.stride(0), per_split, options.scale)
 
     with _on_device(x.device):
@@ -138,16 +148,18 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
     k = options.sub_centers
     config = tile_config("grad_tile", _interpreted())
     grad_rows, lse, target_dcos = (t.float().contiguous() for t in (grad_rows, lse, target_dcos))
+    threshold, coeffs = _hard_negatives(options)
 
     def fill_grad(first, stop, out):
         if n == 0:
             return
         grid = (triton.cdiv(n, config.block_m), triton.cdiv(stop - first, config.block_n))
         grad_tile_kernel[grid](
-            x, w, norms.rx, norms.rw, labels, lse, grad_rows, target_dcos, out,
+            x, w, norms.rx, norms.rw, labels, lse, grad_rows, target_dcos, threshold, coeffs, out,
             n, first, stop, dim, x.stride(0), w.stride(0), out.stride(0), options.scale,
             options.label_smoothing / num_classes,
-            K=k, DOT_PRECISION=_dot_precision(x.dtype), **_launch_options(config),
+            K=k, NONTARGET=threshold is not None, DOT_PRECISION=_dot_precision(x.dtype), **_launch_options(config),
+            **register_cap("grad_tile", threshold is not None),
         )
 
     with _on_device(x.device):
@@ -183,4 +195,5 @@ register_backend(Backend(
     # On the CPU the interpreter is for tests only. bf16 below sm_80: Triton compiles the dot to
     # scalar FMAs (no bf16 tensor cores), so after `cuda` and `torch` (cuBLAS).
     priority=_priority,
+    nontarget_epilogue=True,
 ))

@@ -3,7 +3,8 @@ once per class chunk (docs/design.md sections 5-6).
 
 Each program owns a (row block, class block) of the chunk: it recomputes the cosines (the
 forward's mainloop, 1 x 2NCD over all chunks), turns them into dcos (eqs. (15)-(17); the target
-entry takes the op's per-row target_dcos, so no margin math runs here), routes each class's
+entry takes the op's per-row target_dcos, so no margin math runs here; with the non-target
+epilogue, a NONTARGET variant, hard entries take eqs. (N1)-(N2)), routes each class's
 gradient to its winning sub-centre (eq. (18)) and writes G = dcos * rx * rw^T (eq. (19)) in the
 buffer's dtype. The plan then runs the two gradient GEMMs (B += G W_c, A_c = G^T X) and
 the tangent projections, so no row or column sums of the tile are ever formed. Every entry of
@@ -18,9 +19,9 @@ from .tiles import class_cosines, cosine_gradient
 
 @triton.jit
 def grad_tile_kernel(
-    x_ptr, w_ptr, rx_ptr, rw_ptr, labels_ptr, lse_ptr, grad_ptr, target_dcos_ptr, g_ptr,
+    x_ptr, w_ptr, rx_ptr, rw_ptr, labels_ptr, lse_ptr, grad_ptr, target_dcos_ptr, threshold_ptr, coeffs_ptr, g_ptr,
     N, first_class, stop_class, D, stride_x, stride_w, stride_g, scale, smoothing_per_class,
-    K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    K: tl.constexpr, NONTARGET: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -34,7 +35,8 @@ def grad_tile_kernel(
     target_dcos = tl.load(target_dcos_ptr + rows, mask=row_mask, other=0.0)
     cos, pick = class_cosines(x_ptr, rows, row_mask, rx, stride_x, w_ptr, rw_ptr, classes, class_mask, stride_w, D,
                               K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
-    dcos = cosine_gradient(cos, classes, class_mask, labels, lse, grad, target_dcos, scale, smoothing_per_class)
+    dcos = cosine_gradient(cos, rows, row_mask, classes, class_mask, labels, lse, grad, target_dcos, scale,
+                           smoothing_per_class, threshold_ptr, coeffs_ptr, NONTARGET)
     scaled = dcos * rx[:, None]
     mask = row_mask[:, None] & class_mask[None, :]
     for k in tl.static_range(K):

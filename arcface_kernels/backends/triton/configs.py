@@ -33,6 +33,11 @@ CONFIGS = {
     "forward": TileConfig(64, 64, 32, 4, 4),
     "grad_tile": TileConfig(128, 64, 64, 8, 3),
 }
+# The NONTARGET variants (the non-target epilogue, docs/design.md section 3c): the forward takes
+# 168 / 192 registers (three / two CTAs per SM), 170 / 224 with label smoothing (two); the gradient
+# tile 128 on sm_90 but 136 on sm_80, one 8-warp CTA per SM, where capped at 128 it compiles
+# without spills: two. The plain kernels take no cap.
+NONTARGET_REGISTER_CAP = {"grad_tile": 128}
 # Under TRITON_INTERPRET=1 (CPU tests) small tiles keep the interpreter fast and exercise
 # several tiles, class splits and chunks on small problems.
 INTERPRETER_CONFIG = TileConfig(16, 16, 16, 4, 1)
@@ -40,3 +45,9 @@ INTERPRETER_CONFIG = TileConfig(16, 16, 16, 4, 1)
 
 def tile_config(kernel, interpreted=False):
     return INTERPRETER_CONFIG if interpreted else CONFIGS[kernel]
+
+
+def register_cap(kernel, nontarget):
+    """The launch's maxnreg option for `kernel` ({}: the compiler's choice)."""
+    cap = NONTARGET_REGISTER_CAP.get(kernel) if nontarget else None
+    return {} if cap is None else dict(maxnreg=cap)

@@ -12,16 +12,16 @@ import triton.language as tl
 
 from ..contract import PartialStats
 from .math import phi
-from .tiles import class_cosines, load_row_terms
+from .tiles import class_cosines, load_hard_negatives, load_row_terms, map_hard
 
 
 @triton.jit
 def partial_stats_kernel(
-    x_ptr, w_ptr, rx_ptr, rw_ptr, labels_ptr, m1_ptr, m2_ptr, m3_ptr,
+    x_ptr, w_ptr, rx_ptr, rw_ptr, labels_ptr, m1_ptr, m2_ptr, m3_ptr, threshold_ptr, coeffs_ptr,
     stats_ptr, best_class_ptr,
     N, C, D, stride_x, stride_w, classes_per_split, scale,
-    K: tl.constexpr, EASY_MARGIN: tl.constexpr, CLIP_EPS: tl.constexpr, SMOOTHING: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    K: tl.constexpr, NONTARGET: tl.constexpr, EASY_MARGIN: tl.constexpr, CLIP_EPS: tl.constexpr,
+    SMOOTHING: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -29,6 +29,9 @@ def partial_stats_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
     rx, labels, m1, m2, m3 = load_row_terms(rows, row_mask, rx_ptr, labels_ptr, m1_ptr, m2_ptr, m3_ptr)
+    if NONTARGET:  # the non-target epilogue's tau_i and (a, b, e) (None pointers on the plain path)
+        # (named apart from the loop's e: the exps)
+        threshold, map_a, map_b, map_e = load_hard_negatives(rows, row_mask, threshold_ptr, coeffs_ptr)
 
     # The loop walks the non-target classes only; each row's margined target logit s*phi(cos_y)
     # joins once after it, in the split that holds the label, as a part of its own merged by
@@ -48,8 +51,12 @@ def partial_stats_kernel(
         cos, _ = class_cosines(x_ptr, rows, row_mask, rx, stride_x, w_ptr, rw_ptr, classes, class_mask, stride_w, D,
                                K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
         # classes past the split: -inf, out of every max and sum (scale > 0: z is -inf there too)
-        cos = tl.where(class_mask[None, :], cos, float("-inf"))
-        z = scale * cos
+        if NONTARGET:  # hard non-targets remapped, eq. (N1), while the padding's cosine is 0, not -inf
+            z = scale * tl.where(class_mask[None, :], map_hard(cos, threshold, map_a, map_b, map_e), float("-inf"))
+            cos = tl.where(class_mask[None, :], cos, float("-inf"))
+        else:
+            cos = tl.where(class_mask[None, :], cos, float("-inf"))
+            z = scale * cos
         # Targets only where some row's label falls inside this tile: a scalar branch, so the
         # other tiles (all but about N of the C / BLOCK_N per row block) skip it.
         in_tile = (labels >= first) & (labels < first + BLOCK_N)

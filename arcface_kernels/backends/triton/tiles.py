@@ -61,10 +61,40 @@ def class_cosines(x_ptr, rows, row_mask, rx, stride_x, w_ptr, rw_ptr, classes, c
 
 
 @triton.jit
-def cosine_gradient(cos, classes, class_mask, labels, lse, grad_rows, target_dcos, scale, smoothing_per_class):
+def load_hard_negatives(rows, row_mask, threshold_ptr, coeffs_ptr):
+    """A row block's thresholds tau_i (+inf on padding rows: no entry is hard) and the map's
+    (a, b, e) (arcface_kernels/negatives.py, docs/design.md section 3c), read on the device."""
+    threshold = tl.load(threshold_ptr + rows, mask=row_mask, other=float("inf")).to(tl.float32)
+    a = tl.load(coeffs_ptr).to(tl.float32)
+    b = tl.load(coeffs_ptr + 1).to(tl.float32)
+    e = tl.load(coeffs_ptr + 2).to(tl.float32)
+    return threshold, a, b, e
+
+
+@triton.jit
+def map_hard(cos, threshold, a, b, e):
+    """Eq. (N1) on a tile: c (a c + b) + e where c > tau_i, c elsewhere. The mask does not exclude
+    the target: both kernels overwrite the target entry afterwards. Cosines must be finite (the
+    classes past the range are 0 here, masked after), or the unused branch would be NaN."""
+    return tl.where(cos > threshold[:, None], cos * (a * cos + b) + e, cos)
+
+
+@triton.jit
+def cosine_gradient(cos, rows, row_mask, classes, class_mask, labels, lse, grad_rows, target_dcos, scale,
+                    smoothing_per_class, threshold_ptr, coeffs_ptr, NONTARGET: tl.constexpr):
     """dloss/dcos of a tile (docs/design.md eqs. (15)-(17)): s * g * (p - eps/C) off the target,
-    the row's target_dcos (computed once per row by the op) on it; 0 outside the valid classes."""
+    the row's target_dcos (computed once per row by the op) on it; 0 outside the valid classes.
+    With the non-target epilogue (NONTARGET; the pointers are None without it) p is that of the
+    mapped logit s * h(c) and hard entries take the factor dh/dc = 2 a c + b (eqs. (N1)-(N2)).
+    Classes past the chunk (cosine 0, maybe "hard") are zeroed at the end."""
     is_target = classes[None, :] == labels[:, None]
-    p = tl.exp(scale * cos - lse[:, None])
-    dcos = tl.where(is_target, target_dcos[:, None], (p - smoothing_per_class) * (scale * grad_rows)[:, None])
+    if NONTARGET:
+        threshold, a, b, e = load_hard_negatives(rows, row_mask, threshold_ptr, coeffs_ptr)
+        p = tl.exp(scale * map_hard(cos, threshold, a, b, e) - lse[:, None])
+        slope = tl.where(cos > threshold[:, None], 2.0 * a * cos + b, 1.0)
+        off_target = (p - smoothing_per_class) * (scale * grad_rows)[:, None] * slope
+    else:
+        p = tl.exp(scale * cos - lse[:, None])
+        off_target = (p - smoothing_per_class) * (scale * grad_rows)[:, None]
+    dcos = tl.where(is_target, target_dcos[:, None], off_target)
     return tl.where(class_mask[None, :], dcos, 0.0)
