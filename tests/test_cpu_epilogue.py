@@ -145,10 +145,13 @@ def test_baseline_and_avx2_row_kernels_agree(tmp_path):
 
     if torch.ops.arcface_kernels_cpu.vector_isa() != "avx2":
         pytest.skip("this CPU runs the baseline kernels only")
+    # the plain kernels, and the mapped ones of the non-target epilogue (K = 1 float32: raw_w too)
     code = ("import sys, torch, arcface_kernels as ak; from helpers import loss_and_grads, make_problem\n"
             "x, w, y = make_problem(9, 41, 21, k=2, seed=8, ignore=(3,))\n"
             "with ak.workspace_budget(3000):\n"
             "    out = loss_and_grads(x, w, y, backend='torch', sub_centers=2, label_smoothing=0.1, reduction='none')\n"
+            "    out += loss_and_grads(x, w[::2].contiguous(), y, backend='torch', label_smoothing=0.1,\n"
+            "                          reduction='none', nontarget='curricular', nontarget_t=0.3, scale=8.0, m2=0.1)\n"
             "torch.save((torch.ops.arcface_kernels_cpu.vector_isa(), out), sys.argv[1])\n")
     tests = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default",
@@ -161,5 +164,8 @@ def test_baseline_and_avx2_row_kernels_agree(tmp_path):
     x, w, y = make_problem(9, 41, 21, k=2, seed=8, ignore=(3,))
     with ak.workspace_budget(3000):
         avx2 = loss_and_grads(x, w, y, backend="torch", sub_centers=2, label_smoothing=0.1, reduction="none")
+        avx2 += loss_and_grads(x, w[::2].contiguous(), y, backend="torch", label_smoothing=0.1, reduction="none",
+                               nontarget="curricular", nontarget_t=0.3, scale=8.0, m2=0.1)
+    assert len(baseline) == len(avx2) == 6
     for base, vec in zip(baseline, avx2):
         assert rel_err(base, vec) < 1e-5  # another exp and lane order: rounding only
