@@ -169,3 +169,23 @@ def test_baseline_and_avx2_row_kernels_agree(tmp_path):
     assert len(baseline) == len(avx2) == 6
     for base, vec in zip(baseline, avx2):
         assert rel_err(base, vec) < 1e-5  # another exp and lane order: rounding only
+
+
+@needs_ops
+def test_the_mapped_ops_check_their_arguments():
+    """The non-target epilogue's threshold and coefficients go together, and the mapped backward
+    needs lse (its tile holds Z, not Z - lse)."""
+    ops = torch.ops.arcface_kernels_cpu
+    n, width = 3, 5
+    p, labels, target_p = torch.zeros(n, width), torch.zeros(n, dtype=torch.int64), torch.zeros(n)
+    threshold, coeffs = torch.zeros(n), torch.zeros(3)
+    with pytest.raises(RuntimeError, match="lse is given exactly"):
+        ops.backward_tile(p, labels, 0, target_p, 0.0, None, None, threshold, coeffs)
+    with pytest.raises(RuntimeError, match="go together"):
+        ops.backward_tile(p, labels, 0, target_p, 0.0, None, torch.zeros(n), threshold, None)
+    with pytest.raises(RuntimeError, match="coeffs"):
+        ops.backward_tile(p, labels, 0, target_p, 0.0, None, torch.zeros(n), threshold, torch.zeros(2))
+    stats = [torch.zeros(n) for _ in range(5)]
+    with pytest.raises(RuntimeError, match="threshold"):
+        ops.forward_tile(p, labels, 0, *stats[:3], torch.zeros(n, dtype=torch.int64), *stats[3:], False, None,
+                         torch.zeros(n + 1), coeffs)
