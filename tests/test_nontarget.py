@@ -259,7 +259,7 @@ def test_torch_backend_never_allocates_n_by_c_and_keeps_the_budget_with_the_epil
     from bench.live_bytes import LiveBytes
 
     n, c, d = 256, 4096, 16  # one float32 N x C matrix: 4 MiB, above the budget
-    budget = 2**20
+    budget = 2 * 2**20
     x, w, y = _near_centres(n, c, d, seed=9)
     x, w = x.float(), w.float().repeat_interleave(k, 0)
     y[3] = -100
