@@ -76,7 +76,7 @@ def chunk_classes(n_rows, sub_centers, dim, dtype, device=None, mapped_in_torch=
     (N x chunk * K) tile buffer and a copy of an eighth of its rows (the top-1's argmax), with
     sub-centers also the per-class max and its int64 index, and three (chunk * K x D) blocks (the
     scaled class rows, their gradient and a temporary); with mapped_in_torch (the non-target
-    epilogue in torch ops, _map_hard / _mapped_probabilities) two more N x chunk tiles and a bool
+    epilogue in torch ops, _map_hard / _map_hard_slope) two more N x chunk tiles and a bool
     mask. The N x D operands and accumulators (xs, Xa, B) come out of the budget first. On a CPU
     the tile is also kept within common.CPU_TILE_BYTES (common.tile_classes)."""
     itemsize = torch.finfo(dtype).bits // 8
