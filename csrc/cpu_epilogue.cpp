@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <optional>
 #include <string>
+#include <type_traits>
 
 namespace arcface_kernels {
 namespace {
@@ -56,14 +57,29 @@ const void* optional_vector(const std::optional<at::Tensor>& v, int64_t rows, at
   return v->data_ptr();
 }
 
+// The non-target epilogue's threshold (one per row) and (A, B, E) in the tile's dtype, or nullptrs
+// for the plain path (cpu_rows::HardMap).
+cpu_rows::HardMap hard_map(const std::optional<at::Tensor>& threshold, const std::optional<at::Tensor>& coeffs,
+                           int64_t rows, at::ScalarType dtype) {
+  TORCH_CHECK(threshold.has_value() == coeffs.has_value(), "threshold and coeffs go together");
+  return {optional_vector(threshold, rows, dtype, "threshold"), optional_vector(coeffs, 3, dtype, "coeffs")};
+}
+
+// Runs rows(std::bool_constant<mapped>{}): the row kernels' plain or mapped specialization.
+template <typename Rows>
+void specialized(bool mapped, const Rows& rows) {
+  mapped ? rows(std::true_type{}) : rows(std::false_type{});
+}
+
 }  // namespace
 
 // Folds one chunk's tile z (N x chunk: the logits s cos of classes [first_class, first_class +
 // chunk), or with col_scale = rw_c the products xs . w_j; overwritten) into the running row
-// statistics (cpu_rows::forward_rows).
+// statistics (cpu_rows::forward_rows); with threshold and coeffs, the non-target epilogue on the way.
 void forward_tile(at::Tensor& z, const at::Tensor& labels, int64_t first_class, at::Tensor& nt_max,
                   at::Tensor& nt_sum, at::Tensor& best_z, at::Tensor& best_class, at::Tensor& target_z,
-                  at::Tensor& logit_sum, bool smoothing, const std::optional<at::Tensor>& col_scale) {
+                  at::Tensor& logit_sum, bool smoothing, const std::optional<at::Tensor>& col_scale,
+                  const std::optional<at::Tensor>& threshold, const std::optional<at::Tensor>& coeffs) {
   check_tile(z, labels);
   const int64_t n = z.size(0);
   for (const at::Tensor* v : {&nt_max, &nt_sum, &best_z, &target_z, &logit_sum}) {
@@ -75,24 +91,29 @@ void forward_tile(at::Tensor& z, const at::Tensor& labels, int64_t first_class, 
                                    labels.data_ptr<int64_t>(), first_class,  z.size(1),
                                    nt_max.data_ptr(),    nt_sum.data_ptr(),          best_z.data_ptr(),
                                    target_z.data_ptr(),  logit_sum.data_ptr(),       best_class.data_ptr<int64_t>(),
-                                   smoothing};
+                                   smoothing,            hard_map(threshold, coeffs, n, z.scalar_type())};
   const bool avx2 = use_avx2();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "forward_tile", [&] {
-    at::parallel_for(0, n, grain(args.width), [&](int64_t begin, int64_t end) {
-      avx2 ? cpu_rows::avx2::forward_rows<scalar_t>(args, begin, end)
-           : cpu_rows::baseline::forward_rows<scalar_t>(args, begin, end);
+    specialized(threshold.has_value(), [&](auto mapped) {
+      at::parallel_for(0, n, grain(args.width), [&](int64_t begin, int64_t end) {
+        avx2 ? cpu_rows::avx2::forward_rows<scalar_t, decltype(mapped)::value>(args, begin, end)
+             : cpu_rows::baseline::forward_rows<scalar_t, decltype(mapped)::value>(args, begin, end);
+      });
     });
   });
 }
 
 // p (N x chunk, holding Z - lse) becomes P = exp(p) - smooth with the target entries set to
 // target_p, in place; or, given col_scale = rw_c and lse, p holds xs . w_j and becomes P diag(rw_c)
-// (cpu_rows::backward_rows).
+// (cpu_rows::backward_rows). With threshold and coeffs, the non-target epilogue: p holds Z (or xs . w_j
+// with col_scale), lse is given, and the hard entries' P is multiplied by dh/dc.
 void backward_tile(at::Tensor& p, const at::Tensor& labels, int64_t first_class, const at::Tensor& target_p,
-                   double smooth, const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& lse) {
+                   double smooth, const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& lse,
+                   const std::optional<at::Tensor>& threshold, const std::optional<at::Tensor>& coeffs) {
   check_tile(p, labels);
   check_vector(target_p, p.size(0), p.scalar_type(), "target_p");
-  TORCH_CHECK(col_scale.has_value() == lse.has_value(), "backward_tile: col_scale and lse go together");
+  TORCH_CHECK(lse.has_value() == (col_scale.has_value() || threshold.has_value()),
+              "backward_tile: lse is given exactly with col_scale or threshold");
   const cpu_rows::BackwardRows args{p.data_ptr(),
                                     labels.data_ptr<int64_t>(),
                                     first_class,
@@ -100,12 +121,15 @@ void backward_tile(at::Tensor& p, const at::Tensor& labels, int64_t first_class,
                                     target_p.data_ptr(),
                                     smooth,
                                     optional_vector(col_scale, p.size(1), p.scalar_type(), "col_scale"),
-                                    optional_vector(lse, p.size(0), p.scalar_type(), "lse")};
+                                    optional_vector(lse, p.size(0), p.scalar_type(), "lse"),
+                                    hard_map(threshold, coeffs, p.size(0), p.scalar_type())};
   const bool avx2 = use_avx2();
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "backward_tile", [&] {
-    at::parallel_for(0, p.size(0), grain(args.width), [&](int64_t begin, int64_t end) {
-      avx2 ? cpu_rows::avx2::backward_rows<scalar_t>(args, begin, end)
-           : cpu_rows::baseline::backward_rows<scalar_t>(args, begin, end);
+    specialized(threshold.has_value(), [&](auto mapped) {
+      at::parallel_for(0, p.size(0), grain(args.width), [&](int64_t begin, int64_t end) {
+        avx2 ? cpu_rows::avx2::backward_rows<scalar_t, decltype(mapped)::value>(args, begin, end)
+             : cpu_rows::baseline::backward_rows<scalar_t, decltype(mapped)::value>(args, begin, end);
+      });
     });
   });
 }
@@ -140,9 +164,9 @@ std::string vector_isa() { return use_avx2() ? "avx2" : "baseline"; }
 TORCH_LIBRARY(arcface_kernels_cpu, m) {
   m.def("forward_tile(Tensor(a!) z, Tensor labels, int first_class, Tensor(b!) nt_max, Tensor(c!) nt_sum, "
         "Tensor(d!) best_z, Tensor(e!) best_class, Tensor(f!) target_z, Tensor(g!) logit_sum, bool smoothing, "
-        "Tensor? col_scale=None) -> ()");
+        "Tensor? col_scale=None, Tensor? threshold=None, Tensor? coeffs=None) -> ()");
   m.def("backward_tile(Tensor(a!) p, Tensor labels, int first_class, Tensor target_p, float smooth, "
-        "Tensor? col_scale=None, Tensor? lse=None) -> ()");
+        "Tensor? col_scale=None, Tensor? lse=None, Tensor? threshold=None, Tensor? coeffs=None) -> ()");
   m.def("project_chunk(Tensor(a!) a, Tensor ws, Tensor rw, Tensor projected, Tensor(b!) out, bool raw_w=False) -> ()");
   m.def("vector_isa() -> str", &vector_isa);
 }

@@ -7,6 +7,15 @@
 
 namespace arcface_kernels::cpu_rows {
 
+// The non-target epilogue (arcface_kernels/negatives.py, docs/design.md section 3c) in logit units:
+// a non-target logit z > threshold_i becomes z (A z + B) + E = s h(z / s) (eq. (N1)) with slope
+// 2 A z + B = dh/dc (eq. (N2)), where (A, B, E) = (a / s, b, s e) and threshold_i = s tau_i.
+// nullptr pointers: the plain path (the kernels are specialized on it, `Mapped`).
+struct HardMap {
+  const void* threshold;  // N entries, the compute dtype
+  const void* coeffs;     // (A, B, E)
+};
+
 // One chunk's tile of logits (N x width, row-major, the compute dtype) and the running row
 // statistics that forward_rows folds it into (docs/design.md eq. (10)).
 struct ForwardRows {
@@ -17,11 +26,14 @@ struct ForwardRows {
   void *nt_max, *nt_sum, *best_z, *target_z, *logit_sum;
   int64_t* best_class;
   bool smoothing;
+  HardMap hard;
 };
 
 // A tile holding Z - lse, made P = exp(.) - smooth with each row's target entry set to target_p.
 // With col_scale, the tile holds xs . w_j instead of Z - lse: P = exp(rw_j xs . w_j - lse_i) - smooth,
-// and the tile gets P diag(rw) (target entry target_p * rw_t).
+// and the tile gets P diag(rw) (target entry target_p * rw_t). With a HardMap, the tile holds Z
+// (or xs . w_j with col_scale), lse is given, and the non-target entries become
+// (exp(map(Z) - lse) - smooth) dh/dc (times rw_j with col_scale).
 struct BackwardRows {
   void* tile;
   const int64_t* labels;
@@ -30,6 +42,7 @@ struct BackwardRows {
   double smooth;
   const void* col_scale;
   const void* lse;
+  HardMap hard;
 };
 
 // A chunk's class rows: a (rows x dim, scratch), ws, the inverse norms and projection flags, and
@@ -46,9 +59,9 @@ struct ProjectRows {
 
 #define ARCFACE_DECLARE_CPU_ROWS(ISA)                                       \
   namespace ISA {                                                           \
-  template <typename T>                                                     \
+  template <typename T, bool Mapped>                                        \
   void forward_rows(const ForwardRows& args, int64_t begin, int64_t end);   \
-  template <typename T>                                                     \
+  template <typename T, bool Mapped>                                        \
   void backward_rows(const BackwardRows& args, int64_t begin, int64_t end); \
   template <typename T, typename O>                                         \
   void project_rows(const ProjectRows& args, int64_t begin, int64_t end);   \

@@ -6,6 +6,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -128,14 +129,63 @@ void exp_minus(T* row, int64_t n, T smooth) {
   if (j < n) (Vec::loadu(row + j, n - j).exp() - e).store(row + j, n - j);
 }
 
+// Eq. (N1) in logit units (HardMap) on a row whose target entry is -inf (never hard): row_j <-
+// (A row_j + B) row_j + E where row_j > threshold, in place; returns the mapped row's max (NaN wins).
+template <typename T>
+T map_hard(T* row, int64_t n, T threshold, const T* coeffs) {
+  using Vec = at::vec::Vectorized<T>;
+  const int64_t step = Vec::size();
+  const T a = coeffs[0], b = coeffs[1], e = coeffs[2];
+  const Vec va(a), vb(b), ve(e), vt(threshold);
+  T best = -std::numeric_limits<T>::infinity();
+  int64_t j = 0;
+  if (n >= step) {
+    Vec acc(best);
+    for (; j + step <= n; j += step) {
+      const Vec z = Vec::loadu(row + j);
+      const Vec mapped = Vec::blendv(z, (z * va + vb) * z + ve, z > vt);
+      mapped.store(row + j);
+      acc = at::vec::maximum(acc, mapped);
+    }
+    best = reduce_lanes(acc, best, max_nan<T>);
+  }
+  for (; j < n; ++j) {
+    const T z = row[j];
+    if (z > threshold) row[j] = (z * a + b) * z + e;
+    best = max_nan(best, row[j]);
+  }
+  return best;
+}
+
+// The backward row with the non-target epilogue (HardMap): z = row_j (times scale_j when scale is
+// given), row_j <- (exp(map(z) - lse) - smooth) slope(z) (times scale_j), with map and slope those
+// of eqs. (N1)-(N2) on the entries z > threshold (the caller patches the target entry after).
+template <typename T>
+void mapped_exp_minus(T* row, const T* scale, int64_t n, T lse, T smooth, T threshold, const T* coeffs) {
+  using Vec = at::vec::Vectorized<T>;
+  const int64_t step = Vec::size();
+  const T a = coeffs[0], b = coeffs[1], e = coeffs[2];
+  const Vec va(a), vb(b), ve(e), va2(a + a), vt(threshold), one(T(1)), eps(smooth), l(lse);
+  for (int64_t j = 0; j < n; j += step) {
+    const int64_t count = std::min<int64_t>(step, n - j);
+    const Vec c = scale ? Vec::loadu(scale + j, count) : one;
+    const Vec z = scale ? Vec::loadu(row + j, count) * c : Vec::loadu(row + j, count);
+    const Vec hard = z > vt;
+    const Vec mapped = Vec::blendv(z, (z * va + vb) * z + ve, hard);
+    const Vec p = ((mapped - l).exp() - eps) * Vec::blendv(one, z * va2 + vb, hard);
+    (scale ? p * c : p).store(row + j, count);
+  }
+}
+
 }  // namespace
 
 // The forward loop body of chunked.py, per row: the target entry read and set to -inf (the tile
 // is scratch), the non-target max, the top-1 of the plain logits (the lowest class on ties; the
 // argmax searched only when the chunk improves the row's best; NaN counts as the largest, as in
 // torch.argmax), the online log-sum-exp update shifted by max(running max, chunk max) (an all -inf
-// row adds 0) and the smoothing logit sum.
-template <typename T>
+// row adds 0) and the smoothing logit sum. Mapped: the non-target epilogue (HardMap) rewrites the
+// row after the top-1 (which stays on the plain logits), before the log-sum-exp and the logit sum.
+template <typename T, bool Mapped>
 void forward_rows(const ForwardRows& args, int64_t begin, int64_t end) {
   const int64_t width = args.width;
   T *mx = static_cast<T*>(args.nt_max), *sum = static_cast<T*>(args.nt_sum), *bz = static_cast<T*>(args.best_z);
@@ -156,7 +206,12 @@ void forward_rows(const ForwardRows& args, int64_t begin, int64_t end) {
       args.best_class[i] = (target_wins ? t : arg) + args.first_class;
       bz[i] = plain;
     }
-    const T new_max = max_nan(mx[i], chunk_max);
+    T tile_max = chunk_max;
+    if constexpr (Mapped) {
+      tile_max = map_hard(row, width, static_cast<const T*>(args.hard.threshold)[i],
+                          static_cast<const T*>(args.hard.coeffs));
+    }
+    const T new_max = max_nan(mx[i], tile_max);
     const T shift = new_max == neg_inf ? T(0) : new_max;
     sum[i] = sum[i] * std::exp(mx[i] - shift) + row_sum_exp(row, width, shift);
     mx[i] = new_max;
@@ -165,15 +220,19 @@ void forward_rows(const ForwardRows& args, int64_t begin, int64_t end) {
   }
 }
 
-// The backward loop body of chunked.py: P = exp(Z - lse) - eps / C (eq. (15)), the target entry patched.
-template <typename T>
+// The backward loop body of chunked.py: P = exp(Z - lse) - eps / C (eq. (15)), the target entry
+// patched; Mapped: times dh/dc on the hard entries (mapped_exp_minus).
+template <typename T, bool Mapped>
 void backward_rows(const BackwardRows& args, int64_t begin, int64_t end) {
   const T eps = static_cast<T>(args.smooth);
   const T* target_p = static_cast<const T*>(args.target_p);
   const T* scale = static_cast<const T*>(args.col_scale);
   for (int64_t i = begin; i < end; ++i) {
     T* row = static_cast<T*>(args.tile) + i * args.width;
-    if (scale) {
+    if constexpr (Mapped) {
+      mapped_exp_minus(row, scale, args.width, static_cast<const T*>(args.lse)[i], eps,
+                       static_cast<const T*>(args.hard.threshold)[i], static_cast<const T*>(args.hard.coeffs));
+    } else if (scale) {
       scaled_exp_minus(row, scale, args.width, static_cast<const T*>(args.lse)[i], eps);
     } else {
       exp_minus(row, args.width, eps);
@@ -229,10 +288,14 @@ bool vectorized_for_avx2() {
 #endif
 }
 
-template void forward_rows<float>(const ForwardRows&, int64_t, int64_t);
-template void forward_rows<double>(const ForwardRows&, int64_t, int64_t);
-template void backward_rows<float>(const BackwardRows&, int64_t, int64_t);
-template void backward_rows<double>(const BackwardRows&, int64_t, int64_t);
+#define ARCFACE_INSTANTIATE_ROWS(T, MAPPED)                                      \
+  template void forward_rows<T, MAPPED>(const ForwardRows&, int64_t, int64_t); \
+  template void backward_rows<T, MAPPED>(const BackwardRows&, int64_t, int64_t);
+ARCFACE_INSTANTIATE_ROWS(float, false)
+ARCFACE_INSTANTIATE_ROWS(double, false)
+ARCFACE_INSTANTIATE_ROWS(float, true)
+ARCFACE_INSTANTIATE_ROWS(double, true)
+#undef ARCFACE_INSTANTIATE_ROWS
 ARCFACE_INSTANTIATE_PROJECT(float)
 ARCFACE_INSTANTIATE_PROJECT(double)
 #undef ARCFACE_INSTANTIATE_PROJECT

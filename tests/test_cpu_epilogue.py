@@ -145,10 +145,13 @@ def test_baseline_and_avx2_row_kernels_agree(tmp_path):
 
     if torch.ops.arcface_kernels_cpu.vector_isa() != "avx2":
         pytest.skip("this CPU runs the baseline kernels only")
+    # the plain kernels, and the mapped ones of the non-target epilogue (K = 1 float32: raw_w too)
     code = ("import sys, torch, arcface_kernels as ak; from helpers import loss_and_grads, make_problem\n"
             "x, w, y = make_problem(9, 41, 21, k=2, seed=8, ignore=(3,))\n"
             "with ak.workspace_budget(3000):\n"
             "    out = loss_and_grads(x, w, y, backend='torch', sub_centers=2, label_smoothing=0.1, reduction='none')\n"
+            "    out += loss_and_grads(x, w[::2].contiguous(), y, backend='torch', label_smoothing=0.1,\n"
+            "                          reduction='none', nontarget='curricular', nontarget_t=0.3, scale=8.0, m2=0.1)\n"
             "torch.save((torch.ops.arcface_kernels_cpu.vector_isa(), out), sys.argv[1])\n")
     tests = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default",
@@ -161,5 +164,28 @@ def test_baseline_and_avx2_row_kernels_agree(tmp_path):
     x, w, y = make_problem(9, 41, 21, k=2, seed=8, ignore=(3,))
     with ak.workspace_budget(3000):
         avx2 = loss_and_grads(x, w, y, backend="torch", sub_centers=2, label_smoothing=0.1, reduction="none")
+        avx2 += loss_and_grads(x, w[::2].contiguous(), y, backend="torch", label_smoothing=0.1, reduction="none",
+                               nontarget="curricular", nontarget_t=0.3, scale=8.0, m2=0.1)
+    assert len(baseline) == len(avx2) == 6
     for base, vec in zip(baseline, avx2):
         assert rel_err(base, vec) < 1e-5  # another exp and lane order: rounding only
+
+
+@needs_ops
+def test_the_mapped_ops_check_their_arguments():
+    """The non-target epilogue's threshold and coefficients go together, and the mapped backward
+    needs lse (its tile holds Z, not Z - lse)."""
+    ops = torch.ops.arcface_kernels_cpu
+    n, width = 3, 5
+    p, labels, target_p = torch.zeros(n, width), torch.zeros(n, dtype=torch.int64), torch.zeros(n)
+    threshold, coeffs = torch.zeros(n), torch.zeros(3)
+    with pytest.raises(RuntimeError, match="lse is given exactly"):
+        ops.backward_tile(p, labels, 0, target_p, 0.0, None, None, threshold, coeffs)
+    with pytest.raises(RuntimeError, match="go together"):
+        ops.backward_tile(p, labels, 0, target_p, 0.0, None, torch.zeros(n), threshold, None)
+    with pytest.raises(RuntimeError, match="coeffs"):
+        ops.backward_tile(p, labels, 0, target_p, 0.0, None, torch.zeros(n), threshold, torch.zeros(2))
+    stats = [torch.zeros(n) for _ in range(5)]
+    with pytest.raises(RuntimeError, match="threshold"):
+        ops.forward_tile(p, labels, 0, *stats[:3], torch.zeros(n, dtype=torch.int64), *stats[3:], False, None,
+                         torch.zeros(n + 1), coeffs)

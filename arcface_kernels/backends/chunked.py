@@ -30,6 +30,11 @@ target entry patched (O(N)), and then, with a = s g rx,
 
 (eqs. (20)-(24)): two element-wise passes over a tile in forward (max, exp; the sum reads it),
 one in backward (exp), plus the GEMMs that write and read it.
+
+With the non-target epilogue (options.negatives, negatives.py, docs/design.md section 3c) the hard
+non-target logits are remapped in logit units (_Walk.hard_map): forward after the top-1 (which
+reads the plain logits), before the log-sum-exp; backward from Z itself (no -lse bias) with P
+times dh/dc. The plain path runs the same ops as without it.
 """
 
 import torch
@@ -66,17 +71,18 @@ def fused_epilogue(device) -> bool:
 _ARGMAX_COPY_FRACTION = 8
 
 
-def chunk_classes(n_rows, sub_centers, dim, dtype, device=None):
+def chunk_classes(n_rows, sub_centers, dim, dtype, device=None, mapped_in_torch=False):
     """Classes per chunk so that everything a chunk allocates fits in the workspace budget: the
     (N x chunk * K) tile buffer and a copy of an eighth of its rows (the top-1's argmax), with
     sub-centers also the per-class max and its int64 index, and three (chunk * K x D) blocks (the
-    scaled class rows, their gradient and a temporary); the N x D operands and accumulators (xs,
-    Xa, B) come out of the budget first. On a CPU the tile is also kept within
-    common.CPU_TILE_BYTES (common.tile_classes)."""
+    scaled class rows, their gradient and a temporary); with mapped_in_torch (the non-target
+    epilogue in torch ops, _map_hard / _map_hard_slope) two more N x chunk tiles and a bool
+    mask. The N x D operands and accumulators (xs, Xa, B) come out of the budget first. On a CPU
+    the tile is also kept within common.CPU_TILE_BYTES (common.tile_classes)."""
     itemsize = torch.finfo(dtype).bits // 8
     k, n = sub_centers, max(n_rows, 1)
     per_class = (n * k * itemsize + n * itemsize // _ARGMAX_COPY_FRACTION + (n * (itemsize + 8) if k > 1 else 0)
-                 + 3 * k * dim * itemsize)
+                 + 3 * k * dim * itemsize + (n * (2 * itemsize + 1) if mapped_in_torch else 0))
     fixed = 3 * n * dim * itemsize
     budget_classes = classes_per_chunk(per_class, reserved=fixed)
     return max(1, min(budget_classes, tile_classes(n * k * itemsize, device)))
@@ -109,10 +115,12 @@ class _Walk:
         self.s = options.scale
         # the scale and the row norms folded into the GEMM's left operand (one N x D pass)
         self.xs = torch.mul(x, (norms.rx * self.s).to(cdt)[:, None])
-        self.step = chunk_classes(self.n, self.k, self.dim, cdt, x.device)
+        self.fused = fused_epilogue(x.device)
+        self.hard_map = _hard_map(options.negatives, self.s, cdt)
+        self.step = chunk_classes(self.n, self.k, self.dim, cdt, x.device,
+                                  mapped_in_torch=self.hard_map is not None and not self.fused)
         width = min(self.step, max(self.n_classes, 1)) * self.k
         self.tile_buffer = torch.empty(self.n * width, dtype=cdt, device=x.device)
-        self.fused = fused_epilogue(x.device)
         # the fused epilogue on rows already in the compute dtype, without sub-centres, reads W_c
         # itself and applies rw per column in its sweeps: no ws copy (docs/backends/torch.md)
         self.raw_w = self.fused and self.k == 1 and w.dtype == cdt and w.is_contiguous()
@@ -145,6 +153,42 @@ class _Walk:
         return inside, flat, local
 
 
+def _hard_map(negatives, s, cdt):
+    """The non-target epilogue in logit units z = s c, or None on the plain path: (threshold,
+    coeffs) with threshold_i = s tau_i and coeffs = (a / s, b, s e), so that s h(z / s) = z (A z +
+    B) + E and dh/dc = 2 A z + B (eqs. (N1)-(N2)); the same tensors feed both walks."""
+    if negatives is None:
+        return None
+    a, b, e = negatives.coeffs.to(cdt).unbind(0)
+    return (negatives.threshold.to(cdt) * s).contiguous(), torch.stack((a / s, b, e * s))
+
+
+def _map_hard(z, hard_map, hard=None):
+    """Eq. (N1) in logit units on a tile whose target entries are -inf (never hard) or patched
+    after, in place: z (A z + B) + E where z > threshold_i (`hard`, when the caller has it; the
+    fused op's map_hard, csrc/cpu_epilogue_rows.h)."""
+    threshold, coeffs = hard_map
+    a, b, e = coeffs.unbind(0)
+    if hard is None:
+        hard = z > threshold[:, None]
+    mapped = z * a
+    mapped.add_(b).mul_(z).add_(e)
+    torch.where(hard, mapped, z, out=z)
+
+
+def _map_hard_slope(z, hard_map):
+    """Eq. (N1) on a backward tile holding Z (targets included: their entry is patched after), in
+    place, and eq. (N2)'s dh/dc, 2 A z + B where z > threshold_i and 1 elsewhere (a new tile)."""
+    threshold, coeffs = hard_map
+    a, b, _ = coeffs.unbind(0)
+    hard = z > threshold[:, None]
+    slope = z * (a + a)
+    slope.add_(b)
+    torch.where(hard, slope, slope.new_ones(()), out=slope)
+    _map_hard(z, hard_map, hard)
+    return slope
+
+
 def forward(x, w, labels, options, norms):
     walk = _Walk(x, w, labels, options, norms)
     smoothing = options.label_smoothing != 0
@@ -167,7 +211,7 @@ def _fused_forward_chunks(walk, labels, smoothing):
         if k > 1:
             z = z.view(n, stop - start, k).amax(dim=2)  # eq. (8), as in _torch_forward_chunks
         _CPU_OPS.forward_tile(z, labels, start, nt_max, nt_sum, best_z, best_class, target_z, nt_logit_sum,
-                              smoothing, walk.rw[rows] if walk.raw_w else None)
+                              smoothing, walk.rw[rows] if walk.raw_w else None, *(walk.hard_map or ()))
     return nt_max, nt_sum, best_z, best_class, target_z, nt_logit_sum
 
 
@@ -177,6 +221,7 @@ def _torch_forward_chunks(walk, labels, smoothing):
     cdt, n, k = walk.cdt, walk.n, walk.k
     device = walk.xs.device
     neg_inf = torch.tensor(-float("inf"), dtype=cdt, device=device)
+    mapped = walk.hard_map is not None
     first = True
     for start, stop in walk.chunks():
         ws, _, _ = walk.scaled_rows(start, stop)
@@ -186,7 +231,7 @@ def _torch_forward_chunks(walk, labels, smoothing):
         inside, flat, local = walk.targets(start, stop)
         flat_z = z.view(-1)
         z_y = flat_z[flat]
-        if smoothing:
+        if smoothing and not mapped:
             chunk_logit_sum = z.sum(1) - torch.where(inside, z_y, 0.0)
         flat_z[flat] = torch.where(inside, neg_inf, z_y)  # the target's term is kept apart
         chunk_max = z.amax(dim=1)
@@ -198,31 +243,39 @@ def _torch_forward_chunks(walk, labels, smoothing):
             arg = z.argmax(dim=1)
             target_wins = inside & ((z_y > chunk_max) | ((z_y == chunk_max) & (local < arg)))
             best_class, best_z, target_z = torch.where(target_wins, local, arg), plain_max, z_y
+        else:
+            target_z = torch.where(inside, z_y, target_z)
+            better = (plain_max > best_z).nonzero().squeeze(1)
+            if better.numel():
+                # a copy of at most an eighth of the tile (chunk_classes); else one pass over all of it
+                few = better.numel() <= n // _ARGMAX_COPY_FRACTION
+                arg = z.index_select(0, better).argmax(dim=1) if few else z.argmax(dim=1).index_select(0, better)
+                at = chunk_max[better]
+                t_better, y_better = z_y[better], local[better]
+                target_wins = inside[better] & ((t_better > at) | ((t_better == at) & (y_better < arg)))
+                best_class[better] = torch.where(target_wins, y_better, arg) + start
+                best_z[better] = plain_max[better]
+        if mapped:  # the non-target epilogue, after the top-1 of the plain logits
+            _map_hard(z, walk.hard_map)
+            chunk_max = z.amax(dim=1)
+            if smoothing:  # the mapped non-target logits' sum: the target entry counted as 0
+                flat_z[flat] = torch.where(inside, 0.0, flat_z[flat])
+                chunk_logit_sum = z.sum(1)
+                flat_z[flat] = torch.where(inside, neg_inf, flat_z[flat])
+        if first:
             # online log-sum-exp of the non-target logits (eq. (10)); an all -inf row adds 0
             shift = torch.where(chunk_max == -float("inf"), 0.0, chunk_max)
             nt_max, nt_sum = chunk_max, z.sub_(shift[:, None]).exp_().sum(1)
             nt_logit_sum = chunk_logit_sum if smoothing else None
             first = False
-            del z, flat_z
-            continue
-        target_z = torch.where(inside, z_y, target_z)
-        if smoothing:
-            nt_logit_sum += chunk_logit_sum
-        better = (plain_max > best_z).nonzero().squeeze(1)
-        if better.numel():
-            # a copy of at most an eighth of the tile (chunk_classes); else one pass over all of it
-            few = better.numel() <= n // _ARGMAX_COPY_FRACTION
-            arg = z.index_select(0, better).argmax(dim=1) if few else z.argmax(dim=1).index_select(0, better)
-            at = chunk_max[better]
-            t_better, y_better = z_y[better], local[better]
-            target_wins = inside[better] & ((t_better > at) | ((t_better == at) & (y_better < arg)))
-            best_class[better] = torch.where(target_wins, y_better, arg) + start
-            best_z[better] = plain_max[better]
-        new_max = torch.maximum(nt_max, chunk_max)
-        shift = torch.where(new_max == -float("inf"), 0.0, new_max)
-        chunk_sum = z.sub_(shift[:, None]).exp_().sum(1)
-        nt_sum = nt_sum.mul_(torch.exp(nt_max - shift)).add_(chunk_sum)
-        nt_max = new_max
+        else:
+            if smoothing:
+                nt_logit_sum += chunk_logit_sum
+            new_max = torch.maximum(nt_max, chunk_max)
+            shift = torch.where(new_max == -float("inf"), 0.0, new_max)
+            chunk_sum = z.sub_(shift[:, None]).exp_().sum(1)
+            nt_sum = nt_sum.mul_(torch.exp(nt_max - shift)).add_(chunk_sum)
+            nt_max = new_max
         del z, flat_z  # with sub-centres z is this chunk's own tile: freed before the next one
     if first:  # no classes
         nt_sum = torch.zeros(n, dtype=cdt, device=device)
@@ -258,7 +311,8 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
     row_factor = (s * g) * norms.rx  # a = s g rx: G = diag(a) P diag(rw)
     xa = torch.mul(x, row_factor[:, None].to(cdt))
     lse = lse.to(cdt).contiguous()
-    bias = -lse[:, None]
+    # Z - lse from the GEMM (addmm); the non-target epilogue maps Z itself, lse applied after the map
+    bias = None if walk.hard_map is not None else -lse[:, None]
     # the target entry of P: G_iy = target_dcos rx rw_y, i.e. P_iy = target_dcos / (s g)
     target_p = torch.where(g != 0, target_dcos.to(cdt) / torch.where(g != 0, s * g, 1.0), 0.0)
     projected = (projection_scale(norms.rw) > 0).to(cdt)  # 0 on rows clamped at eps (common.projection_scale)
@@ -271,14 +325,14 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
         width = ws.shape[0]
         if raw_w:  # p = xs . w_j; the op makes it P diag(rw), so that the GEMMs below read W_c itself
             p = torch.mm(walk.xs, ws.T, out=walk.tile(width))
-            _CPU_OPS.backward_tile(p, labels, start, target_p, smooth, walk.rw[rows], lse)
+            _CPU_OPS.backward_tile(p, labels, start, target_p, smooth, walk.rw[rows], lse, *(walk.hard_map or ()))
         elif k == 1:
-            p = torch.addmm(bias, walk.xs, ws.T, out=walk.tile(width))  # Z - lse
-            _probabilities(walk, p, start, stop, target_p, smooth, fused)
+            p = _logits(walk, ws, bias)
+            _probabilities(walk, p, start, stop, target_p, smooth, lse)
         else:  # route each class's gradient to its winning sub-centre (eq. (18))
-            p = torch.addmm(bias, walk.xs, ws.T, out=walk.tile(width))
+            p = _logits(walk, ws, bias)
             best, pick = p.view(n, stop - start, k).max(dim=2)
-            _probabilities(walk, best, start, stop, target_p, smooth, fused)
+            _probabilities(walk, best, start, stop, target_p, smooth, lse)
             p.zero_().view(n, stop - start, k).scatter_(2, pick[:, :, None], best[:, :, None])
             del best, pick  # freed before the next chunk's
         b.addmm_(p, ws)
@@ -298,15 +352,29 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
     return dx, dw
 
 
-def _probabilities(walk, p, start, stop, target_p, smooth, fused):
-    """p (N x classes, holding Z - lse) becomes P = exp(p) - eps / C (eq. (15)) with each row's
-    target entry set to target_p, in place."""
-    if fused:
-        _CPU_OPS.backward_tile(p, walk.labels, start, target_p, smooth)
+def _logits(walk, ws, bias):
+    """The chunk's tile Z = xs ws^T, minus lse when bias = -lse is given (addmm)."""
+    out = walk.tile(ws.shape[0])
+    return torch.mm(walk.xs, ws.T, out=out) if bias is None else torch.addmm(bias, walk.xs, ws.T, out=out)
+
+
+def _probabilities(walk, p, start, stop, target_p, smooth, lse):
+    """p (N x classes, holding Z - lse; Z with the non-target epilogue) becomes P = exp(p) - eps / C
+    (eq. (15)), with the epilogue (exp(map(Z) - lse) - eps / C) dh/dc, and each row's target entry
+    set to target_p, in place."""
+    if walk.fused:
+        epilogue = () if walk.hard_map is None else (None, lse, *walk.hard_map)
+        _CPU_OPS.backward_tile(p, walk.labels, start, target_p, smooth, *epilogue)
         return
-    p.exp_()
+    if walk.hard_map is None:
+        p.exp_()
+    else:
+        slope = _map_hard_slope(p, walk.hard_map)
+        p.sub_(lse[:, None]).exp_()
     if smooth:
         p.sub_(smooth)
+    if walk.hard_map is not None:
+        p.mul_(slope)
     inside, flat, _ = walk.targets(start, stop)
     flat_p = p.view(-1)
     flat_p[flat] = torch.where(inside, target_p, flat_p[flat])
@@ -327,5 +395,6 @@ register_backend(
         available=lambda device: (True, ""),
         dtypes=FLOAT_DTYPES,
         priority=lambda device, dtype: 10,
+        nontarget_epilogue=True,
     )
 )
