@@ -197,7 +197,7 @@ void grad_chunk(const at::Tensor& x_in, const at::Tensor& w_rows_in, const at::T
   const RowInputs in{labels.data_ptr<int64_t>(), rx.data_ptr<float>(),    nullptr,
                      nullptr,                     nullptr,                lse.data_ptr<float>(),
                      grad_rows.data_ptr<float>(), target_dcos.data_ptr<float>()};
-  const LossSettings loss{static_cast<float>(scale), static_cast<float>(smoothing_per_class), false, 0.f};
+  const LossSettings loss{static_cast<float>(scale), static_cast<float>(smoothing_per_class), false};
   at::Tensor threshold, coeffs;  // kept alive across the launch
   const NegativeInputs negatives = negative_inputs(threshold_in, coeffs_in, n, threshold, coeffs);
   const int64_t groups = (chunk_classes + kEntriesPerThread - 1) / kEntriesPerThread;

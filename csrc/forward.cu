@@ -2,7 +2,8 @@
 // products, then two epilogue kernels fold the chunk into each row's statistics
 // (docs/design.md section 4): `segment_stats` on a rows x class-segments grid writes one
 // RowPartial per (row, segment); `merge_segments` merges them, in segment order, into the row's
-// running statistics and records the target terms.
+// running statistics and records the target terms. Both are templates on the target's rule (the
+// clip) and segment_stats on the non-target epilogue (docs/backends/cuda.md).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -35,7 +36,7 @@ struct RowStats {
 template <bool kClip, bool kNegatives>
 __global__ void segment_stats(const float* __restrict__ dots, const float* __restrict__ rw_chunk, RowInputs in,
                               RowPartial* __restrict__ partials, int64_t first_class, int64_t chunk_classes,
-                              int k_count, LossSettings loss, NegativeInputs negatives) {
+                              int k_count, LossSettings loss, NegativeInputs negatives, float clip_eps) {
   __shared__ RowPartial scratch[kThreads];
   const int64_t row = blockIdx.x;
   const Segment segment = block_segment(chunk_classes);
@@ -51,9 +52,9 @@ __global__ void segment_stats(const float* __restrict__ dots, const float* __res
     const float c = class_cosine(row_dots, rw_chunk, rx, j, k_count, &pick);
     float z;
     if constexpr (kNegatives) {
-      z = remapped_logit<kClip>(c, j == target, terms, loss, hard);
+      z = remapped_logit<kClip>(c, j == target, terms, loss, hard, clip_eps);
     } else {
-      z = entry_logit<kClip>(c, j == target, terms, loss);
+      z = entry_logit<kClip>(c, j == target, terms, loss, clip_eps);
     }
     add_entry(partial, z, c, first_class + j, j == target);
   }
@@ -65,7 +66,7 @@ template <bool kClip>
 __global__ void merge_segments(const RowPartial* __restrict__ partials, int64_t segments,
                                const float* __restrict__ dots, const float* __restrict__ rw_chunk, RowInputs in,
                                RowStats stats, int64_t rows, int64_t first_class, int64_t chunk_classes,
-                               int k_count, LossSettings loss) {
+                               int k_count, LossSettings loss, float clip_eps) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= rows) return;
   RowPartial total{stats.row_max[row],  stats.sum_exp[row],  stats.nontarget_sum_exp[row],
@@ -82,7 +83,7 @@ __global__ void merge_segments(const RowPartial* __restrict__ partials, int64_t 
     int pick;
     const float c = class_cosine(dots + row * chunk_classes * k_count, rw_chunk, in.rx[row], target, k_count, &pick);
     stats.target_cos[row] = c;
-    stats.target_logit[row] = entry_logit<kClip>(c, true, load_row(in, row), loss);
+    stats.target_logit[row] = entry_logit<kClip>(c, true, load_row(in, row), loss, clip_eps);
   }
 }
 
@@ -112,7 +113,8 @@ std::vector<at::Tensor> partial_stats(const at::Tensor& x_in, const at::Tensor& 
                        best_class.data_ptr<int64_t>()};
   const RowInputs in{labels.data_ptr<int64_t>(), rx.data_ptr<float>(), m1.data_ptr<float>(), m2.data_ptr<float>(),
                      m3.data_ptr<float>(), nullptr, nullptr, nullptr};
-  const LossSettings loss{static_cast<float>(scale), 0.f, easy_margin, static_cast<float>(clip_eps.value_or(0.))};
+  const LossSettings loss{static_cast<float>(scale), 0.f, easy_margin};
+  const float clip = static_cast<float>(clip_eps.value_or(0.));  // read by the kClip kernels only
   at::Tensor threshold, coeffs;  // kept alive across the launches
   const NegativeInputs negatives = negative_inputs(threshold_in, coeffs_in, n, threshold, coeffs);
   const int64_t chunk = classes_per_chunk(n, sub_centers, n_classes, workspace_bytes);
@@ -123,10 +125,10 @@ std::vector<at::Tensor> partial_stats(const at::Tensor& x_in, const at::Tensor& 
       at::empty({n * most_segments * static_cast<int64_t>(sizeof(RowPartial))}, x.options().dtype(at::kByte));
   auto* partial_rows = reinterpret_cast<RowPartial*>(partials.data_ptr<uint8_t>());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const bool clip = clip_eps.has_value(), negated = negatives.threshold != nullptr;
-  const auto segment_kernel = clip ? (negated ? segment_stats<true, true> : segment_stats<true, false>)
+  const bool clipped = clip_eps.has_value(), negated = negatives.threshold != nullptr;
+  const auto segment_kernel = clipped ? (negated ? segment_stats<true, true> : segment_stats<true, false>)
                                    : (negated ? segment_stats<false, true> : segment_stats<false, false>);
-  const auto merge_kernel = clip ? merge_segments<true> : merge_segments<false>;
+  const auto merge_kernel = clipped ? merge_segments<true> : merge_segments<false>;
   for (int64_t first = 0; first < n_classes && n > 0; first += chunk) {
     const int64_t count = std::min(chunk, n_classes - first);
     auto dots = flat_view(buffer, n, count * sub_centers);
@@ -135,11 +137,11 @@ std::vector<at::Tensor> partial_stats(const at::Tensor& x_in, const at::Tensor& 
     const int64_t segments = segments_per_row(n, count);
     segment_kernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(segments)), kThreads, 0, stream>>>(
         dots.data_ptr<float>(), rw_chunk, in, partial_rows, first, count, static_cast<int>(sub_centers), loss,
-        negatives);
+        negatives, clip);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     merge_kernel<<<(n + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
         partial_rows, segments, dots.data_ptr<float>(), rw_chunk, in, stats, n, first, count,
-        static_cast<int>(sub_centers), loss);
+        static_cast<int>(sub_centers), loss, clip);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {row_max, sum_exp, target_logit, logit_sum, target_cos, best_cos, best_class, nontarget_sum_exp};

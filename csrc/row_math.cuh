@@ -24,13 +24,14 @@ struct LossSettings {
   float scale;
   float smoothing_per_class;  // eps / C (backward)
   bool easy_margin;           // forward
-  float clip_eps;             // forward, fallback="clip" only (the kernels' kClip flag)
 };
 
-// z = s * cos, with the margin on the target (docs/design.md section 3); kClip: phi's clip rule.
+// z = s * cos, with the margin on the target (docs/design.md section 3); kClip: phi's clip rule at
+// clip_eps (a kernel argument of its own: a wider LossSettings would change the plain kernels' code).
 template <bool kClip = false>
-ARCFACE_HD float entry_logit(float c, bool is_target, const RowTerms& row, const LossSettings& loss) {
-  return loss.scale * (is_target ? phi<kClip>(c, row.m1, row.m2, row.m3, loss.easy_margin, loss.clip_eps) : c);
+ARCFACE_HD float entry_logit(float c, bool is_target, const RowTerms& row, const LossSettings& loss,
+                             float clip_eps = 0.f) {
+  return loss.scale * (is_target ? phi<kClip>(c, row.m1, row.m2, row.m3, loss.easy_margin, clip_eps) : c);
 }
 
 // d loss / d cos of one entry (docs/design.md eqs. (15)-(17)): s g (p - eps / C) off the target; the
@@ -59,8 +60,9 @@ ARCFACE_HD float map_slope(float c, const RowNegatives& n) { return 2.f * n.a * 
 // entry_logit under the non-target epilogue: s h(c) on a hard entry.
 template <bool kClip = false>
 ARCFACE_HD float remapped_logit(float c, bool is_target, const RowTerms& row, const LossSettings& loss,
-                                const RowNegatives& n) {
-  return is_hard(c, is_target, n) ? loss.scale * mapped_cosine(c, n) : entry_logit<kClip>(c, is_target, row, loss);
+                                const RowNegatives& n, float clip_eps = 0.f) {
+  return is_hard(c, is_target, n) ? loss.scale * mapped_cosine(c, n)
+                                  : entry_logit<kClip>(c, is_target, row, loss, clip_eps);
 }
 
 // entry_cosine_gradient under the non-target epilogue: on a hard entry the logit is s h(c), so

@@ -91,7 +91,7 @@ int main(int argc, char** argv) {
     std::vector<float> r(11);
     while (read_record(r)) {
       const RowTerms row{r[2], r[3], r[4], r[5], r[6], r[7]};
-      const LossSettings loss{r[8], r[9], r[10] != 0.f, 0.f};
+      const LossSettings loss{r[8], r[9], r[10] != 0.f};
       const bool is_target = r[1] != 0.f;
       write({entry_logit(r[0], is_target, row, loss), entry_cosine_gradient(r[0], is_target, row, loss)});
     }
@@ -100,10 +100,10 @@ int main(int argc, char** argv) {
     std::vector<float> r(16);
     while (read_record(r)) {
       const RowTerms row{r[6], r[7], r[8], r[9], r[10], r[11]};
-      const LossSettings loss{r[12], r[13], r[14] != 0.f, r[15]};
+      const LossSettings loss{r[12], r[13], r[14] != 0.f};
       const RowNegatives hard{r[2], r[3], r[4], r[5]};
       const bool is_target = r[1] != 0.f;
-      const float z = clip ? remapped_logit<true>(r[0], is_target, row, loss, hard)
+      const float z = clip ? remapped_logit<true>(r[0], is_target, row, loss, hard, r[15])
                            : remapped_logit<false>(r[0], is_target, row, loss, hard);
       write({z, remapped_cosine_gradient(r[0], is_target, row, loss, hard)});
     }
