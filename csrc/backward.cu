@@ -64,15 +64,22 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, count>& pack) {
   }
 }
 
-// The K columns of class j of a row: its cosine, dcos (the row's target_dcos on the target) and
-// the routed entries (row_math.cuh), written in G's dtype, rounded to nearest.
-template <typename GradT>
+// The K columns of class j of a row: its cosine, dcos (the row's target_dcos on the target; with
+// kNegatives the hard entries' remapped gradient) and the routed entries (row_math.cuh), written
+// in G's dtype, rounded to nearest.
+template <bool kNegatives, typename GradT>
 __device__ __forceinline__ void class_gradient(const float* row_dots, const float* rw_chunk, float rx, int64_t j,
                                                int k_count, bool is_target, const RowTerms& terms,
-                                               const LossSettings& loss, GradT* row_grad) {
+                                               const LossSettings& loss, const RowNegatives& hard,
+                                               GradT* row_grad) {
   int pick;
   const float c = class_cosine(row_dots, rw_chunk, rx, j, k_count, &pick);
-  const float dcos = entry_cosine_gradient(c, is_target, terms, loss);
+  float dcos;
+  if constexpr (kNegatives) {
+    dcos = remapped_cosine_gradient(c, is_target, terms, loss, hard);
+  } else {
+    dcos = entry_cosine_gradient(c, is_target, terms, loss);
+  }
   for (int k = 0; k < k_count; ++k) {
     const int64_t col = j * k_count + k;
     row_grad[col] = static_cast<GradT>(routed_gradient(dcos, rx, rw_chunk[col], k, pick));
@@ -83,16 +90,20 @@ __device__ __forceinline__ void class_gradient(const float* row_dots, const floa
 // dots and G are dots_stride and grad_stride entries apart. kVector (K = 1, row starts and
 // rw_chunk aligned to a group: the host checks): a full group is read with two 16-byte loads and
 // written with one store; the math per entry is class_gradient's, on the loaded values (same
-// functions, same order: the same bits as the scalar path).
-template <typename GradT, bool kVector>
+// functions, same order: the same bits as the scalar path). kNegatives: the non-target epilogue
+// (docs/design.md section 3c); the plain path, kNegatives = false, compiles to the code it had
+// before the flag.
+template <typename GradT, bool kVector, bool kNegatives>
 __global__ void gradient_tile(const float* __restrict__ dots, const float* __restrict__ rw_chunk, RowInputs in,
                               GradT* __restrict__ grad, int64_t dots_stride, int64_t grad_stride, int64_t first_class,
-                              int64_t chunk_classes, int k_count, LossSettings loss) {
+                              int64_t chunk_classes, int k_count, LossSettings loss, NegativeInputs negatives) {
   const int64_t row = blockIdx.x;
   const float* row_dots = dots + row * dots_stride;
   GradT* row_grad = grad + row * grad_stride;
   const float rx = in.rx[row];
   const RowTerms terms = load_row(in, row);
+  RowNegatives hard{};
+  if constexpr (kNegatives) hard = load_negatives(negatives, row);
   const int64_t target = chunk_target(in, row, first_class, chunk_classes);
   const int64_t groups = (chunk_classes + kEntriesPerThread - 1) / kEntriesPerThread;
   const int64_t stride = static_cast<int64_t>(gridDim.y) * kThreads;
@@ -105,13 +116,13 @@ __global__ void gradient_tile(const float* __restrict__ dots, const float* __res
       const Floats r = *reinterpret_cast<const Floats*>(rw_chunk + first);
       Pack<GradT, kEntriesPerThread> out;
       for (int i = 0; i < kEntriesPerThread; ++i) {
-        class_gradient(d.v, r.v, rx, i, 1, first + i == target, terms, loss, out.v);
+        class_gradient<kNegatives>(d.v, r.v, rx, i, 1, first + i == target, terms, loss, hard, out.v);
       }
       store_pack(row_grad + first, out);
     } else {
       const int64_t stop = first + kEntriesPerThread < chunk_classes ? first + kEntriesPerThread : chunk_classes;
       for (int64_t j = first; j < stop; ++j) {
-        class_gradient(row_dots, rw_chunk, rx, j, k_count, j == target, terms, loss, row_grad);
+        class_gradient<kNegatives>(row_dots, rw_chunk, rx, j, k_count, j == target, terms, loss, hard, row_grad);
       }
     }
   }
@@ -165,7 +176,8 @@ bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(
 void grad_chunk(const at::Tensor& x_in, const at::Tensor& w_rows_in, const at::Tensor& labels_in,
                 const at::Tensor& rx_in, const at::Tensor& rw_rows_in, const at::Tensor& lse_in,
                 const at::Tensor& grad_rows_in, const at::Tensor& target_dcos_in, at::Tensor& out, int64_t first_class,
-                double scale, int64_t sub_centers, double smoothing_per_class) {
+                double scale, int64_t sub_centers, double smoothing_per_class,
+                const std::optional<at::Tensor>& threshold_in, const std::optional<at::Tensor>& coeffs_in) {
   check_inputs(x_in, w_rows_in, labels_in, sub_centers);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous(), w_rows = w_rows_in.contiguous(), labels = labels_in.contiguous();
@@ -186,6 +198,8 @@ void grad_chunk(const at::Tensor& x_in, const at::Tensor& w_rows_in, const at::T
                      nullptr,                     nullptr,                lse.data_ptr<float>(),
                      grad_rows.data_ptr<float>(), target_dcos.data_ptr<float>()};
   const LossSettings loss{static_cast<float>(scale), static_cast<float>(smoothing_per_class), false};
+  at::Tensor threshold, coeffs;  // kept alive across the launch
+  const NegativeInputs negatives = negative_inputs(threshold_in, coeffs_in, n, threshold, coeffs);
   const int64_t groups = (chunk_classes + kEntriesPerThread - 1) / kEntriesPerThread;
   const int64_t blocks_per_row = std::min<int64_t>((groups + kThreads - 1) / kThreads, 65535);
   const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(blocks_per_row));
@@ -195,10 +209,12 @@ void grad_chunk(const at::Tensor& x_in, const at::Tensor& w_rows_in, const at::T
                       aligned(out.data_ptr(), kEntriesPerThread * out.element_size());
   const auto launch = [&](auto* grad) {
     using GradT = std::remove_pointer_t<decltype(grad)>;
-    const auto kernel = vector ? gradient_tile<GradT, true> : gradient_tile<GradT, false>;
+    const bool negated = negatives.threshold != nullptr;
+    const auto kernel = vector ? (negated ? gradient_tile<GradT, true, true> : gradient_tile<GradT, true, false>)
+                               : (negated ? gradient_tile<GradT, false, true> : gradient_tile<GradT, false, false>);
     kernel<<<grid, kThreads, 0, stream>>>(dots.data_ptr<float>(), rw_rows.data_ptr<float>(), in, grad, dots_stride,
                                           out.stride(0), first_class, chunk_classes, static_cast<int>(sub_centers),
-                                          loss);
+                                          loss, negatives);
   };
   switch (out.scalar_type()) {
     case at::kFloat: launch(out.data_ptr<float>()); break;

@@ -13,10 +13,11 @@ namespace arcface_kernels {
 
 TORCH_LIBRARY(arcface_kernels_cuda, m) {
   m.def("partial_stats(Tensor x, Tensor w, Tensor labels, Tensor m1, Tensor m2, Tensor m3, Tensor rx, Tensor rw, "
-        "float scale, int sub_centers, bool easy_margin, int workspace_bytes) -> Tensor[]");
+        "float scale, int sub_centers, bool easy_margin, float? clip_eps, Tensor? threshold, Tensor? coeffs, "
+        "int workspace_bytes) -> Tensor[]");
   m.def("grad_chunk(Tensor x, Tensor w_rows, Tensor labels, Tensor rx, Tensor rw_rows, Tensor lse, "
         "Tensor grad_rows, Tensor target_dcos, Tensor(a!) out, int first_class, float scale, int sub_centers, "
-        "float smoothing_per_class) -> ()");
+        "float smoothing_per_class, Tensor? threshold, Tensor? coeffs) -> ()");
   m.def("project_rows(Tensor grad, Tensor v, Tensor proj, Tensor(a!) out) -> ()");
 }
 

@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <optional>
 
 #include "chunk_size.h"
 #include "epilogues.cuh"
@@ -51,6 +52,21 @@ inline int64_t segments_per_row(int64_t rows, int64_t chunk_classes) {
   const int64_t wanted = (8 * sms + std::max<int64_t>(rows, 1) - 1) / std::max<int64_t>(rows, 1);
   const int64_t widest = (chunk_classes + 4 * kThreads - 1) / (4 * kThreads);
   return std::max<int64_t>(1, std::min<int64_t>({wanted, widest, 65535}));
+}
+
+// The non-target epilogue's device pointers (NegativeInputs, null without one): threshold (N,)
+// and coeffs (3,) as float32 and contiguous, kept alive in threshold_out and coeffs_out for the
+// launches. Both or neither.
+inline NegativeInputs negative_inputs(const std::optional<at::Tensor>& threshold,
+                                      const std::optional<at::Tensor>& coeffs, int64_t rows,
+                                      at::Tensor& threshold_out, at::Tensor& coeffs_out) {
+  TORCH_CHECK(threshold.has_value() == coeffs.has_value(),
+              "cuda backend: the non-target epilogue takes both threshold and coeffs");
+  if (!threshold.has_value()) return NegativeInputs{nullptr, nullptr};
+  TORCH_CHECK(threshold->is_cuda() && coeffs->is_cuda(), "cuda backend: threshold and coeffs must be on a GPU");
+  threshold_out = row_vector(*threshold, rows, "threshold");
+  coeffs_out = row_vector(*coeffs, 3, "coeffs");
+  return NegativeInputs{threshold_out.data_ptr<float>(), coeffs_out.data_ptr<float>()};
 }
 
 inline at::Tensor flat_view(at::Tensor& buffer, int64_t rows, int64_t cols) {

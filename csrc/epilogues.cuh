@@ -31,6 +31,18 @@ __device__ __forceinline__ RowTerms load_row(const RowInputs& in, int64_t row) {
                   in.grad_rows ? in.grad_rows[row] : 0.f, in.target_dcos ? in.target_dcos[row] : 0.f};
 }
 
+// The non-target epilogue's inputs (docs/design.md section 3c), device pointers: the rows'
+// thresholds tau (N,) and the map's (a, b, e) (3,), read on the device (a running t is never read
+// back to the host). Only the kernels' kNegatives specializations read them.
+struct NegativeInputs {
+  const float* threshold;
+  const float* coeffs;
+};
+
+__device__ __forceinline__ RowNegatives load_negatives(const NegativeInputs& in, int64_t row) {
+  return RowNegatives{in.threshold[row], in.coeffs[0], in.coeffs[1], in.coeffs[2]};
+}
+
 // The chunk-local target class of a row, or -1 when the chunk [first, first + count) lacks it.
 __device__ __forceinline__ int64_t chunk_target(const RowInputs& in, int64_t row, int64_t first, int64_t count) {
   const int64_t label = in.labels[row];

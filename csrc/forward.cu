@@ -2,7 +2,8 @@
 // products, then two epilogue kernels fold the chunk into each row's statistics
 // (docs/design.md section 4): `segment_stats` on a rows x class-segments grid writes one
 // RowPartial per (row, segment); `merge_segments` merges them, in segment order, into the row's
-// running statistics and records the target terms.
+// running statistics and records the target terms. Both are templates on the target's rule (the
+// clip) and segment_stats on the non-target epilogue (docs/backends/cuda.md).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -29,9 +30,13 @@ struct RowStats {
   int64_t* best_class;
 };
 
+// kClip: fallback="clip" (phi<true>); kNegatives: the non-target epilogue (hard non-target
+// entries get s h(c), eq. (N1); the best class stays on the plain cosines). The plain path,
+// <false, false>, compiles to the code it had before either flag.
+template <bool kClip, bool kNegatives>
 __global__ void segment_stats(const float* __restrict__ dots, const float* __restrict__ rw_chunk, RowInputs in,
                               RowPartial* __restrict__ partials, int64_t first_class, int64_t chunk_classes,
-                              int k_count, LossSettings loss) {
+                              int k_count, LossSettings loss, NegativeInputs negatives, float clip_eps) {
   __shared__ RowPartial scratch[kThreads];
   const int64_t row = blockIdx.x;
   const Segment segment = block_segment(chunk_classes);
@@ -39,20 +44,29 @@ __global__ void segment_stats(const float* __restrict__ dots, const float* __res
   const float rx = in.rx[row];
   const RowTerms terms = load_row(in, row);
   const int64_t target = chunk_target(in, row, first_class, chunk_classes);
+  RowNegatives hard{};
+  if constexpr (kNegatives) hard = load_negatives(negatives, row);
   RowPartial partial = empty_partial();
   for (int64_t j = segment.first + threadIdx.x; j < segment.stop; j += kThreads) {
     int pick;
     const float c = class_cosine(row_dots, rw_chunk, rx, j, k_count, &pick);
-    add_entry(partial, entry_logit(c, j == target, terms, loss), c, first_class + j, j == target);
+    float z;
+    if constexpr (kNegatives) {
+      z = remapped_logit<kClip>(c, j == target, terms, loss, hard, clip_eps);
+    } else {
+      z = entry_logit<kClip>(c, j == target, terms, loss, clip_eps);
+    }
+    add_entry(partial, z, c, first_class + j, j == target);
   }
   partial = block_reduce(partial, [](const RowPartial& a, const RowPartial& b) { return merge(a, b); }, scratch);
   if (threadIdx.x == 0) partials[row * gridDim.y + blockIdx.y] = partial;
 }
 
+template <bool kClip>
 __global__ void merge_segments(const RowPartial* __restrict__ partials, int64_t segments,
                                const float* __restrict__ dots, const float* __restrict__ rw_chunk, RowInputs in,
                                RowStats stats, int64_t rows, int64_t first_class, int64_t chunk_classes,
-                               int k_count, LossSettings loss) {
+                               int k_count, LossSettings loss, float clip_eps) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= rows) return;
   RowPartial total{stats.row_max[row],  stats.sum_exp[row],  stats.nontarget_sum_exp[row],
@@ -69,7 +83,7 @@ __global__ void merge_segments(const RowPartial* __restrict__ partials, int64_t 
     int pick;
     const float c = class_cosine(dots + row * chunk_classes * k_count, rw_chunk, in.rx[row], target, k_count, &pick);
     stats.target_cos[row] = c;
-    stats.target_logit[row] = entry_logit(c, true, load_row(in, row), loss);
+    stats.target_logit[row] = entry_logit<kClip>(c, true, load_row(in, row), loss, clip_eps);
   }
 }
 
@@ -78,7 +92,9 @@ __global__ void merge_segments(const RowPartial* __restrict__ partials, int64_t 
 std::vector<at::Tensor> partial_stats(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& labels_in,
                                       const at::Tensor& m1_in, const at::Tensor& m2_in, const at::Tensor& m3_in,
                                       const at::Tensor& rx_in, const at::Tensor& rw_in, double scale,
-                                      int64_t sub_centers, bool easy_margin, int64_t workspace_bytes) {
+                                      int64_t sub_centers, bool easy_margin, std::optional<double> clip_eps,
+                                      const std::optional<at::Tensor>& threshold_in,
+                                      const std::optional<at::Tensor>& coeffs_in, int64_t workspace_bytes) {
   check_inputs(x_in, w_in, labels_in, sub_centers);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous(), w = w_in.contiguous(), labels = labels_in.contiguous();
@@ -98,6 +114,9 @@ std::vector<at::Tensor> partial_stats(const at::Tensor& x_in, const at::Tensor& 
   const RowInputs in{labels.data_ptr<int64_t>(), rx.data_ptr<float>(), m1.data_ptr<float>(), m2.data_ptr<float>(),
                      m3.data_ptr<float>(), nullptr, nullptr, nullptr};
   const LossSettings loss{static_cast<float>(scale), 0.f, easy_margin};
+  const float clip = static_cast<float>(clip_eps.value_or(0.));  // read by the kClip kernels only
+  at::Tensor threshold, coeffs;  // kept alive across the launches
+  const NegativeInputs negatives = negative_inputs(threshold_in, coeffs_in, n, threshold, coeffs);
   const int64_t chunk = classes_per_chunk(n, sub_centers, n_classes, workspace_bytes);
   auto buffer = at::empty({n * chunk * sub_centers}, f32);
   // one RowPartial (24 bytes) per row and segment, as raw bytes
@@ -106,18 +125,23 @@ std::vector<at::Tensor> partial_stats(const at::Tensor& x_in, const at::Tensor& 
       at::empty({n * most_segments * static_cast<int64_t>(sizeof(RowPartial))}, x.options().dtype(at::kByte));
   auto* partial_rows = reinterpret_cast<RowPartial*>(partials.data_ptr<uint8_t>());
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool clipped = clip_eps.has_value(), negated = negatives.threshold != nullptr;
+  const auto segment_kernel = clipped ? (negated ? segment_stats<true, true> : segment_stats<true, false>)
+                                   : (negated ? segment_stats<false, true> : segment_stats<false, false>);
+  const auto merge_kernel = clipped ? merge_segments<true> : merge_segments<false>;
   for (int64_t first = 0; first < n_classes && n > 0; first += chunk) {
     const int64_t count = std::min(chunk, n_classes - first);
     auto dots = flat_view(buffer, n, count * sub_centers);
     chunk_dots(x, w.narrow(0, first * sub_centers, count * sub_centers), dots);
     const float* rw_chunk = rw.data_ptr<float>() + first * sub_centers;
     const int64_t segments = segments_per_row(n, count);
-    segment_stats<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(segments)), kThreads, 0, stream>>>(
-        dots.data_ptr<float>(), rw_chunk, in, partial_rows, first, count, static_cast<int>(sub_centers), loss);
+    segment_kernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(segments)), kThreads, 0, stream>>>(
+        dots.data_ptr<float>(), rw_chunk, in, partial_rows, first, count, static_cast<int>(sub_centers), loss,
+        negatives, clip);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    merge_segments<<<(n + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+    merge_kernel<<<(n + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
         partial_rows, segments, dots.data_ptr<float>(), rw_chunk, in, stats, n, first, count,
-        static_cast<int>(sub_centers), loss);
+        static_cast<int>(sub_centers), loss, clip);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {row_max, sum_exp, target_logit, logit_sum, target_cos, best_cos, best_class, nontarget_sum_exp};

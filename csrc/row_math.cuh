@@ -26,9 +26,12 @@ struct LossSettings {
   bool easy_margin;           // forward
 };
 
-// z = s * cos, with the margin on the target (docs/design.md section 3).
-ARCFACE_HD float entry_logit(float c, bool is_target, const RowTerms& row, const LossSettings& loss) {
-  return loss.scale * (is_target ? phi(c, row.m1, row.m2, row.m3, loss.easy_margin) : c);
+// z = s * cos, with the margin on the target (docs/design.md section 3); kClip: phi's clip rule at
+// clip_eps (a kernel argument of its own: a wider LossSettings would change the plain kernels' code).
+template <bool kClip = false>
+ARCFACE_HD float entry_logit(float c, bool is_target, const RowTerms& row, const LossSettings& loss,
+                             float clip_eps = 0.f) {
+  return loss.scale * (is_target ? phi<kClip>(c, row.m1, row.m2, row.m3, loss.easy_margin, clip_eps) : c);
 }
 
 // d loss / d cos of one entry (docs/design.md eqs. (15)-(17)): s g (p - eps / C) off the target; the
@@ -36,6 +39,38 @@ ARCFACE_HD float entry_logit(float c, bool is_target, const RowTerms& row, const
 ARCFACE_HD float entry_cosine_gradient(float c, bool is_target, const RowTerms& row, const LossSettings& loss) {
   if (is_target) return row.target_dcos;
   return loss.scale * row.grad * (expf(loss.scale * c - row.lse) - loss.smoothing_per_class);
+}
+
+// The non-target epilogue of one row (docs/design.md section 3c, arcface_kernels/negatives.py):
+// its threshold tau and the map's coefficients (a, b, e).
+struct RowNegatives {
+  float threshold;
+  float a, b, e;
+};
+
+// The mask of eq. (N1): a non-target entry whose cosine is above the row's threshold (a NaN is not).
+ARCFACE_HD bool is_hard(float c, bool is_target, const RowNegatives& n) { return !is_target && c > n.threshold; }
+
+// Eq. (N1): h(c) = c (a c + b) + e on a hard entry.
+ARCFACE_HD float mapped_cosine(float c, const RowNegatives& n) { return c * (n.a * c + n.b) + n.e; }
+
+// Eq. (N2): dh/dc = 2 a c + b on a hard entry.
+ARCFACE_HD float map_slope(float c, const RowNegatives& n) { return 2.f * n.a * c + n.b; }
+
+// entry_logit under the non-target epilogue: s h(c) on a hard entry.
+template <bool kClip = false>
+ARCFACE_HD float remapped_logit(float c, bool is_target, const RowTerms& row, const LossSettings& loss,
+                                const RowNegatives& n, float clip_eps = 0.f) {
+  return is_hard(c, is_target, n) ? loss.scale * mapped_cosine(c, n)
+                                  : entry_logit<kClip>(c, is_target, row, loss, clip_eps);
+}
+
+// entry_cosine_gradient under the non-target epilogue: on a hard entry the logit is s h(c), so
+// dcos = s g (p - eps / C) dh/dc with p = exp(s h(c) - lse) (docs/design.md section 3c).
+ARCFACE_HD float remapped_cosine_gradient(float c, bool is_target, const RowTerms& row, const LossSettings& loss,
+                                          const RowNegatives& n) {
+  if (!is_hard(c, is_target, n)) return entry_cosine_gradient(c, is_target, row, loss);
+  return entry_cosine_gradient(mapped_cosine(c, n), false, row, loss) * map_slope(c, n);
 }
 
 // Softmax statistics of a set of a row's entries (contract.PartialStats without the target terms):

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from arcface_kernels import op
-from arcface_kernels.backends import RowNorms, chunk_plan, row_norms, workspace_budget
+from arcface_kernels.backends import RowNorms, chunk_plan, registry, row_norms, workspace_budget
 from arcface_kernels.backends import chunked as torch_backend
+from arcface_kernels.margins import phi
+from arcface_kernels.negatives import is_hard, map_cosines, map_slope
 from arcface_kernels.options import LossOptions
 from helpers import make_problem, rel_err
 
@@ -24,38 +26,74 @@ def _options(scale, sub_centers, easy_margin, m1, m2, m3, **settings):
         m1=m1, m2=m2, m3=m3)
 
 
-def partial_stats(x, w, labels, m1, m2, m3, rx, rw, scale, sub_centers, easy_margin, workspace_bytes):
-    """csrc/ops.h partial_stats: the statistics over all classes of w (any chunking gives them)."""
-    # the CUDA op always sums the logits; the torch backend only where smoothing reads the sum:
-    # a nonzero smoothing (which changes no other statistic) asks it to
-    options = _options(scale, sub_centers, easy_margin, m1, m2, m3, label_smoothing=0.5)
-    return list(torch_backend.forward(x, w, labels, options, RowNorms(rx, rw)))
+CALLS = []  # (op, details) of every call of the stand-ins below
 
 
-def grad_chunk(x, w_rows, labels, rx, rw_rows, lse, grad_rows, target_dcos, out, first_class, scale, sub_centers,
-               smoothing_per_class):
-    """csrc/ops.h grad_chunk: out = dcos * rx * rw^T for the weight rows of classes
-    [first_class, first_class + len(w_rows) / K), each class's dcos on its winning sub-centre:
-    s g (p - eps / C) off the target, target_dcos on it."""
-    n, k = x.shape[0], sub_centers
+def _chunk_cosines(x, w_rows, labels, rx, rw_rows, first_class, k):
+    """Class cosines of a chunk (max over the K sub-centres), the winning column, the target mask."""
+    n = x.shape[0]
     cos = ((x.float() @ w_rows.float().T) * rx[:, None] * rw_rows[None, :]).view(n, -1, k)
     cos, pick = cos.max(2)
     target = labels - first_class
     is_target = torch.zeros_like(cos, dtype=torch.bool)
     inside = (labels >= 0) & (target >= 0) & (target < cos.shape[1])
     is_target[inside, target[inside]] = True
-    others = scale * grad_rows[:, None] * (torch.exp(scale * cos - lse[:, None]) - smoothing_per_class)
+    return cos, pick, is_target
+
+
+def _remapped_stats(x, w, labels, m1, m2, m3, rx, rw, scale, k, easy_margin, clip_eps, threshold, coeffs):
+    """partial_stats' statistics with the non-target epilogue: hard non-target logits s h(c) (eq. (N1))."""
+    cos, _, is_target = _chunk_cosines(x, w, labels, rx, rw, 0, k)
+    has_target = labels >= 0
+    cos_y = cos.gather(1, labels.clamp_min(0)[:, None])[:, 0]
+    margined = phi(cos_y, m1, m2, m3, easy_margin, clip=clip_eps)
+    z = scale * torch.where(is_target, margined[:, None], map_cosines(cos, is_hard(cos, threshold, is_target), coeffs))
+    row_max = z.max(1).values
+    e = torch.exp(z - row_max[:, None])
+    best_cos, best_class = cos.max(1)
+    return [row_max, e.sum(1), torch.where(has_target, scale * margined, 0.0), z.sum(1),
+            torch.where(has_target, cos_y, 0.0), best_cos, best_class, torch.where(is_target, 0.0, e).sum(1)]
+
+
+def partial_stats(x, w, labels, m1, m2, m3, rx, rw, scale, sub_centers, easy_margin, clip_eps, threshold, coeffs,
+                  workspace_bytes):
+    """csrc/ops.h partial_stats: the statistics over all classes of w (any chunking gives them);
+    clip_eps: the clip rule; threshold, coeffs: the non-target epilogue."""
+    CALLS.append(("partial_stats", (clip_eps, threshold is not None, coeffs is not None)))
+    if threshold is not None:
+        return _remapped_stats(x, w, labels, m1, m2, m3, rx, rw, scale, sub_centers, easy_margin, clip_eps,
+                               threshold, coeffs)
+    # the CUDA op always sums the logits; the torch backend only where smoothing reads the sum:
+    # a nonzero smoothing (which changes no other statistic) asks it to
+    clip = {} if clip_eps is None else dict(fallback="clip", clip_eps=clip_eps)
+    options = _options(scale, sub_centers, easy_margin, m1, m2, m3, label_smoothing=0.5, **clip)
+    return list(torch_backend.forward(x, w, labels, options, RowNorms(rx, rw)))
+
+
+def grad_chunk(x, w_rows, labels, rx, rw_rows, lse, grad_rows, target_dcos, out, first_class, scale, sub_centers,
+               smoothing_per_class, threshold, coeffs):
+    """csrc/ops.h grad_chunk: out = dcos * rx * rw^T for the weight rows of classes
+    [first_class, first_class + len(w_rows) / K), each class's dcos on its winning sub-centre:
+    s g (p - eps / C) off the target, target_dcos on it; with threshold and coeffs, s g (p - eps / C)
+    dh/dc with p = exp(s h(c) - lse) on the hard entries (eq. (N2))."""
+    n, k = x.shape[0], sub_centers
+    cos, pick, is_target = _chunk_cosines(x, w_rows, labels, rx, rw_rows, first_class, k)
+    mapped, slope = cos, 1.0
+    if threshold is not None:
+        hard = is_hard(cos, threshold, is_target)
+        mapped, slope = map_cosines(cos, hard, coeffs), map_slope(cos, hard, coeffs)
+    others = scale * grad_rows[:, None] * (torch.exp(scale * mapped - lse[:, None]) - smoothing_per_class) * slope
     dcos = torch.where(is_target, target_dcos[:, None], others)
     routed = torch.zeros(n, cos.shape[1], k).scatter_(2, pick[..., None], dcos[..., None]).view(n, -1)
     out.copy_(routed * rx[:, None] * rw_rows[None, :])
 
 
-CALLS = []  # (op, details) of every call of the stand-ins below
-
-
-def recorded_grad_chunk(x, w_rows, labels, rx, rw_rows, lse, grad_rows, target_dcos, out, first_class, *args):
+def recorded_grad_chunk(x, w_rows, labels, rx, rw_rows, lse, grad_rows, target_dcos, out, first_class, scale,
+                        sub_centers, smoothing_per_class, threshold, coeffs):
     CALLS.append(("grad_chunk", (first_class, w_rows.shape[0], out.stride(0) * out.element_size())))
-    grad_chunk(x, w_rows, labels, rx, rw_rows, lse, grad_rows, target_dcos, out, first_class, *args)
+    CALLS.append(("grad_chunk negatives", (threshold is not None, coeffs is not None)))
+    grad_chunk(x, w_rows, labels, rx, rw_rows, lse, grad_rows, target_dcos, out, first_class, scale, sub_centers,
+               smoothing_per_class, threshold, coeffs)
 
 
 def project_rows(grad, v, proj, out):
@@ -91,6 +129,8 @@ def _backward_inputs(stats, labels, settings, num_classes):
     (1, dict(easy_margin=True, margin_grad="straight_through"), torch.float32),
     (2, dict(m1=1.35, m2=0.0), torch.float32),
     (1, {}, torch.float16),  # bfloat16 gradient tiles (chunk_plan.gradient_dtype)
+    # the clip rule: m1 = 4 takes most target angles past pi, where it differs from the threshold rules
+    (2, dict(m1=4.0, m2=0.0, fallback="clip", clip_eps=0.05), torch.float32),
 ])
 def test_cuda_backend_glue_matches_the_torch_backend(cpu_ops, k, settings, dtype):
     x, w, y = make_problem(9, 37, 16, k=k, seed=k, dtype=dtype)
@@ -101,8 +141,10 @@ def test_cuda_backend_glue_matches_the_torch_backend(cpu_ops, k, settings, dtype
     settings_64 = options.for_rows(n, x.device, torch.float64)
     options = options.for_rows(n, x.device, torch.float32)
     norms, norms_64 = row_norms(x, w), row_norms(x.double(), w.double())
+    CALLS.clear()
     with workspace_budget(n * k * 6 * 5):  # a few classes per chunk: the walk crosses many chunks
         stats = cuda_backend.forward(x, w, labels, options, norms)
+    assert CALLS == [("partial_stats", (options.clip, False, False))]  # the clip's eps, or None: the op's rule
     ref_stats = torch_backend.forward(x.double(), w.double(), labels, settings_64, norms_64)
     for name, out, ref in zip(stats._fields, stats, ref_stats):
         if name == "logit_sum" and not options.label_smoothing:
@@ -175,3 +217,29 @@ def test_backward_chunk_with_its_float32_dots_fits_the_budget():
                 per_class = chunk_plan.workspace_bytes_per_row(n, d, dtype) + 4 * n  # + grad_chunk's dots
                 assert classes * per_class <= budget
                 assert (classes + 2) * per_class > budget  # and uses most of it
+
+
+@pytest.fixture
+def cuda_on_cpu(cpu_ops, monkeypatch):
+    """The `cuda` backend as the registry sees it, runnable on the CPU through the stand-ins."""
+    import dataclasses
+
+    backend = dataclasses.replace(registry.get_backend("cuda"), available=lambda device: (True, ""))
+    monkeypatch.setitem(registry._BACKENDS, "cuda", backend)
+
+
+@pytest.mark.parametrize("mode", ["curricular", "filter", "mv"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_nontarget_epilogue_reaches_both_ops(cuda_on_cpu, mode, dtype):
+    """tests/test_nontarget.py's GPU test of the `cuda` backend, run on the stand-ins: the op's
+    threshold and (a, b, e) reach partial_stats and every grad_chunk (several chunks), and the loss
+    and gradients match the float64 oracle."""
+    import test_nontarget
+
+    assert registry.get_backend("cuda").nontarget_epilogue
+    CALLS.clear()
+    test_nontarget.check_fused_backend("cuda", mode, dtype, torch.device("cpu"))
+    forward = [details for op_name, details in CALLS if op_name == "partial_stats"]
+    backward = [details for op_name, details in CALLS if op_name == "grad_chunk negatives"]
+    assert forward == [(None, True, True)]
+    assert len(backward) > 1 and set(backward) == {(True, True)}

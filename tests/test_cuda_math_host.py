@@ -269,3 +269,54 @@ def test_clipped_phi_matches_margins_py(harness, m1):
             bad = ~_close(out[:, 0], ref, _angle_slack(c, m1, m2))
             assert not bad.any(), (m2, eps, c[bad][:4].tolist(), out[bad, 0][:4].tolist())
     assert clipped_low > 10 and clipped_high > 10
+
+
+@pytest.mark.parametrize("mode", ["curricular", "mv", "filter"])
+@pytest.mark.parametrize("clip", [False, True])
+def test_nontarget_epilogue_matches_negatives_py(harness, mode, clip):
+    """The non-target epilogue's per-entry math (row_math.cuh: is_hard, mapped_cosine, map_slope and
+    the remapped logit and gradient) against arcface_kernels/negatives.py: hard non-target entries
+    (cos > tau) get z = s h(c) and dcos = s g (p - eps/C) dh/dc with p = exp(s h(c) - lse) (eqs.
+    (N1)-(N2)); the others and the target (its phi, with the clip rule where asked) are unchanged;
+    a row without a target has tau = +inf and nothing hard."""
+    from arcface_kernels.negatives import coefficients, is_hard, map_cosines, map_slope
+
+    g = torch.Generator().manual_seed(6)
+    n = 20000
+    c = torch.rand(n, generator=g) * 2 - 1
+    is_target = torch.rand(n, generator=g) < 0.2
+    tau = torch.rand(n, generator=g) * 1.6 - 0.8
+    tau[:500] = math.inf
+    t = {"curricular": 0.3, "mv": 1.12, "filter": 0.2}[mode]
+    coeffs = coefficients(mode, torch.tensor(t, dtype=torch.float32))
+    m1 = torch.tensor(M1S)[torch.randint(0, 4, (n,), generator=g)]
+    m2 = torch.rand(n, generator=g) * 0.5
+    m3 = torch.rand(n, generator=g) * 0.35
+    scale, eps_c, clip_eps = 64.0, 0.1 / 1000, 0.05
+    hard = is_hard(c[:, None], tau, is_target[:, None])[:, 0]
+    mapped, slope = map_cosines(c, hard, coeffs), map_slope(c, hard, coeffs)
+    # an lse at or above the entry's logit (as the row's is): p from tiny to 1
+    lse = scale * (torch.maximum(c, mapped) + torch.rand(n, generator=g) * 1.2)
+    grad = torch.rand(n, generator=g)
+    target_dcos = torch.randn(n, generator=g) * 100
+    full = torch.full_like
+    records = torch.stack([c, is_target.float(), tau, *(full(c, float(v)) for v in coeffs), m1, m2, m3, lse, grad,
+                           target_dcos, full(c, scale), full(c, eps_c), torch.zeros_like(c), full(c, clip_eps)], 1)
+    out = harness(["nontarget", int(clip)], records.numpy(), 2)
+    assert 0.2 < hard.float().mean() < 0.6 and not hard[:500].any()
+    margined = phi(c, m1, m2, m3, False, clip=clip_eps if clip else None)
+    ref_z = scale * torch.where(is_target, margined, mapped)
+    p = torch.exp(scale * mapped.double() - lse.double())
+    ref_dcos = torch.where(is_target, target_dcos.double(), scale * grad.double() * (p - eps_c) * slope.double())
+    keep = clip | ~_near_branch(c, m1, m2)
+    assert keep.sum() > n - 10
+    assert _close(out[keep, 0] / scale, ref_z[keep] / scale, _angle_slack(c, m1, m2)[keep]).all()
+    assert torch.equal(out[is_target, 1], target_dcos[is_target])
+    assert torch.equal(out[~hard & ~is_target, 0], scale * c[~hard & ~is_target])
+    # h(c) rounded in float32 (a fused multiply-add on the device, not on the host) moves s h by a
+    # few ulps of s: p by about s 2^-22 relative
+    slack = scale * 2.0**-22 * (scale * grad.double() * p * slope.double().abs())
+    bad = (out[:, 1].double() - ref_dcos).abs() > TOL * ref_dcos.abs().clamp_min(1.0) + slack
+    assert not bad.any(), (c[bad][:4].tolist(), out[bad, 1][:4].tolist(), ref_dcos[bad][:4].tolist())
+    if mode == "filter":  # hard entries carry no gradient at all
+        assert (out[hard, 1] == 0).all()

@@ -128,39 +128,3 @@ def test_sharded_loss_refuses_margins_that_require_grad():
     x, w, y, m2, _ = _problem()
     with pytest.raises(NotImplementedError, match="m2 requires grad"):
         sharded_margin_softmax_loss(x, w, y, class_offset=0, num_classes=C, m2=m2.float().requires_grad_(True))
-
-
-def test_cuda_backend_hands_a_clip_forward_to_the_triton_forward(monkeypatch):
-    """The compiled CUDA forward carries the threshold rules only: with fallback="clip" backends/cuda.py
-    must not call its partial_stats op but the triton backend's forward (stood in for by the torch
-    backend's here, on the CPU); the plain path still calls the op."""
-    import importlib
-
-    from arcface_kernels.backends import chunked as torch_backend
-    from arcface_kernels.backends import row_norms
-    from arcface_kernels.options import LossOptions
-
-    cuda_backend = importlib.import_module("arcface_kernels.backends.cuda")
-    handed = []
-
-    class _Triton:
-        @staticmethod
-        def forward(*args):
-            handed.append(args[3].clip)
-            return torch_backend.forward(*args)
-
-    class _Ops:
-        @staticmethod
-        def partial_stats(*args):
-            raise AssertionError("partial_stats carries no clip")
-
-    monkeypatch.setattr(cuda_backend, "get_backend", lambda name: _Triton if name == "triton" else None)
-    monkeypatch.setattr(torch.ops, "arcface_kernels_cuda", _Ops, raising=False)
-    x, w, y, m2, m3 = _problem()
-    options = LossOptions(fallback="clip", clip_eps=0.01).for_rows(N, x.device, torch.float32)
-    norms = row_norms(x, w)
-    stats = cuda_backend.forward(x, w, y, options, norms)
-    assert handed == [0.01]
-    assert torch.equal(stats.target_logit, torch_backend.forward(x, w, y, options, norms).target_logit)
-    with pytest.raises(AssertionError, match="carries no clip"):
-        cuda_backend.forward(x, w, y, LossOptions().for_rows(N, x.device, torch.float32), norms)

@@ -11,6 +11,7 @@ from float64_oracle import oracle
 
 import arcface_kernels as ak
 from arcface_kernels.backends import backend_status, get_backend
+from conftest import DEVICE
 from helpers import TOL, loss_and_grads, rel_err
 
 MODES = {  # settings of each mode, with t: CurricularFace's running t, MV-Softmax's weight, the threshold
@@ -89,7 +90,7 @@ def test_mv_softmax_am_threshold_is_the_cosine_minus_the_margin():
 def _fused_backends():
     out = []
     for name in ("torch", "triton", "cuda"):
-        ok, reason = backend_status(name, torch.device("cpu"))
+        ok, reason = backend_status(name, DEVICE)
         if not ok:
             out.append(pytest.param(name, marks=pytest.mark.skip(reason=f"{name}: {reason}")))
         elif not get_backend(name).nontarget_epilogue:
@@ -103,7 +104,13 @@ def _fused_backends():
 @pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fused_backends_match_the_float64_oracle(backend, mode, dtype):
-    """Odd sizes over several tiles and chunks, sub-centres, an ignored row, label smoothing."""
+    check_fused_backend(backend, mode, dtype, DEVICE)
+
+
+def check_fused_backend(backend, mode, dtype, device):
+    """Odd sizes over several tiles and chunks, sub-centres, an ignored row, label smoothing; the
+    backend runs on `device`, the oracle on the CPU. (tests/test_cuda_glue.py runs it for the
+    `cuda` backend on CPU stand-ins of its ops.)"""
     x, w, y = _near_centres(37, 70, 19, seed=1, spread=1.2)
     assert _hard_fraction(x, w, y, MODES[mode]) > 0.05
     w = torch.cat([w, w + 0.3 * torch.randn_like(w)], dim=1).view(140, 19)  # K = 2 sub-centres per class
@@ -111,10 +118,10 @@ def test_fused_backends_match_the_float64_oracle(backend, mode, dtype):
     settings = dict(MODES[mode], sub_centers=2, label_smoothing=0.1)
     x, w = x.to(dtype), w.to(dtype)
     with ak.workspace_budget(32 * 1024):
-        out = loss_and_grads(x, w, y, backend=backend, **settings)
+        out = loss_and_grads(x.to(device), w.to(device), y.to(device), backend=backend, **settings)
     oracle_settings = {k: v for k, v in settings.items() if k not in ("sub_centers", "label_smoothing")}
     ref = oracle(x, w, y, k=2, eps=0.1, **oracle_settings)
-    _assert_close(out, ref, TOL[dtype], f"{backend} {mode} {dtype}")
+    _assert_close([o.cpu() for o in out], ref, TOL[dtype], f"{backend} {mode} {dtype}")
 
 
 def test_a_backend_without_the_epilogue_refuses_it(monkeypatch):

@@ -18,7 +18,7 @@ from ..dtypes import KERNEL_DTYPES
 from . import chunk_plan
 from .common import get_workspace_budget
 from .contract import Backend, PartialStats
-from .registry import get_backend, register_backend
+from .registry import register_backend
 
 
 class GpuCode(NamedTuple):
@@ -75,15 +75,17 @@ def _available(device):
     return runs_on(torch.cuda.get_device_capability(device), BUILT_FOR)
 
 
+def _negatives(options):
+    """The non-target epilogue's (threshold, coeffs) device tensors for the ops, (None, None) without one."""
+    negatives = options.negatives
+    return (None, None) if negatives is None else (negatives.threshold, negatives.coeffs)
+
+
 def forward(x, w, labels, options, norms):
-    if options.clip is not None:
-        # The compiled forward carries the threshold rules only: csrc/margin_math.cuh has the clip
-        # (phi<true>, checked on the host) but the kernels are not yet instantiated with it, so the
-        # triton forward computes these statistics (same contract); backward is this backend's.
-        return get_backend("triton").forward(x, w, labels, options, norms)
+    # options.clip: fallback="clip"'s eps (the kernels' clip specialization), None for the threshold rules
     stats = torch.ops.arcface_kernels_cuda.partial_stats(
         x, w, labels, options.m1, options.m2, options.m3, norms.rx, norms.rw, options.scale, options.sub_centers,
-        options.easy_margin, get_workspace_budget())
+        options.easy_margin, options.clip, *_negatives(options), get_workspace_budget())
     return PartialStats(*stats)
 
 
@@ -98,12 +100,13 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
     k = options.sub_centers
     grad_dtype = chunk_plan.gradient_dtype(x.dtype)
     x_rows = x.contiguous()  # once, not per chunk inside the op
+    negatives = _negatives(options)
 
     def fill_grad(first_class, stop_class, out):
         rows = slice(first_class * k, stop_class * k)
         torch.ops.arcface_kernels_cuda.grad_chunk(
             x_rows, w[rows], labels, norms.rx, norms.rw[rows], lse, grad_rows, target_dcos, out, first_class,
-            options.scale, k, options.label_smoothing / num_classes)
+            options.scale, k, options.label_smoothing / num_classes, *negatives)
 
     budget = backward_budget(*x.shape, grad_dtype, chunk_plan.split_operands(x.dtype))
     return chunk_plan.chunked_backward(x, w, norms, k, grad_dtype, fill_grad, dw_dtype, budget, align=CLASS_ALIGN,
@@ -124,4 +127,5 @@ register_backend(Backend(
     dtypes=KERNEL_DTYPES,
     # above triton and torch on a GPU: to be confirmed by measurement (docs/backends/cuda.md)
     priority=lambda device, dtype: 20 if device.type == "cuda" else -1,
+    nontarget_epilogue=True,  # partial_stats and grad_chunk take options.negatives' threshold and coeffs
 ))

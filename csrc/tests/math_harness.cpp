@@ -5,6 +5,9 @@
 //   math_harness margin_clip          records (c, m1, m2, m3, easy, eps) -> (phi<true>, the clip rule)
 //   math_harness gradient             records (c, is_target, m1, m2, m3, lse, grad, target_dcos, scale,
 //                                     smoothing_per_class, easy) -> (z, dcos)
+//   math_harness nontarget CLIP       records (c, is_target, tau, a, b, e, m1, m2, m3, lse, grad, target_dcos,
+//                                     scale, smoothing_per_class, easy, clip_eps) -> (z, dcos) under the
+//                                     non-target epilogue (CLIP 1: phi's clip rule on the target)
 //   math_harness class_cosine K       records (rx, K dots, K rw) -> (cos, pick)
 //   math_harness stats W S T          rows of W (z, c) pairs; classes in S contiguous segments, each
 //                                     accumulated by T strided "threads" merged in order, segments
@@ -91,6 +94,18 @@ int main(int argc, char** argv) {
       const LossSettings loss{r[8], r[9], r[10] != 0.f};
       const bool is_target = r[1] != 0.f;
       write({entry_logit(r[0], is_target, row, loss), entry_cosine_gradient(r[0], is_target, row, loss)});
+    }
+  } else if (!std::strcmp(mode, "nontarget") && argc == 3) {
+    const bool clip = std::atoi(argv[2]) != 0;
+    std::vector<float> r(16);
+    while (read_record(r)) {
+      const RowTerms row{r[6], r[7], r[8], r[9], r[10], r[11]};
+      const LossSettings loss{r[12], r[13], r[14] != 0.f};
+      const RowNegatives hard{r[2], r[3], r[4], r[5]};
+      const bool is_target = r[1] != 0.f;
+      const float z = clip ? remapped_logit<true>(r[0], is_target, row, loss, hard, r[15])
+                           : remapped_logit<false>(r[0], is_target, row, loss, hard);
+      write({z, remapped_cosine_gradient(r[0], is_target, row, loss, hard)});
     }
   } else if (!std::strcmp(mode, "class_cosine") && argc == 3) {
     const int k = std::atoi(argv[2]);
