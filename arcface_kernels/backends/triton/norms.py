@@ -74,12 +74,12 @@ def row_norms_kernel(v_ptr, seen_ptr, inverse_ptr, scale_ptr, R, D, stride_v, st
     # 1 / inf = 0 for a norm past float32's range)
     unit_norm = tl.sqrt_rn(sum_sq)
     seen_exp = exponent - shift
+    # the eps clamp (a norm of 2**(seen_exp - 1) > 1/2 and more is far above eps); NaN stays NaN (a
+    # maximum could drop it): non-finite inputs propagate
+    clamped = unit_norm * _pow2(tl.minimum(seen_exp, 0)) < eps
     half_exp = seen_exp // 2
-    inverse = tl.math.div_rn(1.0, unit_norm) * _pow2(-half_exp) * _pow2(half_exp - seen_exp)
-    # the eps clamp (a norm at 2**127 or past it is far above eps); NaN stays NaN (a maximum could
-    # drop it): non-finite inputs propagate
-    norm = unit_norm * _pow2(tl.minimum(seen_exp, 127))
-    inverse = tl.where(norm < eps, tl.math.div_rn(1.0, eps), inverse)
+    unclamped = tl.math.div_rn(1.0, tl.where(clamped, 1.0, unit_norm)) * _pow2(-half_exp) * _pow2(half_exp - seen_exp)
+    inverse = tl.where(clamped, tl.math.div_rn(1.0, eps), unclamped)
     tl.store(inverse_ptr + rows, inverse, mask=row_mask)
     tl.store(scale_ptr + rows, scale_hi * scale_lo, mask=row_mask)
     if WRITE_SEEN:
