@@ -69,8 +69,10 @@ def project_rows_kernel(grad_ptr, v_ptr, factor_ptr, out_ptr, R, D, stride_grad,
     along = tl.sum(v * grad, axis=1) * factor
     coef = along * factor
     per_row = (tl.abs(coef) >= _SMALLEST_NORMAL) | (along == 0.0)  # False on NaN: it propagates either way
+    out_ptrs = out_ptr + r64 * stride_out + cols[None, :]
+    # the store in each branch: a common tail after them would take the subtraction out of the
+    # multiply-add (or speculate the per-entry product on every program)
     if tl.min(per_row.to(tl.int32), axis=0) == 1:
-        out = grad - coef[:, None] * v
+        tl.store(out_ptrs, (grad - coef[:, None] * v).to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        out = grad - along[:, None] * (v * factor[:, None])
-    tl.store(out_ptr + r64 * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptrs, (grad - along[:, None] * (v * factor[:, None])).to(out_ptr.dtype.element_ty), mask=mask)
