@@ -54,7 +54,7 @@ def test_headline_counts():
 
 
 def test_wave_quantization_and_occupancy():
-    # three forward CTAs per SM (167 registers x 128 threads), two of the gradient tile (101 x
+    # three forward CTAs per SM (167 registers x 128 threads), two of the gradient tile (100 x
     # 256): a forward wave is 396 programs, and 397 run as two
     assert cost_model.ctas_per_sm("forward") == 3 and cost_model.ctas_per_sm("grad_tile") == 2
     one = cost_model.tile_kernel("forward", "forward", None, 396, 100, 512)
