@@ -1,8 +1,8 @@
 """Class rows seen as given on a GPU (docs/design.md section 2, "Norms and overflow", eqs. (6b),
 (24b)): no C x D copy of the weight, and exact gradients for class rows of any finite norm.
 
-The numeric tests run the triton backend with the GPU's sync-free rule (common.device_rule
-patched on the CPU) on a GPU directly, else under Triton's interpreter in a child pytest
+The numeric tests run the triton and torch backends with the GPU's sync-free rule
+(common.device_rule patched on the CPU) on a GPU directly, else under Triton's interpreter in a child pytest
 (TRITON_INTERPRET must be set before triton is imported), against the float64 oracle; float32 and
 float16 (the interpreter's bfloat16 dot is wrong). The allocation test runs a training step on
 fake CUDA tensors (tests/launch_probe.py's stubs) anywhere.
@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import arcface_kernels as ak
-from arcface_kernels.backends import common
+from arcface_kernels.backends import chunked, common
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -69,15 +69,20 @@ def _problem(dtype, case):
 @pytest.mark.parametrize("dtype, case", [(torch.float32, case) for case in ("norm_1e30", "max_half", "mixed")]
                          + [(dtype, case) for dtype in (torch.float32, torch.float16) for case in ("tiny", "beyond")]
                          + [(torch.float16, case) for case in ("max_half", "mixed")])
-def test_class_rows_of_any_norm_match_the_float64_oracle(dtype, case, monkeypatch):
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_class_rows_of_any_norm_match_the_float64_oracle(backend, dtype, case, monkeypatch):
     """Loss, dX and every row of dW (each to its own magnitude: a huge class row's gradient is tiny)
-    with the GPU rule: embeddings seen scaled for headroom, class rows as given."""
+    with the GPU rule: embeddings seen scaled for headroom, class rows as given (the torch backend
+    too: on a GPU it sees the same rows)."""
     from float64_oracle import oracle
 
     monkeypatch.setattr(common, "device_rule", lambda v: True)
+    # the torch backend as on a GPU: torch ops (the CPU's fused epilogue reads raw class rows,
+    # which the CPU's own rule scales)
+    monkeypatch.setattr(chunked, "_CPU_OPS", None)
     x, w, y = _problem(dtype, case)
     xg, wg = x.to(DEVICE).requires_grad_(), w.to(DEVICE).requires_grad_()
-    loss = ak.margin_softmax_loss(xg, wg, y.to(DEVICE), scale=16.0, backend="triton")
+    loss = ak.margin_softmax_loss(xg, wg, y.to(DEVICE), scale=16.0, backend=backend)
     loss.backward()
     want_loss, want_dx, want_dw = oracle(x, w, y, scale=16.0)
     tol = 2e-5 if dtype == torch.float32 else 5e-3
