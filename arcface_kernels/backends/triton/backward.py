@@ -5,9 +5,9 @@ Each program owns a (row block, class block) of the chunk: it recomputes the cos
 forward's mainloop, 1 x 2NCD over all chunks), turns them into dcos (eqs. (15)-(17); the target
 entry takes the op's per-row target_dcos, so no margin math runs here), routes each class's
 gradient to its winning sub-centre (eq. (18)) and writes G = dcos * rx * rw^T (eq. (19)) in the
-buffer's dtype. The plan then runs the two gradient GEMMs (B += G W_c, A_c = G^T X) and
-the tangent projections (project_rows_kernel), so no row or column sums of the tile are ever formed. Every entry of
-G is written by exactly one program: no atomics, bit-reproducible.
+buffer's dtype. The plan then runs the two gradient GEMMs (B += G W_c, A_c = G^T X) and the
+tangent projections (project_rows_kernel), so no row or column sums of the tile are ever formed.
+Every entry of G is written by exactly one program: no atomics, bit-reproducible.
 """
 
 import triton

@@ -7,7 +7,8 @@ exponent, huge rows only; minus the dot headroom, every embedding; 129, none):
 
     scale_i   = 2**-shift_i                     a float32 power of two (subnormal for some rows)
     inverse_i = 1 / max(|v_i| scale_i, eps)     the inverse norm of the seen row v_i scale_i,
-                                                correctly rounded, subnormal past |v_i| = 2**126
+                                                correctly rounded where normal (subnormal for a
+                                                seen norm past 2**126)
     seen_i    = v_i scale_i                     written only when asked (exact but where subnormal)
 
 in float32, from one read of the row: the sum of squares is kept of the row scaled by 2**-e,
