@@ -140,7 +140,7 @@ def forward_stats(x: Tensor, w: Tensor, labels: Tensor, active: Tensor, options:
     over class shards by merge_rows when given. The target gradient factor is backward's
     (backward_core): a forward that is not differentiated does not pay for dphi/dc."""
     dtype = compute_dtype(x.dtype)
-    x_seen, rx, sx = common.overflow_safe_rows(x, dtype, sync_free=True)
+    x_seen, rx, sx = common.overflow_safe_rows(x, dtype, sync_free=True, headroom=True)
     w_seen, rw, sw = common.overflow_safe_rows(w, dtype, sync_free=True)
     negatives = None
     if options.nontarget != "none":
@@ -160,15 +160,17 @@ def forward_stats(x: Tensor, w: Tensor, labels: Tensor, active: Tensor, options:
     return Forward(loss, stats, Saved(lse, gap, stats.target_cos, rx, rw, sx, sw, negatives))
 
 
-def _rows_seen(v: Tensor, scale: Tensor | None):
-    """The rows a backend saw in forward (common.overflow_safe_rows), or None where it saw v. On a
-    GPU with no host read, as there: v * scale wherever v's dtype can hold a huge row."""
+def _rows_seen(v: Tensor, scale: Tensor | None, headroom: bool):
+    """The rows a backend saw in forward (common.overflow_safe_rows), or None where it saw v. With
+    the sync-free rule (a GPU), as there with no host read: the embeddings' scaled copy again (the
+    same kernel, the same bits), the class rows as given."""
     if scale is None:
         return None
-    if not common.device_rule(v):
-        if not bool((scale != 1).any()):
+    if common.sync_free_rule(v, scale.dtype):
+        if not common.headroom_scaled(v.dtype, scale.dtype, headroom):
             return None
-    elif not common.may_hold_huge_rows(v.dtype, scale.dtype):
+        return common.overflow_safe_rows(v, scale.dtype, sync_free=True, headroom=True)[0]
+    if not bool((scale != 1).any()):  # the host read (the CPU)
         return None
     return v * scale[:, None].to(v.dtype)
 
@@ -178,24 +180,20 @@ def backward_core(grad_rows: Tensor, x: Tensor, w: Tensor, labels: Tensor, saved
     """(dx in the compute dtype, dw in dw_dtype) of operands x, w, given what forward_stats saved.
     grad_rows: (N,) in the compute dtype, 0 on ignored rows. dw is rounded once into dw_dtype
     (the master weight's dtype): to nearest, inf on overflow."""
-    x_seen, w_seen = _rows_seen(x, saved.sx), _rows_seen(w, saved.sw)
+    x_seen, w_seen = _rows_seen(x, saved.sx, headroom=True), _rows_seen(w, saved.sw, headroom=False)
     # grad_rows is 0 exactly on the rows without a target (and wherever it is 0 the factor is not needed)
     factor = target_cosine_gradient(saved.gap, saved.target_cos, grad_rows != 0, options, num_classes)
     target_dcos = grad_rows * factor
-    # Huge rows on the CPU: dw in the compute dtype, scaled, then rounded once. On a GPU the seen
-    # rows are taken whatever the values (no host read): dw in dw_dtype, scaled in place, the same
-    # bits unless the scaled gradient is subnormal in dw_dtype (docs/design.md section 2).
-    in_place = w_seen is not None and common.device_rule(w)
-    dw_out = dw_dtype if w_seen is None or in_place else compute_dtype(x.dtype)
+    # Huge class rows seen scaled (only where the norm pass read the values: the CPU): dw in the
+    # compute dtype, scaled, then rounded once. On a GPU class rows are seen as given.
+    dw_out = dw_dtype if w_seen is None else compute_dtype(x.dtype)
     dx, dw = get_backend(backend).backward(
         grad_rows, x if x_seen is None else x_seen, w if w_seen is None else w_seen, labels, saved.lse, target_dcos,
         options.with_negatives(saved.negatives), num_classes, RowNorms(saved.rx, saved.rw), dw_out)
     # d/dv of a function of the seen rows s * v is s times the gradient with respect to them.
     if x_seen is not None:
         dx = dx * saved.sx[:, None]
-    if in_place:
-        dw.mul_(saved.sw[:, None])
-    elif w_seen is not None:
+    if w_seen is not None:
         dw = (dw * saved.sw[:, None]).to(dw_dtype)
     return dx, dw
 

@@ -7,10 +7,11 @@ measures the real thing.
 
 The launch list (`launches`) is the real launch plan of the driver code, counted from it: the
 entry checks, the norm pass (common.overflow_safe_rows on a GPU: one triton/norms.py kernel per
-matrix, which also writes the rows' overflow-scaled copy), the scaled copies and gradients of
-op.backward_core (no host sync: docs/design.md section 2), the backend's kernels (Triton grids from configs.py and the
-forward's class splits; the `cuda` ops' internal GEMMs and kernels from csrc/), every chunk of
-the backward walk (chunk_plan.chunk_classes) with its GEMMs and projection, and the glue of
+matrix, which also writes the embeddings' copy scaled for headroom; the class rows are only
+read), the embeddings' copy made again and dX scaled by op.backward_core (no host sync:
+docs/design.md section 2), the backend's kernels (Triton grids from configs.py and the forward's
+class splits; the `cuda` ops' internal GEMMs and kernels from csrc/), every chunk of the backward
+walk (chunk_plan.chunk_classes) with its GEMMs and projection, and the glue of
 finalize, the target gradient and the reduction. tests/test_cost_model.py checks that it equals,
 op for op, what the driver code launches at the headline shape (kernels stubbed, recorded on
 the CPU with tests/launch_probe.py); launches inside the `cuda` extension's ops are invisible to
@@ -77,7 +78,7 @@ ASSUMPTIONS = (
 # upper bound on the issue time.
 SASS_FACTS = {
     "forward": dict(registers=167, smem=32768, epilogue=1112 - 69),
-    "grad_tile": dict(registers=101, smem=73728, epilogue=936 - 87),
+    "grad_tile": dict(registers=100, smem=73728, epilogue=936 - 87),
 }
 
 # --- the glue, as the driver code runs it (op names as the probe records them) -----------------
@@ -90,14 +91,14 @@ COMBINE_SPLITS = "max sub exp argmax mul sum sum sum sum gather gather mul sum".
 FORWARD_TAIL = "log add log add sub zeros_like logaddexp where where clone clone ne sum sum clamp_min div".split()
 # autograd of the reduction, op._backward's labels and gradient rows
 BACKWARD_HEAD = "ones_like div eq where ge where".split()
-# after op._rows_seen's two copies: op.backward_core's target factor (op.target_cosine_gradient with
+# after op._rows_seen's copy of the embeddings: op.backward_core's target factor (op.target_cosine_gradient with
 # margins.dphi_dcos, once per row) and target dcos, chunked_backward's setup
 BACKWARD_SETUP = (
     "ne clamp acos mul add div floor clamp_min remainder mul rsub mul rsub clamp_min sqrt clamp_min lt mul div sinc "
     "mul div sinc div mul sin div where mul cos mul sin mul cos mul div add mul eq ge __and__ ones_like where neg "
-    "expm1 add mul mul where mul zeros lt mul where").split()
-# projection_scale of rx before the final dX projection; the gradient cast to the input dtype
-BACKWARD_TAIL_HEAD = "lt mul where".split()
+    "expm1 add mul mul where mul zeros lt where").split()
+# projection_factor of rx before the final dX projection
+BACKWARD_TAIL_HEAD = "lt where".split()
 
 
 class Launch(NamedTuple):
@@ -147,18 +148,12 @@ def tile_kernel(pass_, kernel, op, programs, tiles_per_program, d):
                   LAUNCH_GAP + waves * tiles_per_program * per_tile, flops, 0.0)
 
 
-def _norm_pass(rows, d, what, itemsize=2):
-    """common.overflow_safe_rows on a GPU (sync_free, bf16: the rows always taken as v * scale):
-    triton/norms.row_norms_kernel reads each row once and writes its scaled copy."""
-    nbytes = 2 * itemsize * rows * d
-    return [Launch("forward", f"norm pass: {what}", "triton:row_norms_kernel", LAUNCH_GAP + nbytes / HBM, 0.0,
-                   nbytes)]
-
-
-def _rows_seen(rows, d, what, itemsize=2):
-    """op._rows_seen in backward: the scale cast to the rows' dtype, the scaled copy (read, write)."""
-    return _aten("backward", ["to"], what=f"rows seen: {what}") + _aten(
-        "backward", ["mul"], 2 * itemsize * rows * d, what=f"rows seen: {what}")
+def _norm_pass(pass_, rows, d, name, write_seen, itemsize=2):
+    """common.overflow_safe_rows on a GPU (sync_free, bf16): triton/norms.row_norms_kernel reads
+    each row once and, for the embeddings (write_seen: seen scaled for headroom), writes the copy;
+    the class rows are only read. In backward op._rows_seen makes the embeddings' copy again."""
+    nbytes = (2 if write_seen else 1) * itemsize * rows * d
+    return [Launch(pass_, name, "triton:row_norms_kernel", LAUNCH_GAP + nbytes / HBM, 0.0, nbytes)]
 
 
 def _triton_forward(n, c, d):
@@ -190,7 +185,7 @@ def _cuda_forward(n, c, d):
 
 
 def _backward(backend, n, c, d):
-    out = _aten("backward", BACKWARD_HEAD) + _rows_seen(n, d, "x * sx") + _rows_seen(c, d, "w * sw")
+    out = _aten("backward", BACKWARD_HEAD) + _norm_pass("backward", n, d, "rows seen: x again (norm kernel)", True)
     out += _aten("backward", BACKWARD_SETUP)
     if backend == "triton":
         step = chunk_plan.chunk_classes(n, c, 1, d, torch.bfloat16, None, CONFIGS["grad_tile"].block_n)
@@ -220,9 +215,8 @@ def _backward(backend, n, c, d):
         out += _projection(backend, width, d, "dW_c projection", 8)
     out += _aten("backward", BACKWARD_TAIL_HEAD)
     out += _projection(backend, n, d, "dX projection", 10)
-    # op.backward_core: dX times sx (float32, read and write), dW times sw in place (bf16)
+    # op.backward_core: dX times sx (float32, read and write); class rows are seen as given
     out += _aten("backward", ["mul"], 8 * n * d, what="rows seen: dX * sx")
-    out += _aten("backward", ["mul_"], 4 * c * d, what="rows seen: dW * sw")
     out += _aten("backward", ["to"], 6 * n * d, what="dX to the input dtype")
     return out
 
@@ -241,7 +235,8 @@ def _projection(backend, rows, d, what, per_entry):
 
 def launches(backend, n, c, d):
     """The predicted launches of one forward + backward, bf16, no sub-centres, in order."""
-    fwd = _aten("forward", ENTRY) + _norm_pass(n, d, "x") + _norm_pass(c, d, "w")
+    fwd = _aten("forward", ENTRY) + _norm_pass("forward", n, d, "norm pass: x", True)
+    fwd += _norm_pass("forward", c, d, "norm pass: w", False)
     fwd += _triton_forward(n, c, d) if backend == "triton" else _cuda_forward(n, c, d)
     fwd += _aten("forward", FORWARD_TAIL)
     return fwd + _backward(backend, n, c, d)

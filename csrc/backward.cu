@@ -137,12 +137,31 @@ __device__ __forceinline__ void load_piece(const T* p, float (&out)[kVec]) {
   for (int i = 0; i < kVec; ++i) out[i] = static_cast<float>(pack.v[i]);
 }
 
-// out = grad - proj (v . grad) v per row, rounded once into OutT (docs/design.md eqs. (23)-(24)):
-// the row is read twice (the second time from L1/L2), written once. kVec = 4 when D and every
-// row start are aligned to 4 entries (the host checks), else 1.
+// Writes one row's projected entries (kScaled: the unit row u = f v formed per entry, eq. (24b)).
+template <bool kScaled, int kVec, typename VT, typename OutT>
+__device__ __forceinline__ void write_projected(const float* g_row, const VT* v_row, OutT* out_row, int64_t dim,
+                                                int lane, float factor, const ProjectionTerms& t) {
+  for (int64_t col = static_cast<int64_t>(lane) * kVec; col < dim; col += kLanes * kVec) {
+    float g[kVec], w[kVec];
+    load_piece<kVec>(g_row + col, g);
+    load_piece<kVec>(v_row + col, w);
+    Pack<OutT, kVec> result;
+    for (int i = 0; i < kVec; ++i) {
+      result.v[i] = static_cast<OutT>(kScaled ? projected_entry(g[i], w[i] * factor, t.along)
+                                              : projected_entry(g[i], w[i], t.coef));
+    }
+    store_pack(out_row + col, result);
+  }
+}
+
+// out = grad - (u . grad) u per row, u = f v, rounded once into OutT (docs/design.md eqs. (23)-(24b)):
+// the row is read twice (the second time from L1/L2), written once; the warp takes the per-row
+// coefficient of v (row_math.cuh projection_terms: the same work per entry as a precomputed f^2)
+// unless it underflows. kVec = 4 when D and every row start are aligned to 4 entries (the host
+// checks), else 1.
 template <int kVec, typename VT, typename OutT>
 __global__ void project_rows_kernel(const float* __restrict__ grad, const VT* __restrict__ v,
-                                    const float* __restrict__ proj, OutT* __restrict__ out, int64_t rows,
+                                    const float* __restrict__ factor, OutT* __restrict__ out, int64_t rows,
                                     int64_t dim, int64_t grad_stride, int64_t v_stride, int64_t out_stride) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kLanes;
   const int lane = threadIdx.x % kLanes;
@@ -158,14 +177,12 @@ __global__ void project_rows_kernel(const float* __restrict__ grad, const VT* __
     partial = piece_dot(partial, g, w, kVec);
   }
   for (int offset = kLanes / 2; offset > 0; offset /= 2) partial += __shfl_xor_sync(0xffffffffu, partial, offset);
-  const float coef = proj[row] * partial;
-  for (int64_t col = static_cast<int64_t>(lane) * kVec; col < dim; col += kLanes * kVec) {
-    float g[kVec], w[kVec];
-    load_piece<kVec>(g_row + col, g);
-    load_piece<kVec>(v_row + col, w);
-    Pack<OutT, kVec> result;
-    for (int i = 0; i < kVec; ++i) result.v[i] = static_cast<OutT>(projected_entry(g[i], w[i], coef));
-    store_pack(out_row + col, result);
+  const float f = factor[row];
+  const ProjectionTerms terms = projection_terms(partial, f);  // the same bits on every lane: a uniform branch
+  if (terms.per_row) {
+    write_projected<false, kVec>(g_row, v_row, out_row, dim, lane, f, terms);
+  } else {
+    write_projected<true, kVec>(g_row, v_row, out_row, dim, lane, f, terms);
   }
 }
 
@@ -245,7 +262,7 @@ void with_type(const at::Tensor& t, const char* name, F f) {
 
 }  // namespace
 
-void project_rows(const at::Tensor& grad_in, const at::Tensor& v_in, const at::Tensor& proj_in, at::Tensor& out) {
+void project_rows(const at::Tensor& grad_in, const at::Tensor& v_in, const at::Tensor& factor_in, at::Tensor& out) {
   TORCH_CHECK(grad_in.is_cuda() && v_in.is_cuda() && out.is_cuda(),
               "cuda backend: project_rows' tensors must be on a GPU");
   TORCH_CHECK(grad_in.scalar_type() == at::kFloat, "cuda backend: project_rows' grad must be float32");
@@ -257,7 +274,7 @@ void project_rows(const at::Tensor& grad_in, const at::Tensor& v_in, const at::T
   const auto v = v_in.stride(1) == 1 ? v_in : v_in.contiguous();
   const c10::cuda::CUDAGuard guard(grad.device());
   const int64_t rows = grad.size(0), dim = grad.size(1);
-  const auto proj = row_vector(proj_in, rows, "proj");
+  const auto factor = row_vector(factor_in, rows, "factor");
   if (rows == 0 || dim == 0) return;
   const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -272,7 +289,7 @@ void project_rows(const at::Tensor& grad_in, const at::Tensor& v_in, const at::T
       using OutT = std::remove_pointer_t<decltype(out_type)>;
       const auto kernel = vector ? project_rows_kernel<4, VT, OutT> : project_rows_kernel<1, VT, OutT>;
       kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-          grad.data_ptr<float>(), typed<VT>(v), proj.data_ptr<float>(), typed<OutT>(out), rows, dim, grad.stride(0),
+          grad.data_ptr<float>(), typed<VT>(v), factor.data_ptr<float>(), typed<OutT>(out), rows, dim, grad.stride(0),
           v.stride(0), out.stride(0));
     });
   });

@@ -33,10 +33,11 @@ void grad_chunk(const at::Tensor& x, const at::Tensor& w_rows, const at::Tensor&
                 int64_t sub_centers, double smoothing_per_class, const std::optional<at::Tensor>& threshold,
                 const std::optional<at::Tensor>& coeffs);
 
-// out = grad - proj * (v . grad) v per row (docs/design.md eqs. (23)-(24): the dW and dX
-// projections of the chunked backward), computed in float32 and rounded once into out's dtype (inf
-// where it overflows). grad: float32 (rows, D); v, out: (rows, D) in float32, bfloat16 or float16,
-// columns contiguous, any row stride; proj: (rows,) float32.
-void project_rows(const at::Tensor& grad, const at::Tensor& v, const at::Tensor& proj, at::Tensor& out);
+// out = grad - (u . grad) u per row, u = factor * v the unit row (docs/design.md eqs. (23)-(24b):
+// the dW and dX projections of the chunked backward), computed in float32 and rounded once into
+// out's dtype (inf where it overflows). grad: float32 (rows, D); v, out: (rows, D) in float32,
+// bfloat16 or float16, columns contiguous, any row stride; factor: (rows,) float32
+// (common.projection_factor: the inverse norm, 0 on rows clamped at eps).
+void project_rows(const at::Tensor& grad, const at::Tensor& v, const at::Tensor& factor, at::Tensor& out);
 
 }  // namespace arcface_kernels

@@ -133,11 +133,12 @@ ARCFACE_HD float routed_gradient(float dcos, float rx, float rw, int k, int pick
   return k == pick ? dcos * rx * rw : 0.f;
 }
 
-// The tangent projection out = grad - proj (v . grad) v of one row (docs/design.md eqs. (23)-(24)),
-// as kLanes lanes (a warp) compute it: lane l owns the `vec`-wide pieces l, l + kLanes, ... of the
-// row and sums its products in column order (`piece_dot`), the lanes' sums are added over a fixed
-// butterfly (every lane ends with the same bits: a + b == b + a), and each entry is then
-// `projected_entry`. Explicit fmaf: the host build gives the device's bits.
+// The tangent projection out = grad - (u . grad) u of one row, u = f v the unit row (f: the row's
+// inverse norm, 0 where clamped at eps; docs/design.md eqs. (23)-(24b)), as kLanes lanes (a warp)
+// compute it: lane l owns the `vec`-wide pieces l, l + kLanes, ... of the row and sums its products
+// in column order (`piece_dot`), the lanes' sums are added over a fixed butterfly (every lane ends
+// with the same bits: a + b == b + a), then `projection_terms` and each entry `projected_entry`.
+// Explicit fmaf: the host build gives the device's bits.
 constexpr int kLanes = 32;
 
 ARCFACE_HD float piece_dot(float partial, const float* grad, const float* v, int vec) {
@@ -145,14 +146,29 @@ ARCFACE_HD float piece_dot(float partial, const float* grad, const float* v, int
   return partial;
 }
 
+// Per row, from dot = v . grad: along = dot f = u . grad, and coef = along f, the coefficient of v
+// itself. per_row: coef is normal or along is 0 (then out = grad - coef v, one fma per entry);
+// otherwise coef underflows (a row of norm past about 2^63) and the entries take u = f v (eq. (24b)).
+// A NaN takes the per-entry form and propagates.
+struct ProjectionTerms {
+  float along, coef;
+  bool per_row;
+};
+
+ARCFACE_HD ProjectionTerms projection_terms(float dot, float factor) {
+  const float along = dot * factor, coef = along * factor;
+  return ProjectionTerms{along, coef, fabsf(coef) >= 1.17549435e-38f || along == 0.f};
+}
+
 ARCFACE_HD float projected_entry(float grad, float v, float coef) { return fmaf(-coef, v, grad); }
 
 // Cosine of class j of a row: the max over its K sub-centre columns of the raw dots, and the winner.
 ARCFACE_HD float class_cosine(const float* dots, const float* rw, float rx, int64_t j, int k_count, int* pick) {
-  float best = dots[j * k_count] * rx * rw[j * k_count];
+  // one factor rx rw (docs/design.md eq. (7a)): dots * rx alone can overflow for a huge class row
+  float best = dots[j * k_count] * (rx * rw[j * k_count]);
   *pick = 0;
   for (int k = 1; k < k_count; ++k) {
-    const float c = dots[j * k_count + k] * rx * rw[j * k_count + k];
+    const float c = dots[j * k_count + k] * (rx * rw[j * k_count + k]);
     if (c > best || c != c) {  // a NaN propagates, as torch.max: never a finite wrong loss
       best = c;
       *pick = k;

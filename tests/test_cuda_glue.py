@@ -96,12 +96,12 @@ def recorded_grad_chunk(x, w_rows, labels, rx, rw_rows, lse, grad_rows, target_d
                smoothing_per_class, threshold, coeffs)
 
 
-def project_rows(grad, v, proj, out):
-    """csrc/ops.h project_rows: out = grad - proj * (v . grad) v per row, from float32 grad, rounded
-    once into out's dtype."""
+def project_rows(grad, v, factor, out):
+    """csrc/ops.h project_rows: out = grad - (u . grad) u per row, u = factor * v, from float32 grad,
+    rounded once into out's dtype."""
     CALLS.append(("project_rows", (grad.dtype, v.dtype, out.dtype, grad.shape[0])))
-    v = v.float()
-    out.copy_(grad - (proj * (v * grad).sum(1))[:, None] * v)
+    unit = v.float() * factor[:, None]
+    out.copy_(grad - (unit * grad).sum(1)[:, None] * unit)
 
 
 @pytest.fixture(scope="module")

@@ -144,7 +144,7 @@ def test_class_cosine_takes_the_best_sub_centre(harness, k):
     rw[:50, -1] = rw[:50, 0]
     rx = torch.rand(n, generator=g) + 0.5
     out = harness(["class_cosine", k], torch.cat([rx[:, None], dots, rw], 1).numpy(), 2)
-    cos = dots * rx[:, None] * rw
+    cos = dots * (rx[:, None] * rw)  # one factor rx rw (docs/design.md eq. (7a))
     best, pick = cos.max(1)
     assert torch.equal(out[:, 0], best)
     assert torch.equal(out[:, 1].long(), pick)
@@ -186,28 +186,47 @@ def test_segment_statistics_merge_to_the_row_statistics(harness, width, segments
 @pytest.mark.parametrize("dim,vec", [(1, 1), (45, 1), (64, 4), (512, 4), (100, 4)])
 def test_projection_matches_the_tangent_projection(harness, dim, vec):
     """csrc project_rows_kernel's math (row_math.cuh, the warp's order emulated by the harness):
-    out = grad - proj (v . grad) v (docs/design.md eqs. (23)-(24)) to float32 accuracy, for rows
+    out = grad - (u . grad) u, u = f v (docs/design.md eqs. (23)-(24b)) to float32 accuracy, for rows
     where the projection removes most of grad (grad nearly along v) and rows where it removes
     little; rows of v in any dtype arrive as float32. The harness aborts unless every lane ends
     the butterfly with the same bits."""
     g = torch.Generator().manual_seed(3)
     rows = 64
     v = torch.randn(rows, dim, generator=g)
-    proj = 1.0 / (v.double() ** 2).sum(1)
+    factor = 1.0 / v.double().norm(dim=1)
     grad = torch.randn(rows, dim, generator=g) * torch.logspace(-3, 3, rows)[:, None]
     grad[: rows // 2] += 40.0 * v[: rows // 2]  # mostly along v: the projection cancels it
-    proj[-1] = 0.0  # a row clamped at eps (common.projection_scale): grad passes through
-    records = torch.cat([proj[:, None].float(), grad, v], 1)
+    factor[-1] = 0.0  # a row clamped at eps (common.projection_factor): grad passes through
+    records = torch.cat([factor[:, None].float(), grad, v], 1)
     out = harness(["project", dim, vec], records.numpy(), dim)
-    ref = grad.double() - (proj * (v.double() * grad.double()).sum(1))[:, None] * v.double()
-    # float32 rounding of the dot (|grad| |v| scale) and of the products
-    bound = 1e-6 * (grad.double().norm(dim=1) + (proj * v.double().norm(dim=1) * grad.double().norm(dim=1)
-                                                 * v.double().norm(dim=1)))[:, None] + 1e-30
+    unit = v.double() * factor[:, None]
+    ref = grad.double() - (unit * grad.double()).sum(1, keepdim=True) * unit
+    # float32 rounding of the dot (|grad| |u|) and of the products
+    bound = 1e-6 * (grad.double().norm(dim=1) + unit.norm(dim=1) ** 2 * grad.double().norm(dim=1))[:, None] + 1e-30
     assert ((out.double() - ref).abs() <= bound).all()
     assert torch.equal(out[-1], grad[-1])
     # the cancelling rows keep only the part orthogonal to v
     assert ((out[: rows // 2].double() * v[: rows // 2].double()).sum(1).abs()
             <= 1e-4 * grad[: rows // 2].double().norm(dim=1) * v[: rows // 2].double().norm(dim=1)).all()
+
+
+def test_projection_of_rows_of_any_norm(harness):
+    """Rows of norm 2^-30 .. 2^127 with grad as a backward makes it (f times a vector of order 1,
+    partly along v): f^2 underflows past 2^63, where the kernel forms the unit row per entry
+    (eq. (24b)); each row against float64 to its own magnitude (a subnormal step below)."""
+    g = torch.Generator().manual_seed(6)
+    dim = 64
+    exponents = torch.tensor([-30, 0, 40, 62, 63, 64, 70, 100, 120, 126, 127], dtype=torch.float64)
+    v = torch.randn(len(exponents), dim, generator=g, dtype=torch.float64)
+    v *= torch.exp2(exponents)[:, None] / v.norm(dim=1, keepdim=True)
+    factor = 1.0 / v.norm(dim=1)
+    grad = (torch.randn(v.shape, generator=g, dtype=torch.float64) + 3.0 * v * factor[:, None]) * factor[:, None]
+    v, grad, factor = v.float(), grad.float(), factor.float()
+    out = harness(["project", dim, 4], torch.cat([factor[:, None], grad, v], 1).numpy(), dim)
+    unit = v.double() * factor.double()[:, None]
+    ref = grad.double() - (unit * grad.double()).sum(1, keepdim=True) * unit
+    bound = 1e-6 * grad.double().abs().amax(dim=1, keepdim=True) + 4 * 2.0**-149
+    assert ((out.double() - ref).abs() <= bound).all(), ((out.double() - ref).abs() / bound).amax(dim=1)
 
 
 def test_projection_pieces_change_only_the_dots_summation_order(harness):
@@ -217,8 +236,8 @@ def test_projection_pieces_change_only_the_dots_summation_order(harness):
     dim = 128
     grad = torch.randint(-8, 8, (16, dim), generator=g).float()
     v = torch.randint(-8, 8, (16, dim), generator=g).float()
-    proj = torch.full((16, 1), 2.0**-10)
-    records = torch.cat([proj, grad, v], 1).numpy()
+    factor = torch.full((16, 1), 2.0**-5)
+    records = torch.cat([factor, grad, v], 1).numpy()
     assert torch.equal(harness(["project", dim, 4], records, dim), harness(["project", dim, 1], records, dim))
 
 

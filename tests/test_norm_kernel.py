@@ -46,37 +46,57 @@ def _rows(dtype, dim):
     return torch.stack(rows).to(dtype)
 
 
-def _expected(v, safe):
-    """(inverse norms, scales) in float64 of the rows as given (docs/design.md section 2)."""
+def _expected(v, limit):
+    """(inverse norms, scales) in float64 of the rows as given (docs/design.md section 2): rows
+    whose largest entry reaches 2**limit scaled below it."""
     v64 = v.double()
     peak = v64.abs().amax(dim=1)
-    exponent = torch.frexp(peak).exponent.double().clamp_min(common._MIN_EXPONENT)
-    shift = (exponent - safe).clamp_min(0)
+    exponent = torch.frexp(peak).exponent.double().where(peak > 0, common._MIN_EXPONENT).clamp_min(common._MIN_EXPONENT)
+    shift = (exponent - limit).clamp_min(0)
     scale = torch.exp2(-shift)
     norm = torch.linalg.vector_norm(v64 * torch.exp2(-exponent)[:, None], dim=1) * torch.exp2(exponent - shift)
     return 1.0 / norm.clamp_min(NORM_EPS), scale
 
 
+def _quantum(dtype):
+    """The spacing of `dtype`'s subnormals."""
+    info = torch.finfo(dtype)
+    return info.smallest_normal * info.eps
+
+
 @runs_here
+@pytest.mark.parametrize("limit", ["safe", "headroom", "none"])
 @pytest.mark.parametrize("dim", [77, 1030])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_norm_kernel_matches_float64(dtype, dim):
+def test_norm_kernel_matches_float64(dtype, dim, limit):
+    """The three limits common.overflow_safe_rows uses: huge rows scaled (the host-read path),
+    every row scaled below the dot headroom (the embeddings on a GPU), none (the class rows on a
+    GPU: exact inverse norms, subnormal past 2**126, for rows of any finite size)."""
     from arcface_kernels.backends.triton import norms
 
     v = _rows(dtype, dim).to(DEVICE)
-    safe = common._safe_exponent(torch.float32)
-    seen, inverse, scale = norms.seen_rows(v, safe, common._MIN_EXPONENT, NORM_EPS, True)
-    want_inverse, want_scale = _expected(v.cpu(), safe)
+    limit = {"safe": common._safe_exponent(torch.float32), "headroom": -common.dot_headroom(dim),
+             "none": common._NO_SHIFT}[limit]
+    seen, inverse, scale = norms.seen_rows(v, limit, common._MIN_EXPONENT, NORM_EPS, True)
+    want_inverse, want_scale = _expected(v.cpu(), limit)
     assert torch.equal(scale.cpu().double(), want_scale)
-    torch.testing.assert_close(inverse.cpu().double(), want_inverse, rtol=2e-6, atol=0)
-    # the seen rows: exactly v times the scale (a power of two), in v's dtype
-    assert torch.equal(seen.cpu(), (v.cpu().double() * want_scale[:, None]).to(dtype))
-    assert bool((scale[:2] == 1).all()) and bool(torch.isfinite(inverse).all())
-    if dtype != torch.float16:  # the huge rows are scaled below 2**safe, ordinary ones are not
-        assert bool((seen.cpu().double().abs().amax(dim=1) < 2.0**safe).all())
+    # correctly rounded where normal; within a subnormal step (of the float32 result) below
+    assert bool(((inverse.cpu().double() - want_inverse).abs()
+                 <= 2e-6 * want_inverse + _quantum(torch.float32)).all())
+    # the seen rows: exactly v times the scale (a power of two), in v's dtype, but where subnormal
+    torch.testing.assert_close(seen.cpu().double(), (v.cpu().double() * want_scale[:, None]).to(dtype).double(),
+                               rtol=0, atol=_quantum(dtype))
+    assert bool(torch.isfinite(inverse).all()) and bool((inverse > 0).all())
+    peaks = seen.cpu().double().abs().amax(dim=1)
+    if limit < 0:  # every row below the headroom, none scaled up
+        assert bool((peaks < 2.0**limit).all()) and bool((scale <= 1).all())
+    elif dtype != torch.float16 and limit < common._NO_SHIFT:  # the huge rows below 2**safe, the others as given
+        assert bool((peaks < 2.0**limit).all())
         assert bool((scale[-4:] < 1).all()) and bool((scale[:-4] == 1).all())
+    else:
+        assert bool((scale == 1).all())
     # without the copy: the same norms, v itself
-    same, inverse_2, _ = norms.seen_rows(v, safe, common._MIN_EXPONENT, NORM_EPS, False)
+    same, inverse_2, _ = norms.seen_rows(v, limit, common._MIN_EXPONENT, NORM_EPS, False)
     assert same is v and torch.equal(inverse_2, inverse)
 
 
@@ -94,8 +114,8 @@ def test_norm_kernel_propagates_nan_and_inf():
 @runs_here
 @pytest.mark.parametrize("magnitude", [1.0, 1e30, 3e38, 1e-30])
 def test_sync_free_rule_gives_the_exact_loss_and_gradients(magnitude, monkeypatch):
-    """The op with the GPU rule (norm kernel, rows always taken as v * scale, dW scaled in place)
-    on the triton backend, against the float64 reference, with one class row and one embedding
+    """The op with the GPU rule (norm kernel, embeddings seen scaled for headroom, class rows as
+    given) on the triton backend, against the float64 reference, with one class row and one embedding
     row at `magnitude`."""
     monkeypatch.setattr(common, "device_rule", lambda v: True)
     g = torch.Generator().manual_seed(3)
@@ -143,7 +163,8 @@ def test_norm_kernel_compiles_for_the_gpu(arch, dtype):
 
     fn = row_norms_kernel
     block_r, block_d = launch_shape(512)
-    constants = dict(SAFE=48, MIN_EXPONENT=common._MIN_EXPONENT, WRITE_SEEN=True, BLOCK_R=block_r, BLOCK_D=block_d)
+    constants = dict(LIMIT=-common.dot_headroom(512), MIN_EXPONENT=common._MIN_EXPONENT, WRITE_SEEN=True,
+                     BLOCK_R=block_r, BLOCK_D=block_d)
     signature = {}
     for name, param in zip(fn.arg_names, fn.params):
         if param.is_constexpr:

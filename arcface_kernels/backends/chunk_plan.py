@@ -15,10 +15,11 @@ exact bfloat16 pieces of the operands, `split_operands`):
 
     B   += G W_c                       float32, accumulated over chunks in a fixed order
     A_c  = G^T X                       float32
-    dW_c = A_c - pw (w . A_c) w        the tangent projection, written once per weight row
-    dX   = B - px (x . B) x            once, at the end
+    dW_c = A_c - (u . A_c) u           the tangent projection, written once per weight row
+    dX   = B - (u . B) u               once, at the end
 
-(px, pw: common.projection_scale of the inverse norms). The normalization terms need no pass
+(u = f v the unit row, f = common.projection_factor of the inverse norm: 0 on rows clamped at
+eps; eqs. (23)-(24b)). The normalization terms need no pass
 over the tile because rowsum(dcos * cos) = x . (G W) and colsum(dcos * cos) = w . (G^T X).
 One gradient buffer (N rows of a full chunk) is reused by every chunk, so G's leading dimension is
 the full chunk's in the last chunk too (a multiple of `align` classes: 16-byte aligned rows for
@@ -29,7 +30,7 @@ that read it), never by C. No atomics, fixed chunk order: bit-reproducible.
 
 import torch
 
-from .common import get_workspace_budget, projection_scale
+from .common import get_workspace_budget, projection_factor
 
 # Largest gradient buffer: it stays resident in an H100's 50 MB L2 between writer and readers.
 GRAD_BUFFER_BYTES = 32 * 2**20
@@ -122,13 +123,13 @@ def _product(a_pieces, b_pieces, accumulate=None):
     return out
 
 
-def project_rows(grad, v, v_proj, out):
-    """out = grad - v_proj * (v . grad) v per row (the normalization term of the gradient, eqs.
-    (23)-(24)), rounded to nearest into out's dtype (inf where it overflows). In torch
-    element-wise ops; a backend may pass a fused kernel with the same signature to
-    chunked_backward."""
-    v = v.to(grad.dtype)
-    out.copy_(grad - (v_proj * (v * grad).sum(1))[:, None] * v)
+def project_rows(grad, v, factor, out):
+    """out = grad - (u . grad) u per row, u = factor * v the unit row (the normalization term of
+    the gradient, eqs. (23)-(24b): factor = common.projection_factor of the row's inverse norm),
+    rounded to nearest into out's dtype (inf where it overflows). In torch element-wise ops; a
+    backend may pass a fused kernel with the same signature to chunked_backward."""
+    unit = v.to(grad.dtype) * factor[:, None]
+    out.copy_(grad - (unit * grad).sum(1)[:, None] * unit)
 
 
 def chunked_backward(x, w, norms, sub_centers, grad_dtype, fill_grad, dw_dtype, workspace_budget=None, align=1,
@@ -149,7 +150,7 @@ def chunked_backward(x, w, norms, sub_centers, grad_dtype, fill_grad, dw_dtype, 
     step = chunk_classes(n, n_classes, k, dim, grad_dtype, workspace_budget, align, split)
     buffer = torch.empty(n, step * k, dtype=grad_dtype, device=x.device)
     x_pieces = _pieces(x, split, grad_dtype)
-    proj_w = projection_scale(norms.rw)
+    factor_w = projection_factor(norms.rw)
     for first in range(0, n_classes, step):
         stop = min(first + step, n_classes)
         rows = slice(first * k, stop * k)
@@ -159,7 +160,7 @@ def chunked_backward(x, w, norms, sub_centers, grad_dtype, fill_grad, dw_dtype, 
         g_pieces = _pieces(g, split, grad_dtype)
         b = _product(g_pieces, _pieces(w_rows, split, grad_dtype), accumulate=b)
         a = _product([p.T for p in g_pieces], x_pieces)
-        project(a, w_rows, proj_w[rows], dw[rows])
+        project(a, w_rows, factor_w[rows], dw[rows])
     dx = torch.empty_like(b)
-    project(b, x, projection_scale(norms.rx), dx)
+    project(b, x, projection_factor(norms.rx), dx)
     return dx, dw

@@ -41,7 +41,7 @@ import torch
 
 from ..dtypes import FLOAT_DTYPES, compute_dtype
 from ..margins import phi
-from .common import classes_per_chunk, projection_scale, tile_classes
+from .common import classes_per_chunk, projection_factor, projection_scale, tile_classes
 from .contract import Backend, PartialStats
 from .registry import register_backend
 
@@ -315,7 +315,7 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
     bias = None if walk.hard_map is not None else -lse[:, None]
     # the target entry of P: G_iy = target_dcos rx rw_y, i.e. P_iy = target_dcos / (s g)
     target_p = torch.where(g != 0, target_dcos.to(cdt) / torch.where(g != 0, s * g, 1.0), 0.0)
-    projected = (projection_scale(norms.rw) > 0).to(cdt)  # 0 on rows clamped at eps (common.projection_scale)
+    projected = (projection_factor(norms.rw) > 0).to(cdt)  # 0 on rows clamped at eps (common.projection_factor)
     b = torch.zeros(n, walk.dim, dtype=cdt, device=x.device)
     dw = torch.empty(w.shape, dtype=dw_dtype, device=w.device)
     a_buffer = torch.empty(walk.width * walk.dim, dtype=cdt, device=x.device)

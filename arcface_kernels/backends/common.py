@@ -163,27 +163,54 @@ def may_hold_huge_rows(v_dtype: torch.dtype, dtype: torch.dtype) -> bool:
     return torch.finfo(v_dtype).max >= 2.0 ** _safe_exponent(dtype)
 
 
-def overflow_safe_rows(v: torch.Tensor, dtype: torch.dtype, sync_free: bool = False):
+def dot_headroom(dim: int) -> int:
+    """h with 2**h >= 2 dim: a row whose entries are all below 2**-h has, with any row of `dim`
+    finite entries, a dot product below half the largest finite value (docs/design.md eq. (6b))."""
+    return max(int(dim) - 1, 0).bit_length() + 1
+
+
+def sync_free_rule(v: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether overflow_safe_rows(v, dtype, sync_free=True) runs the norm kernel and reads nothing
+    back (a GPU, a kernel dtype, float32 statistics, Triton importable)."""
+    return _norm_kernel(v, dtype) is not None
+
+
+def headroom_scaled(v_dtype: torch.dtype, dtype: torch.dtype, headroom: bool) -> bool:
+    """Whether the sync-free rule sees rows of v_dtype scaled down for headroom (the embeddings,
+    of a dtype that can hold a huge row), rather than as given."""
+    return headroom and may_hold_huge_rows(v_dtype, dtype)
+
+
+# norms.seen_rows' limit that scales no row: past the exponent of every finite value (and of inf)
+_NO_SHIFT = 129
+
+
+def overflow_safe_rows(v: torch.Tensor, dtype: torch.dtype, sync_free: bool = False, headroom: bool = False):
     """The rows a backend sees, their inverse norms in `dtype`, and the per-row scale that made them.
 
     Rows whose largest entry reaches 2**_safe_exponent are multiplied by a power of two (exact)
     that brings it below: cosines are unchanged, and no raw dot product of two rows overflows
     the accumulation dtype (docs/design.md section 2, "never NaN or Inf for finite inputs"). The
     gradient with respect to the given row is the scale times the one with respect to the seen
-    row. The scale is None where every row is seen as given.
+    row. The scale is None where every row is seen as given (sync_free on a GPU: the kernel's
+    scales, all 1 for rows seen as given, so that no launch makes them).
 
-    On a GPU the norm pass is one kernel (triton/norms.py). sync_free (the op's training step):
-    no host read, so no decision from the values: where v's dtype can hold a huge row
-    (may_hold_huge_rows) the seen rows are always v * scale, a copy the kernel writes in the same
-    pass (scale 1 on ordinary rows), else v. Otherwise (and always on the CPU, where a host read is
-    cheap) the copy is made only when some row needs it: one host read to know.
+    On a GPU the norm pass is one kernel (triton/norms.py). sync_free (the op's training step)
+    reads nothing back, so it decides nothing from the values: where v's dtype can hold a huge
+    row (may_hold_huge_rows), the embeddings (headroom=True) are always seen scaled down to entries
+    below 2**-dot_headroom(D), a copy the kernel writes in the same pass (N x D), so that their dot
+    product with any finite class row is finite, and the class rows (headroom=False) are seen as
+    given, with their exact inverse norms: no C x D copy (docs/design.md section 2, "Norms and
+    overflow"). Otherwise (and always on the CPU, where a host read is cheap) the copy is made
+    only when some row needs it: one host read to know.
     """
     kernel = _norm_kernel(v, dtype)
     if kernel is not None:
-        always = sync_free and may_hold_huge_rows(v.dtype, dtype)
-        seen, inverse, scale = kernel.seen_rows(v, _safe_exponent(dtype), _MIN_EXPONENT, NORM_EPS, always)
-        if always:
-            return seen, inverse, scale
+        if sync_free:
+            scaled = headroom_scaled(v.dtype, dtype, headroom)
+            limit = -dot_headroom(v.shape[1]) if scaled else _NO_SHIFT
+            return kernel.seen_rows(v, limit, _MIN_EXPONENT, NORM_EPS, scaled)
+        seen, inverse, scale = kernel.seen_rows(v, _safe_exponent(dtype), _MIN_EXPONENT, NORM_EPS, False)
         if not may_hold_huge_rows(v.dtype, dtype) or not bool((scale != 1).any()):  # the host read
             return v, inverse, None
         return v * scale[:, None].to(v.dtype), inverse, scale
@@ -215,7 +242,15 @@ def float32_matmul_uses_tf32() -> bool:
     return bool(matmul.allow_tf32) if precision is None else precision == "tf32"
 
 
+def projection_factor(r: torch.Tensor) -> torch.Tensor:
+    """r where the row's norm exceeds eps, else 0: the factor of the normalized row v r in the
+    normalization term of the gradient (docs/design.md eqs. (23)-(24b)), which F.normalize drops
+    for rows clamped at eps."""
+    return torch.where(r < 1.0 / NORM_EPS, r, 0.0)
+
+
 def projection_scale(r: torch.Tensor) -> torch.Tensor:
-    """r^2 where the row's norm exceeds eps, else 0: the weight of the normalization term of the
-    gradient (docs/design.md section 5), which F.normalize drops for rows clamped at eps."""
-    return torch.where(r < 1.0 / NORM_EPS, r * r, 0.0)
+    """projection_factor(r)^2: the weight of (v . grad) v in the normalization term (eqs. (23)-(24)),
+    for rows whose r^2 is within the dtype's range (the `torch` backend's dX: seen embeddings)."""
+    f = projection_factor(r)
+    return f * f

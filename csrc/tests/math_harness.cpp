@@ -13,7 +13,7 @@
 //                                     accumulated by T strided "threads" merged in order, segments
 //                                     merged in order; class 0 is the target
 //                                     -> (max, sum_exp, nontarget_sum_exp, logit_sum, best_cos, best_class)
-//   math_harness project D V          records (proj, D grad, D v) -> (D out): project_rows_kernel's order
+//   math_harness project D V          records (factor, D grad, D v) -> (D out): project_rows_kernel's order
 //                                     with V-wide pieces (kLanes lanes, butterfly)
 //   math_harness route K              records (dcos, rx, K rw, pick) -> (K entries)
 //   math_harness chunk                records (rows, K, classes, workspace bytes) -> (classes per chunk)
@@ -55,8 +55,9 @@ RowPartial row_stats(const std::vector<float>& row, int64_t width, int64_t segme
 }
 
 // One row as project_rows_kernel computes it: lane l sums pieces l, l + kLanes, ... (piece_dot),
-// the lanes' sums are added over the xor butterfly, then every entry is projected_entry.
-void project_row(const float* grad, const float* v, float proj, int64_t dim, int vec, float* out) {
+// the lanes' sums are added over the xor butterfly, then projection_terms and every entry
+// projected_entry, with the per-row coefficient or the unit row per entry as the kernel branches.
+void project_row(const float* grad, const float* v, float factor, int64_t dim, int vec, float* out) {
   float lanes[kLanes];
   for (int lane = 0; lane < kLanes; ++lane) {
     lanes[lane] = 0.f;
@@ -72,8 +73,10 @@ void project_row(const float* grad, const float* v, float proj, int64_t dim, int
   for (int lane = 1; lane < kLanes; ++lane) {
     if (std::memcmp(&lanes[lane], &lanes[0], sizeof(float)) != 0) std::abort();  // every lane, the same bits
   }
-  const float coef = proj * lanes[0];
-  for (int64_t i = 0; i < dim; ++i) out[i] = projected_entry(grad[i], v[i], coef);
+  const ProjectionTerms t = projection_terms(lanes[0], factor);
+  for (int64_t i = 0; i < dim; ++i) {
+    out[i] = t.per_row ? projected_entry(grad[i], v[i], t.coef) : projected_entry(grad[i], v[i] * factor, t.along);
+  }
 }
 
 }  // namespace

@@ -173,14 +173,14 @@ def projection_blocks(dim):
     return max(1, 4096 // block_d), block_d
 
 
-def project_rows(grad, v, v_proj, out):
+def project_rows(grad, v, factor, out):
     """chunk_plan.project_rows as one fused kernel (float32 grad, rows of v, out in any dtype)."""
     rows, dim = grad.shape
     if rows == 0:
         return
     block_r, block_d = projection_blocks(dim)
     project_rows_kernel[(triton.cdiv(rows, block_r),)](
-        grad, v, v_proj, out, rows, dim, grad.stride(0), v.stride(0), out.stride(0), BLOCK_R=block_r, BLOCK_D=block_d,
+        grad, v, factor, out, rows, dim, grad.stride(0), v.stride(0), out.stride(0), BLOCK_R=block_r, BLOCK_D=block_d,
     )
 
 

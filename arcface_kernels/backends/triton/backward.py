@@ -6,9 +6,9 @@ forward's mainloop, 1 x 2NCD over all chunks), turns them into dcos (eqs. (15)-(
 entry takes the op's per-row target_dcos, so no margin math runs here; with the non-target
 epilogue, a NONTARGET variant, hard entries take eqs. (N1)-(N2)), routes each class's
 gradient to its winning sub-centre (eq. (18)) and writes G = dcos * rx * rw^T (eq. (19)) in the
-buffer's dtype. The plan then runs the two gradient GEMMs (B += G W_c, A_c = G^T X) and
-the tangent projections, so no row or column sums of the tile are ever formed. Every entry of
-G is written by exactly one program: no atomics, bit-reproducible.
+buffer's dtype. The plan then runs the two gradient GEMMs (B += G W_c, A_c = G^T X) and the
+tangent projections (project_rows_kernel), so no row or column sums of the tile are ever formed.
+Every entry of G is written by exactly one program: no atomics, bit-reproducible.
 """
 
 import triton
@@ -47,19 +47,34 @@ def grad_tile_kernel(
         tl.store(out, g.to(g_ptr.dtype.element_ty), mask=mask)
 
 
+# float32's smallest normal value
+_SMALLEST_NORMAL = tl.constexpr(1.1754943508222875e-38)
+
+
 @triton.jit
-def project_rows_kernel(grad_ptr, v_ptr, proj_ptr, out_ptr, R, D, stride_grad, stride_v, stride_out,
+def project_rows_kernel(grad_ptr, v_ptr, factor_ptr, out_ptr, R, D, stride_grad, stride_v, stride_out,
                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out = grad - proj * (v . grad) v per row, rounded to nearest into out's dtype (inf where
-    it overflows, never clamped), in one pass over a whole row (BLOCK_D >= D): the dW / dX tail of
-    the chunk plan (eqs. (23)-(24)) at 4 + 2 + 2 bytes per entry for bf16, instead of a chain of
-    element-wise torch ops."""
+    """out = grad - (u . grad) u per row, u = f v the unit row (f: common.projection_factor, 0 on
+    rows clamped at eps), rounded to nearest into out's dtype (inf where it overflows, never
+    clamped), in one pass over a whole row (BLOCK_D >= D): the dW / dX tail of the chunk plan
+    (eqs. (23)-(24b)) at 4 + 2 + 2 bytes per entry for bf16. Per row a = (v . grad) f = u . grad
+    and the coefficient of v, a f; a program whose rows all have a normal (or exactly zero)
+    coefficient takes grad - (a f) v, the same work per entry as grad - f^2 (v . grad) v; one with
+    a row whose a f underflows (norm past about 2**63) forms u per entry instead (eq. (24b))."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     mask = (rows < R)[:, None] & (cols < D)[None, :]
     r64 = rows[:, None].to(tl.int64)
     grad = tl.load(grad_ptr + r64 * stride_grad + cols[None, :], mask=mask, other=0.0)
     v = tl.load(v_ptr + r64 * stride_v + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    proj = tl.load(proj_ptr + rows, mask=rows < R, other=0.0)
-    out = grad - (proj * tl.sum(v * grad, axis=1))[:, None] * v
-    tl.store(out_ptr + r64 * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    factor = tl.load(factor_ptr + rows, mask=rows < R, other=0.0)
+    along = tl.sum(v * grad, axis=1) * factor
+    coef = along * factor
+    per_row = (tl.abs(coef) >= _SMALLEST_NORMAL) | (along == 0.0)  # False on NaN: it propagates either way
+    out_ptrs = out_ptr + r64 * stride_out + cols[None, :]
+    # the store in each branch: a common tail after them would take the subtraction out of the
+    # multiply-add (or speculate the per-entry product on every program)
+    if tl.min(per_row.to(tl.int32), axis=0) == 1:
+        tl.store(out_ptrs, (grad - coef[:, None] * v).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptrs, (grad - along[:, None] * (v * factor[:, None])).to(out_ptr.dtype.element_ty), mask=mask)

@@ -1,16 +1,21 @@
 """The norm pass on a GPU: one kernel per matrix (docs/design.md section 2, "Norms and overflow").
 
 Per row i of v (float16, bfloat16 or float32), with e_i the exponent of its largest entry
-(max_k |v_ik| = m 2**e_i, m in [0.5, 1), e_i >= min_exponent), shift_i = max(e_i - safe, 0):
+(max_k |v_ik| = m 2**e_i, m in [0.5, 1), e_i >= min_exponent) and shift_i = max(e_i - limit, 0):
+rows whose largest entry reaches 2**limit are scaled below it (limit = the caller's: the safe
+exponent, huge rows only; minus the dot headroom, every embedding; 129, none):
 
-    scale_i   = 2**-shift_i                     (1 for every row but huge ones)
-    inverse_i = 1 / max(|v_i| scale_i, eps)     the inverse norm of the seen row v_i scale_i
-    seen_i    = v_i scale_i                     written only when asked (exact: a power of two)
+    scale_i   = 2**-shift_i                     a float32 power of two (subnormal for some rows)
+    inverse_i = 1 / max(|v_i| scale_i, eps)     the inverse norm of the seen row v_i scale_i,
+                                                correctly rounded where normal (subnormal for a
+                                                seen norm past 2**126)
+    seen_i    = v_i scale_i                     written only when asked (exact but where subnormal)
 
 in float32, from one read of the row: the sum of squares is kept of the row scaled by 2**-e,
 e the largest exponent seen so far, and rescaled by a power of two when a later block of columns
 raises it (an online power-of-two rescaling), so that no square overflows or underflows however
-large or tiny the row; powers of two are built from their bits, never by exp2. No float32 copy
+large or tiny the row; powers of two are built from their bits, never by exp2, and one outside
+float32's normal range is applied as two exact factors. No float32 copy
 of the matrix, no host read: backends/common.py decides nothing from the values on a GPU.
 """
 
@@ -40,7 +45,7 @@ def _exponent(peak, MIN_EXPONENT: tl.constexpr):
 
 @triton.jit
 def row_norms_kernel(v_ptr, seen_ptr, inverse_ptr, scale_ptr, R, D, stride_v, stride_seen, eps,
-                     SAFE: tl.constexpr, MIN_EXPONENT: tl.constexpr, WRITE_SEEN: tl.constexpr,
+                     LIMIT: tl.constexpr, MIN_EXPONENT: tl.constexpr, WRITE_SEEN: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
@@ -61,20 +66,30 @@ def row_norms_kernel(v_ptr, seen_ptr, inverse_ptr, scale_ptr, R, D, stride_v, st
         unit = v * _pow2(half)[:, None] * _pow2(-raised - half)[:, None]
         sum_sq += tl.sum(unit * unit, axis=1)
         exponent = raised
-    shift = tl.maximum(exponent - SAFE, 0)
-    norm = tl.sqrt_rn(sum_sq) * _pow2(exponent - shift)
-    # NaN stays NaN (a maximum could drop it): non-finite inputs propagate
-    inverse = tl.math.div_rn(1.0, tl.where(norm < eps, eps, norm))
-    scale = _pow2(-shift)
+    shift = tl.maximum(exponent - LIMIT, 0)
+    # 2**-shift (shift up to 149) as two factors in float32's normal range
+    scale_hi = _pow2(-(shift // 2))
+    scale_lo = _pow2(shift // 2 - shift)
+    # |seen| = unit_norm 2**seen_exp, unit_norm in [0.5, sqrt(D)]; its inverse as 1 / unit_norm
+    # times two powers of two (the same bits as 1 / |seen| wherever that is normal, and no
+    # 1 / inf = 0 for a norm past float32's range)
+    unit_norm = tl.sqrt_rn(sum_sq)
+    seen_exp = exponent - shift
+    # the eps clamp (a norm of 2**(seen_exp - 1) > 1/2 and more is far above eps); NaN stays NaN (a
+    # maximum could drop it): non-finite inputs propagate
+    clamped = unit_norm * _pow2(tl.minimum(seen_exp, 0)) < eps
+    half_exp = seen_exp // 2
+    unclamped = tl.math.div_rn(1.0, tl.where(clamped, 1.0, unit_norm)) * _pow2(-half_exp) * _pow2(half_exp - seen_exp)
+    inverse = tl.where(clamped, tl.math.div_rn(1.0, eps), unclamped)
     tl.store(inverse_ptr + rows, inverse, mask=row_mask)
-    tl.store(scale_ptr + rows, scale, mask=row_mask)
+    tl.store(scale_ptr + rows, scale_hi * scale_lo, mask=row_mask)
     if WRITE_SEEN:
         for first in range(0, D, BLOCK_D):
             cols = first + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (cols < D)[None, :]
             v = tl.load(v_ptr + r64 * stride_v + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            tl.store(seen_ptr + r64 * stride_seen + cols[None, :], (v * scale[:, None]).to(seen_ptr.dtype.element_ty),
-                     mask=mask)
+            seen = v * scale_hi[:, None] * scale_lo[:, None]
+            tl.store(seen_ptr + r64 * stride_seen + cols[None, :], seen.to(seen_ptr.dtype.element_ty), mask=mask)
 
 
 def launch_shape(dim: int):
@@ -83,7 +98,7 @@ def launch_shape(dim: int):
     return max(1, _BLOCK_ENTRIES // block_d), block_d
 
 
-def seen_rows(v, safe: int, min_exponent: int, eps: float, write_seen: bool):
+def seen_rows(v, limit: int, min_exponent: int, eps: float, write_seen: bool):
     """(seen rows, float32 inverse norms, float32 scales) of a CUDA matrix v (module docstring) in
     one launch; the seen rows are v itself unless write_seen (then a new tensor of v's dtype)."""
     from . import _on_device
@@ -97,6 +112,6 @@ def seen_rows(v, safe: int, min_exponent: int, eps: float, write_seen: bool):
         block_r, block_d = launch_shape(dim)
         with _on_device(v.device):
             row_norms_kernel[(triton.cdiv(rows, block_r),)](
-                v, seen, inverse, scale, rows, dim, v.stride(0), seen.stride(0), eps, SAFE=safe,
+                v, seen, inverse, scale, rows, dim, v.stride(0), seen.stride(0), eps, LIMIT=limit,
                 MIN_EXPONENT=min_exponent, WRITE_SEEN=write_seen, BLOCK_R=block_r, BLOCK_D=block_d)
     return seen, inverse, scale

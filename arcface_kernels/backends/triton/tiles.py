@@ -1,7 +1,7 @@
 """Tile helpers shared by the forward and backward kernels.
 
 Tiles are loaded raw (input dtype) and the inverse norms r = 1 / max(|v|, eps) scale the dot
-product afterwards: cos = (X W^T) * rx * rw^T (docs/design.md section 4). Scaling after the float32
+product afterwards: cos = (X W^T) * (rx rw^T) (docs/design.md section 4). Scaling after the float32
 accumulation keeps cosines near +-1 accurate, where dphi/dc amplifies errors.
 """
 
@@ -37,7 +37,9 @@ def cosine(x_ptr, rows, row_mask, rx, stride_x, w_ptr, w_rows, w_mask, rw, strid
         x = load_rows(x_ptr, rows, row_mask, stride_x, first, D, BLOCK_K)
         w = load_rows(w_ptr, w_rows, w_mask, stride_w, first, D, BLOCK_K)
         dots = tl.dot(x, tl.trans(w), dots, input_precision=DOT_PRECISION)
-    return dots * rx[:, None] * rw[None, :]
+    # one factor rx rw (>= 2 / float32's largest for the op's rows: docs/design.md eq. (7a)): the raw
+    # dot times rx alone can overflow for a class row past float32's largest norm
+    return dots * (rx[:, None] * rw[None, :])
 
 
 @triton.jit
