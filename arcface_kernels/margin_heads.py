@@ -10,6 +10,7 @@ Where the authors' code differs from the op's rules, the class docstring says so
 """
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from .api import reduce_rows
@@ -26,22 +27,25 @@ def _norms(embeddings):
     return embeddings.to(compute_dtype(embeddings.dtype)).norm(dim=1)
 
 
-class AdaFaceLoss(CombinedMarginLoss):
-    """AdaFace (mk-minchul/AdaFace head.py): norm-adaptive angular and additive margins.
+def batch_moments(values, group=None):
+    """Mean and unbiased std of `values` (N,) as torch's mean() and std(); with a process group,
+    over the concatenation of every rank's values (two all-reduces of O(1) numbers, no host read):
+    the sharded heads' global-batch statistics."""
+    if group is None:
+        return values.mean(), values.std()
+    sums = torch.stack([torch.full_like(values[:1], values.shape[0])[0], values.sum()])
+    dist.all_reduce(sums, group=group)
+    count, total = sums.unbind(0)
+    mean = total / count
+    squares = ((values - mean) ** 2).sum()
+    dist.all_reduce(squares, group=group)
+    return mean, (squares / (count - 1)).sqrt()
 
-    With the clipped, detached norms n_i = clamp(|x_i|, 0.001, 100) and the running buffers
-    batch_mean (init 20) and batch_std (init 100), z_i = clamp((n_i - batch_mean) / (batch_std +
-    eps) * h, -1, 1); the target logit is s (cos(clamp(theta + g_ang, eps, pi - eps)) - g_add) with
-    g_ang = -margin z_i (m2) and g_add = margin + margin z_i (m3): fallback="clip", clip_eps=eps.
-    In training mode the buffers first move to this batch's mean and (unbiased) std of n with
-    weight t_alpha, as the authors' forward does; in eval mode they are used unchanged. The margins
-    carry no gradient (the norms are detached, as the authors').
 
-    Difference from the authors: their head clamps every cosine to [-1 + eps, 1 - eps] before the
-    margin; the op does not (no cosine is altered). The two agree wherever every cosine of a row
-    lies within 1 - eps of +-1 (tests/test_margin_heads.py compares there). margin must be below
-    0.5 here (m3 = g_add reaches 2 margin, and m3 is a cosine offset in (-1, 1)).
-    """
+class AdaFaceMargins:
+    """AdaFace's settings, buffers and margins, for a head class that also derives from
+    CombinedMarginLoss (AdaFaceLoss) or distributed.ShardedMarginLoss (ShardedAdaFaceLoss, whose
+    `group` makes the statistics those of the global batch)."""
 
     def __init__(self, num_classes, embedding_size, *, scale=64.0, margin=0.4, h=0.333, t_alpha=0.01, eps=CLIP_EPS,
                  **kwargs):
@@ -61,8 +65,10 @@ class AdaFaceLoss(CombinedMarginLoss):
             safe_norms = _norms(embeddings).clamp(0.001, 100)
             if self.training:
                 t = self.t_alpha
-                self.batch_mean.mul_(1 - t).add_(t * safe_norms.mean().to(self.batch_mean.dtype))
-                self.batch_std.mul_(1 - t).add_(t * safe_norms.std().to(self.batch_std.dtype))
+                # a sharded head's statistics are over every rank's rows (ShardedMarginLoss.group)
+                mean, std = batch_moments(safe_norms, getattr(self, "group", None))
+                self.batch_mean.mul_(1 - t).add_(t * mean.to(self.batch_mean.dtype))
+                self.batch_std.mul_(1 - t).add_(t * std.to(self.batch_std.dtype))
             mean, std = self.batch_mean.to(safe_norms.dtype), self.batch_std.to(safe_norms.dtype)
             z = ((safe_norms - mean) / (std + self.eps) * self.h).clamp(-1, 1)
         return -self.margin * z, self.margin + self.margin * z
@@ -70,6 +76,24 @@ class AdaFaceLoss(CombinedMarginLoss):
     def forward(self, embeddings, labels, *, return_stats=False, backend=None):
         g_ang, g_add = self.margins(embeddings)
         return super().forward(embeddings, labels, return_stats=return_stats, backend=backend, m2=g_ang, m3=g_add)
+
+
+class AdaFaceLoss(AdaFaceMargins, CombinedMarginLoss):
+    """AdaFace (mk-minchul/AdaFace head.py): norm-adaptive angular and additive margins.
+
+    With the clipped, detached norms n_i = clamp(|x_i|, 0.001, 100) and the running buffers
+    batch_mean (init 20) and batch_std (init 100), z_i = clamp((n_i - batch_mean) / (batch_std +
+    eps) * h, -1, 1); the target logit is s (cos(clamp(theta + g_ang, eps, pi - eps)) - g_add) with
+    g_ang = -margin z_i (m2) and g_add = margin + margin z_i (m3): fallback="clip", clip_eps=eps.
+    In training mode the buffers first move to this batch's mean and (unbiased) std of n with
+    weight t_alpha, as the authors' forward does; in eval mode they are used unchanged. The margins
+    carry no gradient (the norms are detached, as the authors').
+
+    Difference from the authors: their head clamps every cosine to [-1 + eps, 1 - eps] before the
+    margin; the op does not (no cosine is altered). The two agree wherever every cosine of a row
+    lies within 1 - eps of +-1 (tests/test_margin_heads.py compares there). margin must be below
+    0.5 here (m3 = g_add reaches 2 margin, and m3 is a cosine offset in (-1, 1)).
+    """
 
 
 class ElasticFaceLoss(CombinedMarginLoss):
@@ -160,7 +184,28 @@ def running_target_mean(t, t_alpha, target_cos, active):
     t.copy_(torch.where(count > 0, moved, t))
 
 
-class CurricularFaceLoss(CombinedMarginLoss):
+class CurricularFaceT:
+    """CurricularFace's settings and running t, for a head class that also derives from
+    CombinedMarginLoss (CurricularFaceLoss) or distributed.ShardedMarginLoss
+    (ShardedCurricularFaceLoss)."""
+
+    def __init__(self, num_classes, embedding_size, *, scale=64.0, margin=0.5, t_alpha=0.01, **kwargs):
+        self.margin, self.t_alpha = _real("margin", margin), _real("t_alpha", t_alpha)
+        if not 0.0 <= self.t_alpha <= 1.0:
+            raise ValueError(f"t_alpha must lie in [0, 1], got {self.t_alpha}")
+        super().__init__(num_classes, embedding_size, scale=scale, m1=1.0, m2=self.margin, m3=0.0,
+                         nontarget="curricular", **kwargs)
+        like = dict(dtype=compute_dtype(self.weight.dtype), device=self.weight.device)
+        self.register_buffer("t", torch.zeros(1, **like))
+
+    @torch.no_grad()
+    def moved_t(self, target_cos, active):
+        """t moved (in place) from the target cosines of the rows with a target; returns t[0]."""
+        running_target_mean(self.t, self.t_alpha, target_cos, active)
+        return self.t[0]
+
+
+class CurricularFaceLoss(CurricularFaceT, CombinedMarginLoss):
     """CurricularFace (HuangYG123/CurricularFace head/metrics.py): an ArcFace target, and hard
     non-target cosines c_j > cos(theta_y + margin) become c_j (t + c_j) (nontarget="curricular",
     docs/design.md section 3c). The buffer t (shape (1,) as the authors', init 0) is a running
@@ -175,23 +220,13 @@ class CurricularFaceLoss(CombinedMarginLoss):
     m, which is the authors' own fallback.
     """
 
-    def __init__(self, num_classes, embedding_size, *, scale=64.0, margin=0.5, t_alpha=0.01, **kwargs):
-        self.margin, self.t_alpha = _real("margin", margin), _real("t_alpha", t_alpha)
-        if not 0.0 <= self.t_alpha <= 1.0:
-            raise ValueError(f"t_alpha must lie in [0, 1], got {self.t_alpha}")
-        super().__init__(num_classes, embedding_size, scale=scale, m1=1.0, m2=self.margin, m3=0.0,
-                         nontarget="curricular", **kwargs)
-        like = dict(dtype=compute_dtype(self.weight.dtype), device=self.weight.device)
-        self.register_buffer("t", torch.zeros(1, **like))
-
     @torch.no_grad()
     def update_t(self, embeddings, labels):
         """The training step's move of t from this batch's target cosines (before they are used)."""
         labels = check_tensors(embeddings, self.weight, labels, self.sub_centers)
         targets = target_labels(labels, self.options.ignore_index, self.num_classes)
         x = embeddings.detach().to(operand_dtype(embeddings, self.weight))
-        target_cos = head_target_cosines(x, self.weight.detach(), targets, self.sub_centers)
-        running_target_mean(self.t, self.t_alpha, target_cos, targets >= 0)
+        self.moved_t(head_target_cosines(x, self.weight.detach(), targets, self.sub_centers), targets >= 0)
 
     def forward(self, embeddings, labels, *, return_stats=False, backend=None):
         if self.training:
