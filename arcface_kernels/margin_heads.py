@@ -6,7 +6,7 @@ Each head computes its per-row margins (N,) or its non-target parameter from the
 overrides: nothing here touches N x C. Settings are named as the authors name them; weight is
 (num_classes * sub_centers, embedding_size) and the heads take raw (unnormalized) embeddings.
 Where the authors' code differs from the op's rules, the class docstring says so (README,
-"Adaptive-margin heads"; docs/design.md section 3, "The adaptive-margin heads").
+"Margin-family heads"; docs/design.md section 3, "The adaptive-margin heads").
 """
 
 import torch
