@@ -211,7 +211,7 @@ class CurricularFaceLoss(CurricularFaceT, CombinedMarginLoss):
     docs/design.md section 3c). The buffer t (shape (1,) as the authors', init 0) is a running
     mean of the batch's target cosines: in training mode it moves first, t <- t_alpha * mean(c_y)
     + (1 - t_alpha) * t, then the batch uses it; eval mode uses t unchanged. The target cosines
-    are the op's own (negatives.head_target_cosines, O(N D), detached); t is handed to the op as
+    are the op's own (negatives.head_target_cosines, O(N K D), detached); t is handed to the op as
     a 0-d view of the buffer (no host read).
 
     Differences from the authors: rows labelled ignore_index are left out of the mean (the
