@@ -200,7 +200,9 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         if any(ctx.margin_grads):  # per-row margins that require grad (MagFace): this rank's rows
             d_m2, d_m3 = op.margin_gradients(grad_all, ctx.saved.gap, ctx.saved.target_cos, all_labels >= 0, options,
                                              num_classes)
-            d_m2, d_m3 = d_m2[rows], d_m3[rows]
+            # a per-row margin is a function of its row (MagFace's |x|): its gradient reaches the
+            # backbone too, so it takes the embeddings' DDP correction
+            d_m2, d_m3 = d_m2[rows] * embedding_grad_scale, d_m3[rows] * embedding_grad_scale
         # rounded once into the embeddings' dtype: inf where it overflows, never clamped
         return ((dx_all[rows] * embedding_grad_scale).to(x_dtype), dw, None, d_m2, d_m3) + (None,) * 9
 

@@ -236,6 +236,16 @@ def _check_margin_gradient_and_nontarget_modes(rank, world):
         for m in margins:
             assert full[m].grad[rows].abs().max() > 0
             _close(local[m].grad, full[m].grad[rows], 1e-10, f"d loss / d {m}")
+    # a MagFace-style margin computed from |x| under ddp_backbone=True: its path into x takes the
+    # same x W correction as the direct one (DDP then averages the backbone's gradient over W)
+    head = ShardedMarginLoss(N_CLASSES, DIM, dtype=torch.float64, backend="torch")
+    with torch.no_grad():
+        head.weight.copy_(w[start:stop])
+    xr = x.clone().requires_grad_(True)
+    ak.margin_softmax_loss(xr, w, y, m2=0.3 + 0.05 * xr.norm(dim=1), backend="reference").backward()
+    x_local = x[rows].clone().requires_grad_(True)
+    head(x_local, y[rows], m2=0.3 + 0.05 * x_local.norm(dim=1)).backward()
+    _close(x_local.grad, world * xr.grad[rows], 1e-10, "dX through a margin of |x|, ddp_backbone")
 
 
 def _check_global_statistics(rank, world):
