@@ -120,6 +120,9 @@ def _check_errors(rank, world):
     if world > 1:
         with pytest.raises(ValueError, match="ranks disagree on scale"):
             sharded_margin_softmax_loss(x, w, y, class_offset=start, num_classes=N_CLASSES, scale=10.0 + rank)
+        with pytest.raises(ValueError, match="ranks disagree on nontarget_t"):
+            sharded_margin_softmax_loss(x, w, y, class_offset=start, num_classes=N_CLASSES, nontarget="mv",
+                                        nontarget_t=1.1 + rank)
         with pytest.raises(ValueError, match="contiguous"):
             sharded_margin_softmax_loss(x, w, y, class_offset=0, num_classes=N_CLASSES)
     bad = torch.tensor([start, N_CLASSES + 5]) if rank == world - 1 else y

@@ -13,6 +13,7 @@ from authors_heads import CurricularFaceState, combined_margin_filtered, curricu
 
 import arcface_kernels as ak
 from arcface_kernels.backends import backend_status, get_backend
+from arcface_kernels.negatives import head_target_cosines
 from helpers import TOL, rel_err
 
 N, C, D = 13, 9, 16  # odd sizes
@@ -130,6 +131,18 @@ def test_curricularface_with_partial_fc_uses_the_targets_of_every_class():
     full(x.float(), y)
     sampled(x.float(), y)
     assert torch.equal(full.t, sampled.t) and float(full.t) != 0.0
+
+
+def test_head_target_cosines_are_the_ops_with_sub_centres_and_ignored_rows():
+    """The heads' gather-dot (target rows only) gives the op's own target cosines (the best of K
+    sub-centres; 0 on ignored rows)."""
+    x, w, y = _problem(5, CURRICULAR_THETAS)
+    w2 = torch.cat([w, w + 0.5 * torch.randn_like(w)], dim=1).view(2 * C, D)  # K = 2 rows per class
+    y[3] = -1
+    got = head_target_cosines(x.float(), w2.float(), y, 2)
+    _, stats = ak.margin_softmax_loss(x.float(), w2.float(), y, sub_centers=2, ignore_index=-1, return_stats=True,
+                                      backend="reference")
+    assert got[3] == 0 and rel_err(got, stats.target_cos) < 1e-6
 
 
 # MV-Softmax: rows near theta = 0, at theta past pi - m, random; "am" compares where c_y > margin
