@@ -3,13 +3,22 @@
 Each rank holds a contiguous shard of the class centres. Per step:
 
 forward   all-gather the rows (embeddings, labels, per-row margins; batch sizes may differ),
+          with a non-target epilogue (negatives.py) sum the rows' target cosines over the shards
+          (only the owner of a label has a nonzero one) so every shard forms the same threshold,
           compute this shard's PartialStats with a fused backend (no N x C), and merge them
           across ranks: all-reduce max of the row maxima, sum of the rescaled sum-exps, sums of
           the target terms (only the owner of a label contributes), all-gather of the best
           cosines. Every rank then knows the global log-sum-exp of every row.
 backward  all-gather the upstream row gradients, run the backend's backward against the
           global lse: dW of the shard is local, dX of all rows is a partial sum that an
-          all-reduce adds up; each rank keeps its own rows.
+          all-reduce adds up; each rank keeps its own rows. Per-row margins that require grad
+          (MagFace) get d loss / d m2, d m3 of this rank's rows from the saved O(N) values
+          (op.margin_gradients, docs/design.md eq. (17a)).
+
+Global-batch statistics: ShardedAdaFaceLoss takes AdaFace's batch_mean / batch_std over every
+rank's rows (two all-reduces of O(1) values), ShardedCurricularFaceLoss CurricularFace's t over
+the merged target cosines of the global batch (inside the forward, before the threshold is
+formed), so W ranks give the single-process result on the concatenated batch.
 
 Communication per step, for N rows in all, D features, W ranks (b bytes per element of the
 input dtype): all-gather of N x D embeddings (N*D*b), a few all-reduces and all-gathers of
@@ -38,19 +47,13 @@ from . import op
 from .api import reduce_rows, stats_without_gradient
 from .backends import PartialStats, resolve_backend
 from .entry import prepare_loss_inputs
+from .heads import filtering_options
+from .margin_heads import AdaFaceMargins, CurricularFaceT
 from .margins import CLIP_EPS
-from .options import MARGIN_NAMES, LossOptions, make_options
+from .negatives import NONTARGET_MODES
+from .options import LossOptions, make_options
 from .partial_fc import ClassSampler, class_rows
-from .validation import (
-    boolean,
-    check_tensors,
-    fraction,
-    integer,
-    invalid_labels,
-    label_error,
-    positive_int,
-    refuse_margin_gradient,
-)
+from .validation import boolean, check_tensors, fraction, integer, invalid_labels, label_error, positive_int
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 
@@ -96,8 +99,11 @@ def _check_agreement(embeddings, weight_shard, labels, options, num_classes, cla
     fingerprint = torch.tensor(
         [options.scale, k, options.easy_margin, options.straight_through, options.label_smoothing, num_classes,
          ignore_index, embeddings.shape[1], _DTYPE_CODES[embeddings.dtype], class_offset, local_classes,
-         float(bad_labels.any()), embeddings.shape[0], options.clip or 0.0],
+         float(bad_labels.any()), embeddings.shape[0], options.clip or 0.0, NONTARGET_MODES.index(options.nontarget)],
         dtype=torch.float64, device=embeddings.device)
+    # the non-target map's t (a 0-d tensor after for_rows), read in the same gather as the rest
+    t = options.nontarget_t if options.nontarget_t is not None else torch.zeros(())
+    fingerprint = torch.cat([fingerprint, t.reshape(1).to(fingerprint)])
     parts = [torch.empty_like(fingerprint) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, fingerprint, group=group)
     table = torch.stack(parts).cpu()
@@ -108,6 +114,9 @@ def _check_agreement(embeddings, weight_shard, labels, options, num_classes, cla
             raise ValueError(f"ranks disagree on {name}: {table[:, col].tolist()}")
     if not torch.all(table[:, 13] == table[0, 13]):  # 0: fallback="threshold"
         raise ValueError(f"ranks disagree on fallback / clip_eps: {table[:, 13].tolist()}")
+    for col, name in ((14, "nontarget"), (15, "nontarget_t")):
+        if not torch.all(table[:, col] == table[0, col]):
+            raise ValueError(f"ranks disagree on {name}: {table[:, col].tolist()}")
     offsets, counts = table[:, 9].long().tolist(), table[:, 10].long().tolist()
     expected = [sum(counts[:r]) for r in range(len(counts))]
     if offsets != expected or sum(counts) != num_classes:
@@ -143,15 +152,18 @@ def _merge_stats(stats: PartialStats, class_offset, group):
 class _ShardedMarginSoftmax(torch.autograd.Function):
     """The op's forward and backward cores (op.forward_stats, op.backward_core) on the gathered
     rows and this rank's class shard, with the partial statistics merged across ranks: the same
-    overflow-safe rows, precise loss and target gradient, and exact-or-inf gradients."""
+    overflow-safe rows, precise loss and target gradient, and exact-or-inf gradients. m2, m3 are
+    inputs (the per-row margins of options, for their gradient); t_update, when given, moves a
+    running non-target t from the merged target cosines before the threshold uses it."""
 
     @staticmethod
-    def forward(ctx, embeddings, weight_shard, labels, options, num_classes, class_offset, sizes, backend, group,
-                embedding_grad_scale, operand_dtype):
+    def forward(ctx, embeddings, weight_shard, labels, m2, m3, options, num_classes, class_offset, sizes, backend,
+                group, embedding_grad_scale, operand_dtype, t_update):
         rank = dist.get_rank(group)
         rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
         all_labels = _gather_rows(labels, sizes, group)         # -1 on ignored rows
-        options = options.replace(**{m: _gather_rows(getattr(options, m), sizes, group) for m in MARGIN_NAMES})
+        options = _with_rows(options, **{m: _gather_rows(v.detach(), sizes, group)
+                                         for m, v in (("m1", options.m1), ("m2", m2), ("m3", m3))})
         local_classes = weight_shard.shape[0] // options.sub_centers
         owned = (all_labels >= class_offset) & (all_labels < class_offset + local_classes)
         shard_labels = torch.where(owned, all_labels - class_offset, -1)
@@ -160,7 +172,9 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             all_x = _gather_rows(op.operands(embeddings.detach(), operand_dtype), sizes, group)
             w = op.operands(weight_shard.detach(), operand_dtype)
             fwd = op.forward_stats(all_x, w, shard_labels, all_labels >= 0, options, backend, num_classes,
-                                   merge=lambda stats: _merge_stats(stats, class_offset, group))
+                                   merge=lambda stats: _merge_stats(stats, class_offset, group),
+                                   merge_rows=lambda cos: _merge_target_cos(cos, all_labels >= 0, options, t_update,
+                                                                            group))
         ctx.save_for_backward(all_x, weight_shard, shard_labels, all_labels)
         ctx.saved = fwd.saved
         ctx.settings = (options, num_classes, sizes, rows, backend, group, embeddings.dtype, embedding_grad_scale,
@@ -168,6 +182,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         outputs = (fwd.loss[rows], fwd.saved.lse[rows].clone(), fwd.stats.target_cos[rows].clone(),
                    fwd.stats.best_class[rows].clone())
         ctx.mark_non_differentiable(*outputs[1:])
+        ctx.margin_grads = (m2.requires_grad, m3.requires_grad)
         return outputs
 
     @staticmethod
@@ -181,37 +196,67 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             dx_all, dw = op.backward_core(grad_all, all_x, op.operands(weight_shard, operand_dtype), shard_labels,
                                           ctx.saved, options, backend, num_classes, weight_shard.dtype)
         dx_all = _all_reduce(dx_all.contiguous(), dist.ReduceOp.SUM, group)
+        d_m2 = d_m3 = None
+        if any(ctx.margin_grads):  # per-row margins that require grad (MagFace): this rank's rows
+            d_m2, d_m3 = op.margin_gradients(grad_all, ctx.saved.gap, ctx.saved.target_cos, all_labels >= 0, options,
+                                             num_classes)
+            # a per-row margin is a function of its row (MagFace's |x|): its gradient reaches the
+            # backbone too, so it takes the embeddings' DDP correction
+            d_m2, d_m3 = d_m2[rows] * embedding_grad_scale, d_m3[rows] * embedding_grad_scale
         # rounded once into the embeddings' dtype: inf where it overflows, never clamped
-        return ((dx_all[rows] * embedding_grad_scale).to(x_dtype), dw) + (None,) * 9
+        return ((dx_all[rows] * embedding_grad_scale).to(x_dtype), dw, None, d_m2, d_m3) + (None,) * 9
+
+
+def _with_rows(options, **margins):
+    """options (already in for_rows form) with the gathered per-row margins, not validated again
+    (as LossOptions.for_rows: replace() would turn the 0-d nontarget_t back into a float)."""
+    gathered = object.__new__(type(options))
+    gathered.__dict__.update(options.__dict__, **margins)
+    return gathered
+
+
+def _merge_target_cos(target_cos, active, options, t_update, group):
+    """op.forward_stats' merge_rows: every row's target cosine, summed over the class shards (only
+    the owner of a label has a nonzero one). With t_update (ShardedCurricularFaceLoss) the running
+    t moves first, from the global batch, and the threshold about to be formed reads it: the op
+    reads options.nontarget_t after this returns, so the new value is written into it."""
+    merged = _all_reduce(target_cos, dist.ReduceOp.SUM, group)
+    if t_update is not None:
+        options.nontarget_t.copy_(t_update(merged, active))
+    return merged
 
 
 def sharded_margin_softmax_loss(embeddings, weight_shard, labels, *, class_offset, num_classes,
                                 scale=64.0, m1=1.0, m2=0.5, m3=0.0, sub_centers=1, easy_margin=False,
-                                fallback="threshold", clip_eps=CLIP_EPS, margin_grad="exact", label_smoothing=0.0,
-                                ignore_index=-100, reduction="mean", return_stats=False, process_group=None,
-                                backend="auto"):
+                                fallback="threshold", clip_eps=CLIP_EPS, margin_grad="exact", nontarget="none",
+                                nontarget_t=0.0, label_smoothing=0.0, ignore_index=-100, reduction="mean",
+                                return_stats=False, process_group=None, backend="auto"):
     """The margin-softmax loss of this rank's rows against classes sharded over the group.
 
     weight_shard holds the rows of classes [class_offset, class_offset + shard classes); labels
     are global class indices. Reductions: "mean" divides this rank's sum by the number of
     non-ignored rows over all ranks, so that the sum over ranks of the returned losses (and of
     their gradients) equals the single-process loss on the concatenated batch; "sum" returns this
-    rank's sum; "none" its rows. Every rank must call it (it runs collectives).
+    rank's sum; "none" its rows. Every rank must call it (it runs collectives). Per-row m2, m3
+    (this rank's rows) may require grad; nontarget / nontarget_t as margin_softmax_loss's.
     """
     options = LossOptions(scale=scale, m1=m1, m2=m2, m3=m3, sub_centers=sub_centers, easy_margin=easy_margin,
-                          fallback=fallback, clip_eps=clip_eps, margin_grad=margin_grad,
-                          label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
+                          fallback=fallback, clip_eps=clip_eps, margin_grad=margin_grad, nontarget=nontarget,
+                          nontarget_t=nontarget_t, label_smoothing=label_smoothing, ignore_index=ignore_index,
+                          reduction=reduction)
     return sharded_loss_from_options(embeddings, weight_shard, labels, options, class_offset=class_offset,
                                      num_classes=num_classes, return_stats=return_stats,
                                      process_group=process_group, backend=backend)
 
 
 def sharded_loss_from_options(embeddings, weight_shard, labels, options: LossOptions, *, class_offset, num_classes,
-                              return_stats=False, process_group=None, backend="auto", embedding_grad_scale=1.0):
+                              return_stats=False, process_group=None, backend="auto", embedding_grad_scale=1.0,
+                              t_update=None):
     """sharded_margin_softmax_loss with its settings in a LossOptions; the embeddings' gradient
-    is multiplied by embedding_grad_scale (ShardedMarginLoss's DDP correction)."""
+    is multiplied by embedding_grad_scale (ShardedMarginLoss's DDP correction). t_update(target_cos,
+    active) -> t: a running non-target t moved from the global batch's target cosines
+    (ShardedCurricularFaceLoss; _merge_target_cos)."""
     return_stats = boolean("return_stats", return_stats)
-    refuse_margin_gradient(options, "the sharded loss")
     inputs = prepare_loss_inputs(embeddings, weight_shard, labels, options)
     dtype, labels, options = inputs.operand_dtype, inputs.labels, inputs.options
     ignore_index, reduction = options.ignore_index, options.reduction
@@ -223,8 +268,8 @@ def sharded_loss_from_options(embeddings, weight_shard, labels, options: LossOpt
         name = "torch"  # the reference materializes N x C; the sharded path needs partial statistics
     targets = torch.where(labels == ignore_index, -1, labels)
     rows, lse, target_cos, top1 = _ShardedMarginSoftmax.apply(
-        embeddings.contiguous(), weight_shard.contiguous(), targets, options, num_classes, class_offset,
-        sizes, name, group, float(embedding_grad_scale), dtype)
+        embeddings.contiguous(), weight_shard.contiguous(), targets, options.m2, options.m3, options, num_classes,
+        class_offset, sizes, name, group, float(embedding_grad_scale), dtype, t_update)
     if reduction == "mean":  # over the non-ignored rows of every rank
         active = _all_reduce((targets >= 0).sum().to(rows.dtype), dist.ReduceOp.SUM, group)
         loss = rows.sum() / active.clamp_min(1)
@@ -246,14 +291,16 @@ class ShardedMarginLoss(nn.Module):
     backbone wrapped in DistributedDataParallel, which averages over ranks (docs/ddp.md); pass
     False when the backbone's gradients are summed instead. With sample_rate < 1 each training
     step uses Partial FC sampling (module docstring); eval mode uses every class.
+    interclass_filtering_threshold: insightface's filtering, as CombinedMarginLoss's.
     """
 
     def __init__(self, num_classes, embedding_size, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0, sub_centers=1,
-                 process_group=None, sample_rate=1.0, seed=0, ddp_backbone=True, backend="auto", device=None,
-                 dtype=None, **loss_options):
+                 process_group=None, sample_rate=1.0, seed=0, ddp_backbone=True, interclass_filtering_threshold=0.0,
+                 backend="auto", device=None, dtype=None, **loss_options):
         super().__init__()
         owner = type(self).__name__
-        self.options = make_options(owner, scale=scale, m1=m1, m2=m2, m3=m3, sub_centers=sub_centers, **loss_options)
+        self.options = make_options(owner, scale=scale, m1=m1, m2=m2, m3=m3, sub_centers=sub_centers,
+                                    **filtering_options(interclass_filtering_threshold, loss_options))
         num_classes, embedding_size = positive_int("num_classes", num_classes), positive_int(
             "embedding_size", embedding_size)
         self.group = process_group if process_group is not None else dist.group.WORLD
@@ -271,11 +318,15 @@ class ShardedMarginLoss(nn.Module):
         self.sampler = ClassSampler(sample_rate, seed * 1_000_003 + rank) if sample_rate < 1 else None
         self.sampled_classes = None  # global indices of the classes used by the last step
 
-    def forward(self, embeddings, labels, *, return_stats=False):
-        common = dict(return_stats=return_stats, process_group=self.group, backend=self.backend,
-                      embedding_grad_scale=self.embedding_grad_scale)
+    def forward(self, embeddings, labels, *, return_stats=False, backend=None, t_update=None, **overrides):
+        """This rank's share of the loss; `overrides` change some settings for this call (per-row
+        m2, m3 of this rank's rows, nontarget_t), t_update as sharded_loss_from_options'."""
+        options = self.options.replace(f"{type(self).__name__}.forward()", **overrides) if overrides else self.options
+        common = dict(return_stats=return_stats, process_group=self.group,
+                      backend=self.backend if backend is None else backend,
+                      embedding_grad_scale=self.embedding_grad_scale, t_update=t_update)
         if self.sampler is None or not self.training:
-            return sharded_loss_from_options(embeddings, self.weight, labels, self.options,
+            return sharded_loss_from_options(embeddings, self.weight, labels, options,
                                              class_offset=self.class_start, num_classes=self.num_classes, **common)
         labels = check_tensors(embeddings, self.weight, labels, self.sub_centers)  # the label rule, before sampling
         classes, remapped, counts = self._sample(labels, self.options.ignore_index)
@@ -283,7 +334,7 @@ class ShardedMarginLoss(nn.Module):
         self.sampled_classes = classes + self.class_start
         # Renumbered labels are >= 0, so -1 can mark the ignored rows whatever ignore_index was.
         out = sharded_loss_from_options(embeddings, self.weight[class_rows(classes, self.sub_centers)], remapped,
-                                        self.options.replace(ignore_index=-1), class_offset=sum(counts[:rank]),
+                                        options.replace(ignore_index=-1), class_offset=sum(counts[:rank]),
                                         num_classes=sum(counts), **common)
         if return_stats:
             loss, stats = out
@@ -316,3 +367,23 @@ class ShardedMarginLoss(nn.Module):
         new_index = torch.where(ignored, -1, new_index)
         start = sum(sizes[:rank])
         return classes, new_index[start : start + labels.shape[0]], counts
+
+
+class ShardedAdaFaceLoss(AdaFaceMargins, ShardedMarginLoss):
+    """AdaFaceLoss (margin_heads.py, same settings and buffers) with its classes sharded over a
+    process group, as ShardedMarginLoss: batch_mean / batch_std move with the mean and std of the
+    clipped norms of the global batch (every rank's rows: margin_heads.batch_moments over the
+    group), so every rank holds the same buffers, those of one process on the concatenated batch."""
+
+
+class ShardedCurricularFaceLoss(CurricularFaceT, ShardedMarginLoss):
+    """CurricularFaceLoss (margin_heads.py, same settings and buffer t) with its classes sharded
+    over a process group, as ShardedMarginLoss: in training mode t moves from the mean target
+    cosine of the global batch, inside the forward once the shards' target cosines are merged
+    (_merge_target_cos), and then the batch uses it: every rank holds the same t, that of one
+    process on the concatenated batch."""
+
+    def forward(self, embeddings, labels, *, return_stats=False, backend=None):
+        t_update = self.moved_t if self.training else None
+        return super().forward(embeddings, labels, return_stats=return_stats, backend=backend, t_update=t_update,
+                               nontarget_t=self.t[0])

@@ -16,9 +16,23 @@ from .dtypes import compute_dtype
 from .options import make_options
 from .partial_fc import ClassSampler, class_rows
 from .predict import topk_classes
-from .validation import angle, boolean, check_rows, check_tensors, fraction, integer, positive_int, target_labels
+from .validation import _real, angle, boolean, check_rows, check_tensors, fraction, integer, positive_int, target_labels
 
 OUTLIER_THRESHOLD = math.radians(75)  # pytorch-metric-learning's default, 75 degrees
+
+
+def filtering_options(threshold, loss_options):
+    """loss_options with insightface's interclass_filtering_threshold turned into the op's setting:
+    > 0 is nontarget="filter" with nontarget_t=threshold, 0 (its default) no filtering."""
+    threshold = _real("interclass_filtering_threshold", threshold)
+    if threshold < 0:
+        raise ValueError(f"interclass_filtering_threshold must be >= 0 (0: no filtering), got {threshold}")
+    if threshold == 0:
+        return loss_options
+    if loss_options.get("nontarget", "none") != "none":
+        raise ValueError(f"interclass_filtering_threshold={threshold} is nontarget='filter'; it cannot be combined "
+                         f"with nontarget={loss_options['nontarget']!r}")
+    return dict(loss_options, nontarget="filter", nontarget_t=threshold)
 
 
 class CombinedMarginLoss(nn.Module):
@@ -30,6 +44,9 @@ class CombinedMarginLoss(nn.Module):
     backend. Options are validated here, at construction; `head(embeddings, labels, **overrides)`
     may change some per call.
 
+    interclass_filtering_threshold > 0 is insightface's inter-class filtering: non-target cosines
+    above it count as 0 (nontarget="filter", no gradient through them; `filtering_options`).
+
     sample_rate < 1 is Partial FC on one device (partial_fc.py): in training mode each step uses
     the batch's target classes plus sampled others, and the other rows get a zero gradient;
     `sampled_classes` holds the last step's classes and the sampler's state is in state_dict.
@@ -37,11 +54,12 @@ class CombinedMarginLoss(nn.Module):
     """
 
     def __init__(self, num_classes, embedding_size, *, scale=64.0, m1=1.0, m2=0.5, m3=0.0,
-                 sub_centers=1, sample_rate=1.0, seed=0, backend="auto", device=None, dtype=None, **loss_options):
+                 sub_centers=1, sample_rate=1.0, seed=0, interclass_filtering_threshold=0.0, backend="auto",
+                 device=None, dtype=None, **loss_options):
         super().__init__()
         # Validated once, here: forward reuses them (and validates only per-call overrides).
         self.options = make_options(type(self).__name__, scale=scale, m1=m1, m2=m2, m3=m3, sub_centers=sub_centers,
-                                    **loss_options)
+                                    **filtering_options(interclass_filtering_threshold, loss_options))
         self.num_classes = positive_int("num_classes", num_classes)
         self.embedding_size = positive_int("embedding_size", embedding_size)
         self.sub_centers = self.options.sub_centers

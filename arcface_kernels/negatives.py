@@ -20,7 +20,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .backends.common import get_workspace_budget
+from .backends.common import get_workspace_budget, overflow_safe_rows
+from .dtypes import compute_dtype
 
 NONTARGET_MODES = ("none", "curricular", "mv", "filter")
 
@@ -94,3 +95,19 @@ def hard_negatives(mode: str, t: Tensor, target_cos: Tensor, active: Tensor, m1:
         threshold = nominal_target(target_cos, m1, m2, m3)
     threshold = torch.where(active, threshold, torch.inf).to(target_cos.dtype).contiguous()
     return HardNegatives(threshold, coefficients(mode, t.to(target_cos.dtype)))
+
+
+def head_target_cosines(x: Tensor, w: Tensor, targets: Tensor, sub_centers: int) -> Tensor:
+    """target_cosines for a head's running statistics (CurricularFace's t) before the op runs:
+    the same gather-dot on the rows the op sees (common.overflow_safe_rows, no host read on a
+    GPU), but only the target rows of w are gathered and normed, O(N K D) with no pass over the
+    other classes. x: the operands (the op's operand dtype); w: the class rows in any float dtype
+    (only the gathered rows are cast to x's); targets: (N,) class indices, -1 where absent."""
+    dtype, k, n = compute_dtype(x.dtype), sub_centers, x.shape[0]
+    safe = torch.where(targets >= 0, targets, 0)
+    rows = (safe[:, None] * k + torch.arange(k, device=x.device)).reshape(-1)
+    x_seen, rx, _ = overflow_safe_rows(x, dtype, sync_free=True)
+    w_seen, rw, _ = overflow_safe_rows(w[rows].to(x.dtype), dtype, sync_free=True)
+    # row i's gathered centres are rows i*k .. i*k+k-1 of w_seen: label i
+    local = torch.where(targets >= 0, torch.arange(n, device=x.device), -1)
+    return target_cosines(x_seen, w_seen, local, rx, rw, k)

@@ -33,16 +33,6 @@ def _no_grad_margin(name, value):
                          f"{name}.detach(), or an (N,) tensor of per-row margins to get their gradient")
 
 
-def refuse_margin_gradient(options, owner):
-    """For the paths that do not return the margins' gradient yet (the sharded loss): a per-row m2
-    or m3 that requires grad is refused by name rather than given a silent zero gradient."""
-    for name in ("m2", "m3"):
-        value = getattr(options, name)
-        if isinstance(value, Tensor) and value.requires_grad:
-            raise NotImplementedError(f"{owner} does not differentiate through the margins yet: {name} requires "
-                                      f"grad; pass {name}.detach() (margin_softmax_loss and the heads do return it)")
-
-
 def _real(name, value):
     """A finite Python float from a Python / numpy number or a 0-d tensor."""
     if isinstance(value, Tensor):

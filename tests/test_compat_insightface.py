@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from authors_heads import combined_margin_filtered
 from spawn import run_ranks
 
 import arcface_kernels as ak
@@ -303,6 +304,20 @@ def test_from_insightface_single_device(tmp_path, checkpoint):
     x, y = torch.randn(6, D, generator=g, dtype=torch.float64), torch.randint(0, 11, (6,), generator=g)
     torch.testing.assert_close(head(x, y), ak.margin_softmax_loss(x, full, y, scale=32.0, m2=0.4,
                                                                   backend="reference"), rtol=1e-12, atol=0)
+
+
+def test_from_insightface_interclass_filtering():
+    """insightface's interclass_filtering_threshold passes through to the head (nontarget="filter")
+    and gives its filtered loss (tests/authors_heads.py) with its straight-through ArcFace gradient."""
+    full, x, y = _problem(3 * ROWS_PER_RANK, seed=5)
+    cos = F.normalize(x, dim=1) @ F.normalize(full, dim=1).T
+    hard = (cos > 0.2) & ~F.one_hot(y, NUM_CLASSES).bool()
+    assert 0.02 < hard.double().mean() < 0.9  # both sides of the threshold
+    head = compat.from_insightface(compat.reshard(full, 1), scale=SCALE, interclass_filtering_threshold=0.2,
+                                   backend="reference")
+    xr, wr = x.clone().requires_grad_(True), full.clone().requires_grad_(True)
+    want = _grads(combined_margin_filtered(xr, wr, y, scale=SCALE, m2=0.5, threshold=0.2), xr, wr)
+    _assert_parity(_head_grads(head, x, y), want)
 
 
 def test_from_insightface_sub_centers():

@@ -11,7 +11,7 @@ from arcface_kernels.demo.metrics import pair_scores, roc_auc, tar_at_far
 
 def test_demo_quick_run_writes_table_and_figure(tmp_path):
     rows = main(["--quick", "--out", str(tmp_path), "--embedding-dim", "3"])
-    assert [name for name, _ in rows] == ["softmax", "ArcFace", "CosFace", "SphereFace"]
+    assert [name for name, _ in rows] == ["softmax", "ArcFace", "CosFace", "SphereFace", "AdaFace", "CurricularFace"]
     for _, r in rows:
         for key in ("loss", "accuracy", "auc", "tar"):
             assert math.isfinite(r[key]), key

@@ -5,11 +5,18 @@ CPU processes with gloo everywhere; one GPU per process with NCCL where there ar
 import pytest
 import torch
 import torch.distributed as dist
+from epilogue_backend import torch_with_epilogue
 from float64_oracle import oracle
 from spawn import run_ranks
 
 import arcface_kernels as ak
-from arcface_kernels.distributed import ShardedMarginLoss, shard_bounds, sharded_margin_softmax_loss
+from arcface_kernels.distributed import (
+    ShardedAdaFaceLoss,
+    ShardedCurricularFaceLoss,
+    ShardedMarginLoss,
+    shard_bounds,
+    sharded_margin_softmax_loss,
+)
 from helpers import confident_problem
 
 # rows per rank (uneven) for each world size
@@ -113,6 +120,9 @@ def _check_errors(rank, world):
     if world > 1:
         with pytest.raises(ValueError, match="ranks disagree on scale"):
             sharded_margin_softmax_loss(x, w, y, class_offset=start, num_classes=N_CLASSES, scale=10.0 + rank)
+        with pytest.raises(ValueError, match="ranks disagree on nontarget_t"):
+            sharded_margin_softmax_loss(x, w, y, class_offset=start, num_classes=N_CLASSES, nontarget="mv",
+                                        nontarget_t=1.1 + rank)
         with pytest.raises(ValueError, match="contiguous"):
             sharded_margin_softmax_loss(x, w, y, class_offset=0, num_classes=N_CLASSES)
     bad = torch.tensor([start, N_CLASSES + 5]) if rank == world - 1 else y
@@ -190,6 +200,106 @@ def _worker(rank, world):
     _check_errors(rank, world)
 
 
+def _check_margin_gradient_and_nontarget_modes(rank, world):
+    """Per-row m2, m3 that require grad get their gradient for this rank's rows (op.margin_gradients
+    on the merged statistics), and each non-target mode (the target cosines merged over the
+    shards before the threshold) gives the single-process result."""
+    torch_with_epilogue()  # this worker's "torch" computes the epilogue (tests/epilogue_backend.py)
+    sizes = BATCH_SIZES[world]
+    n = sum(sizes)
+    x, w, y = _problem(1, torch.float64, seed=21)
+    x, y = x[:n], y[:n]
+    x = x + 2.0 * w[y.clamp_min(0)]  # rows nearer their centre: hard negatives on both sides of the threshold
+    rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    start, stop = shard_bounds(N_CLASSES, world, rank)
+    settings = [
+        dict(m2=torch.linspace(0.2, 0.6, n, dtype=torch.float64), m3=torch.linspace(0.0, 0.15, n,
+                                                                                     dtype=torch.float64)),
+        dict(m2=0.5, nontarget="curricular", nontarget_t=0.3, label_smoothing=0.1),
+        dict(scale=32.0, m2=0.35, easy_margin=True, nontarget="mv", nontarget_t=1.12),
+        dict(m2=0.0, m3=0.35, nontarget="filter", nontarget_t=0.2),
+    ]
+    for options in settings:
+        margins = [m for m in ("m2", "m3") if isinstance(options.get(m), torch.Tensor)]
+        full = {m: options[m].clone().requires_grad_(True) for m in margins}
+        xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        ref = ak.margin_softmax_loss(xr, wr, y, backend="reference", **{**options, **full})
+        ref.backward()
+        local = {m: options[m][rows].clone().requires_grad_(True) for m in margins}
+        x_local, w_shard = x[rows].clone().requires_grad_(True), w[start:stop].clone().requires_grad_(True)
+        loss = sharded_margin_softmax_loss(x_local, w_shard, y[rows], class_offset=start, num_classes=N_CLASSES,
+                                           backend="torch", **{**options, **local})
+        loss.backward()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        what = options.get("nontarget", "per-row margins")
+        _close(total, ref.detach(), 1e-10, f"{what}: summed loss")
+        _close(x_local.grad, xr.grad[rows], 1e-10, f"{what}: dX")
+        _close(w_shard.grad, wr.grad[start:stop], 1e-10, f"{what}: dW")
+        for m in margins:
+            assert full[m].grad[rows].abs().max() > 0
+            _close(local[m].grad, full[m].grad[rows], 1e-10, f"d loss / d {m}")
+    # a MagFace-style margin computed from |x| under ddp_backbone=True: its path into x takes the
+    # same x W correction as the direct one (DDP then averages the backbone's gradient over W)
+    head = ShardedMarginLoss(N_CLASSES, DIM, dtype=torch.float64, backend="torch")
+    with torch.no_grad():
+        head.weight.copy_(w[start:stop])
+    xr = x.clone().requires_grad_(True)
+    ak.margin_softmax_loss(xr, w, y, m2=0.3 + 0.05 * xr.norm(dim=1), backend="reference").backward()
+    x_local = x[rows].clone().requires_grad_(True)
+    head(x_local, y[rows], m2=0.3 + 0.05 * x_local.norm(dim=1)).backward()
+    _close(x_local.grad, world * xr.grad[rows], 1e-10, "dX through a margin of |x|, ddp_backbone")
+
+
+def _check_global_statistics(rank, world):
+    """ShardedAdaFaceLoss / ShardedCurricularFaceLoss (and with Partial FC) over 3 training steps and
+    an eval step: the loss summed over ranks, this rank's dX, the shard's dW and the running buffers
+    equal one process's head on the concatenated batch."""
+    torch_with_epilogue()
+    sizes = BATCH_SIZES[world]
+    n = sum(sizes)
+    rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    start, stop = shard_bounds(N_CLASSES, world, rank)
+    heads = [(ak.AdaFaceLoss, ShardedAdaFaceLoss, ("batch_mean", "batch_std"), dict(t_alpha=0.3)),
+             (ak.CurricularFaceLoss, ShardedCurricularFaceLoss, ("t",), dict(t_alpha=0.3))]
+    for single_cls, sharded_cls, buffers, settings in heads:
+        _, w, _ = _problem(1, torch.float64, seed=30)
+        single = single_cls(N_CLASSES, DIM, dtype=torch.float64, backend="reference", **settings)
+        sharded = sharded_cls(N_CLASSES, DIM, dtype=torch.float64, ddp_backbone=False, backend="torch", **settings)
+        sampled = sharded_cls(N_CLASSES, DIM, dtype=torch.float64, ddp_backbone=False, backend="torch",
+                              sample_rate=0.5, **settings)
+        with torch.no_grad():
+            single.weight.copy_(w)
+            sharded.weight.copy_(w[start:stop])
+            sampled.weight.copy_(w[start:stop])
+        for step in range(4):
+            for head in (single, sharded, sampled):
+                head.train(step < 3)
+                head.weight.grad = None
+            x, _, y = _problem(1, torch.float64, seed=31 + step)
+            x, y = x[:n], y[:n]
+            x = (x + 1.5 * w[y.clamp_min(0)]) * torch.linspace(1.0, 40.0, n, dtype=torch.float64)[:, None]
+            xr = x.clone().requires_grad_(True)
+            ref = single(xr, y)
+            ref.backward()
+            x_local = x[rows].clone().requires_grad_(True)
+            loss = sharded(x_local, y[rows])
+            loss.backward()
+            sampled(x[rows], y[rows])
+            total = loss.detach().clone()
+            dist.all_reduce(total)
+            what = f"{sharded_cls.__name__} step {step}"
+            _close(total, ref.detach(), 1e-10, f"{what}: summed loss")
+            _close(x_local.grad, xr.grad[rows], 1e-10, f"{what}: dX")
+            _close(sharded.weight.grad, single.weight.grad[start:stop], 1e-10, f"{what}: dW")
+            for name in buffers:
+                want = getattr(single, name)
+                for head in (sharded, sampled):
+                    _close(getattr(head, name), want, 1e-12, f"{what}: {name}")
+        initial = 20.0 if buffers[0] == "batch_mean" else 0.0
+        assert float(getattr(single, buffers[0])) != initial  # the buffers did move
+
+
 def _enough_gpus(world):
     return torch.cuda.is_available() and dist.is_nccl_available() and torch.cuda.device_count() >= world
 
@@ -200,6 +310,17 @@ def test_sharded_loss_equals_single_process(world, comm):
     if comm == "nccl" and not _enough_gpus(world):
         pytest.skip(f"NCCL needs {world} GPU(s)")
     run_ranks(_worker, world, comm=comm)
+
+
+def _check_margin_family(rank, world):
+    _check_margin_gradient_and_nontarget_modes(rank, world)
+    _check_global_statistics(rank, world)
+
+
+def test_sharded_margin_family_equals_single_process():
+    """Issue 18 on 2 ranks (one spawn for both checks): per-row margins with gradient, the
+    non-target modes, and the heads' global-batch statistics."""
+    run_ranks(_check_margin_family, 2)
 
 
 def test_sharded_hard_rows_follow_the_single_device_rules():

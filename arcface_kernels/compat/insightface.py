@@ -96,7 +96,8 @@ def from_insightface(shards, *, scale=64.0, margin_list=(1.0, 0.5, 0.0), margins
     ShardedMarginLoss over process_group (any world size: the classes are re-split for it),
     holding this rank's shard; its loss is this rank's share (`global_loss` gives insightface's
     global value). sub_centers: rows per class in the shards (insightface's own have 1). Other
-    keywords go to the head (sample_rate, backend, ...).
+    keywords go to the head (sample_rate, backend, ..., and insightface's
+    interclass_filtering_threshold: > 0 filters the non-target cosines above it, as its loss).
     Not reproduced (README, "Coming from PML / insightface"): its loss floor and its target
     logit past theta > pi - m2.
     """

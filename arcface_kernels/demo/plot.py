@@ -21,7 +21,9 @@ def _project(points, dim_out):
 def plot_embeddings(panels, path, sphere=False):
     """panels: list of (title, seen_emb, seen_labels, centres, unseen_emb). Writes a PNG."""
     dim = 3 if sphere else 2
-    fig = plt.figure(figsize=(4.2 * len(panels), 4.4))
+    cols = 3 if len(panels) > 4 else len(panels)  # six heads: two rows of three
+    rows = -(-len(panels) // cols)
+    fig = plt.figure(figsize=(4.2 * cols, 4.4 * rows))
     # tab10 without its grey, which would blur into the unseen digits' markers
     palette = [plt.get_cmap("tab10")(i) for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)]
 
@@ -30,7 +32,7 @@ def plot_embeddings(panels, path, sphere=False):
 
     for i, (title, seen, labels, centres, unseen) in enumerate(panels):
         kind = {"projection": "3d"} if sphere else {}
-        ax = fig.add_subplot(1, len(panels), i + 1, **kind)
+        ax = fig.add_subplot(rows, cols, i + 1, **kind)
         together = _project(torch.cat([seen, unseen, centres]), dim)
         seen_u, unseen_u, centres_u = together.split([len(seen), len(unseen), len(centres)])
         for c in range(len(centres)):

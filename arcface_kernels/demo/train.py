@@ -1,28 +1,45 @@
 """A small CNN embedder and the loop that trains it with one margin head."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..backends import get_backend
 from ..heads import CombinedMarginLoss
+from ..margin_heads import AdaFaceLoss, CurricularFaceLoss
 
 
 @dataclass(frozen=True)
 class HeadSpec:
     name: str
-    m1: float
-    m2: float
-    m3: float
+    make: Callable[..., CombinedMarginLoss]  # make(num_classes, dim, scale=, backend=)
 
 
-# The four heads of the demo (docs/design.md section 3: phi(c) = cos(m1*theta + m2) - m3).
+def _combined(m1, m2, m3):
+    """phi(c) = cos(m1*theta + m2) - m3 (docs/design.md section 3)."""
+    return lambda num_classes, dim, **settings: CombinedMarginLoss(num_classes, dim, m1=m1, m2=m2, m3=m3, **settings)
+
+
+# The heads of the demo: the four fixed margins, then two of the margin family at their authors'
+# defaults (AdaFace: margin 0.4, h 0.333; CurricularFace: margin 0.5, t_alpha 0.01).
 HEADS = (
-    HeadSpec("softmax", 1.0, 0.0, 0.0),     # normalized softmax, no margin
-    HeadSpec("ArcFace", 1.0, 0.5, 0.0),
-    HeadSpec("CosFace", 1.0, 0.0, 0.35),
-    HeadSpec("SphereFace", 1.35, 0.0, 0.0),
+    HeadSpec("softmax", _combined(1.0, 0.0, 0.0)),     # normalized softmax, no margin
+    HeadSpec("ArcFace", _combined(1.0, 0.5, 0.0)),
+    HeadSpec("CosFace", _combined(1.0, 0.0, 0.35)),
+    HeadSpec("SphereFace", _combined(1.35, 0.0, 0.0)),
+    HeadSpec("AdaFace", AdaFaceLoss),
+    HeadSpec("CurricularFace", CurricularFaceLoss),
 )
+
+
+def head_backend(head, backend):
+    """`backend`, or "reference" for a head with a non-target epilogue (CurricularFace) where that
+    backend does not compute it yet: the demo's 7 classes make the materializing reference cheap."""
+    if head.options.nontarget == "none" or backend == "reference" or get_backend(backend).nontarget_epilogue:
+        return backend
+    return "reference"
 
 
 class DigitEmbedder(nn.Module):
@@ -54,8 +71,8 @@ def train_head(spec, splits, *, dim, scale, epochs, batch_size, lr, seed, device
     """Train a fresh embedder and class centres with one head; `progress(epoch_loss)` per epoch."""
     torch.manual_seed(seed)
     embedder = DigitEmbedder(dim).to(device)
-    head = CombinedMarginLoss(len(splits.seen_digits), dim, scale=scale, m1=spec.m1, m2=spec.m2,
-                              m3=spec.m3, backend=backend).to(device)
+    head = spec.make(len(splits.seen_digits), dim, scale=scale, backend=backend).to(device)
+    head.backend = head_backend(head, backend)
     params = list(embedder.parameters()) + list(head.parameters())
     optimizer = torch.optim.Adam(params, lr=lr)
     total_steps = epochs * -(-len(splits.train_y) // batch_size)
