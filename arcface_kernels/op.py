@@ -125,12 +125,6 @@ def operands(v: Tensor, operand_dtype: torch.dtype) -> Tensor:
     return v if v.dtype == operand_dtype else v.to(operand_dtype)
 
 
-def _require_nontarget_epilogue(backend: str):
-    if not get_backend(backend).nontarget_epilogue:
-        raise NotImplementedError(f"backend={backend!r} does not compute the non-target epilogue (nontarget=...) "
-                                  f"yet; use backend='reference'")
-
-
 def forward_stats(x: Tensor, w: Tensor, labels: Tensor, active: Tensor, options: LossOptions, backend: str,
                   num_classes: int, merge=None, merge_rows=None) -> Forward:
     """The forward of the op on operands x, w (one dtype): the overflow-safe rows, the backend's
@@ -144,7 +138,6 @@ def forward_stats(x: Tensor, w: Tensor, labels: Tensor, active: Tensor, options:
     w_seen, rw, sw = common.overflow_safe_rows(w, dtype, sync_free=True)
     negatives = None
     if options.nontarget != "none":
-        _require_nontarget_epilogue(backend)
         target_cos = target_cosines(x_seen, w_seen, labels, rx, rw, options.sub_centers)
         if merge is not None and merge_rows is None:  # a class shard alone would see 0 for others' targets
             raise NotImplementedError("a sharded forward with a non-target epilogue needs merge_rows")

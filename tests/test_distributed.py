@@ -5,7 +5,6 @@ CPU processes with gloo everywhere; one GPU per process with NCCL where there ar
 import pytest
 import torch
 import torch.distributed as dist
-from epilogue_backend import torch_with_epilogue
 from float64_oracle import oracle
 from spawn import run_ranks
 
@@ -204,7 +203,6 @@ def _check_margin_gradient_and_nontarget_modes(rank, world):
     """Per-row m2, m3 that require grad get their gradient for this rank's rows (op.margin_gradients
     on the merged statistics), and each non-target mode (the target cosines merged over the
     shards before the threshold) gives the single-process result."""
-    torch_with_epilogue()  # this worker's "torch" computes the epilogue (tests/epilogue_backend.py)
     sizes = BATCH_SIZES[world]
     n = sum(sizes)
     x, w, y = _problem(1, torch.float64, seed=21)
@@ -255,7 +253,6 @@ def _check_global_statistics(rank, world):
     """ShardedAdaFaceLoss / ShardedCurricularFaceLoss (and with Partial FC) over 3 training steps and
     an eval step: the loss summed over ranks, this rank's dX, the shard's dW and the running buffers
     equal one process's head on the concatenated batch."""
-    torch_with_epilogue()
     sizes = BATCH_SIZES[world]
     n = sum(sizes)
     rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))

@@ -10,7 +10,7 @@ import torch
 from float64_oracle import oracle
 
 import arcface_kernels as ak
-from arcface_kernels.backends import backend_status, get_backend
+from arcface_kernels.backends import backend_status
 from conftest import DEVICE
 from helpers import TOL, loss_and_grads, rel_err
 
@@ -91,12 +91,7 @@ def _fused_backends():
     out = []
     for name in ("torch", "triton", "cuda"):
         ok, reason = backend_status(name, DEVICE)
-        if not ok:
-            out.append(pytest.param(name, marks=pytest.mark.skip(reason=f"{name}: {reason}")))
-        elif not get_backend(name).nontarget_epilogue:
-            out.append(pytest.param(name, marks=pytest.mark.skip(reason=f"{name}: no non-target epilogue")))
-        else:
-            out.append(name)
+        out.append(name if ok else pytest.param(name, marks=pytest.mark.skip(reason=f"{name}: {reason}")))
     return out
 
 
@@ -122,19 +117,6 @@ def check_fused_backend(backend, mode, dtype, device):
     oracle_settings = {k: v for k, v in settings.items() if k not in ("sub_centers", "label_smoothing")}
     ref = oracle(x, w, y, k=2, eps=0.1, **oracle_settings)
     _assert_close([o.cpu() for o in out], ref, TOL[dtype], f"{backend} {mode} {dtype}")
-
-
-def test_a_backend_without_the_epilogue_refuses_it(monkeypatch):
-    """No silent plain loss: a backend that does not compute the epilogue raises."""
-    import dataclasses
-
-    from arcface_kernels.backends import registry
-
-    plain = dataclasses.replace(get_backend("torch"), nontarget_epilogue=False)
-    monkeypatch.setitem(registry._BACKENDS, "torch", plain)
-    x, w, y = _near_centres(6, 5, 4)
-    with pytest.raises(NotImplementedError, match="non-target epilogue"):
-        ak.margin_softmax_loss(x.float(), w.float(), y, backend="torch", **MODES["mv"])
 
 
 @pytest.mark.parametrize("bad, error, match", [

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from authors_heads import CurricularFaceState, combined_margin_filtered, curricularface, mv_softmax
 
 import arcface_kernels as ak
-from arcface_kernels.backends import backend_status, get_backend
+from arcface_kernels.backends import backend_status
 from arcface_kernels.negatives import head_target_cosines
 from helpers import TOL, rel_err
 
@@ -23,11 +23,8 @@ def _backends():
     out = ["reference"]
     for name in ("torch", "triton", "cuda"):
         ok, reason = backend_status(name, torch.device("cpu"))
-        skip = reason if not ok else None if get_backend(name).nontarget_epilogue else "no non-target epilogue yet"
-        out.append(pytest.param(name, marks=pytest.mark.skip(reason=f"{name}: {skip}")) if skip else name)
-    auto_has_it = get_backend("torch").nontarget_epilogue  # what "auto" picks on the CPU
-    out.append("auto" if auto_has_it else pytest.param("auto", marks=pytest.mark.skip(reason="torch: no epilogue")))
-    return out
+        out.append(name if ok else pytest.param(name, marks=pytest.mark.skip(reason=f"{name}: {reason}")))
+    return out + ["auto"]
 
 
 BACKENDS = _backends()

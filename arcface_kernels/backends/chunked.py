@@ -395,6 +395,5 @@ register_backend(
         available=lambda device: (True, ""),
         dtypes=FLOAT_DTYPES,
         priority=lambda device, dtype: 10,
-        nontarget_epilogue=True,
     )
 )

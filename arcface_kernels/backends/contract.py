@@ -84,5 +84,3 @@ class Backend:
     # priority(device, dtype): "auto" picks the highest among the backends that take the device
     # and dtype; below 0: never picked by "auto" on that device (tests only)
     priority: Callable[[torch.device, torch.dtype], int]
-    # whether it computes the non-target epilogue (options.negatives, arcface_kernels/negatives.py)
-    nontarget_epilogue: bool = False

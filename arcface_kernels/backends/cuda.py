@@ -127,5 +127,4 @@ register_backend(Backend(
     dtypes=KERNEL_DTYPES,
     # above triton and torch on a GPU: to be confirmed by measurement (docs/backends/cuda.md)
     priority=lambda device, dtype: 20 if device.type == "cuda" else -1,
-    nontarget_epilogue=True,  # partial_stats and grad_chunk take options.negatives' threshold and coeffs
 ))

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..backends import get_backend
 from ..heads import CombinedMarginLoss
 from ..margin_heads import AdaFaceLoss, CurricularFaceLoss
 
@@ -32,14 +31,6 @@ HEADS = (
     HeadSpec("AdaFace", AdaFaceLoss),
     HeadSpec("CurricularFace", CurricularFaceLoss),
 )
-
-
-def head_backend(head, backend):
-    """`backend`, or "reference" for a head with a non-target epilogue (CurricularFace) where that
-    backend does not compute it yet: the demo's 7 classes make the materializing reference cheap."""
-    if head.options.nontarget == "none" or backend == "reference" or get_backend(backend).nontarget_epilogue:
-        return backend
-    return "reference"
 
 
 class DigitEmbedder(nn.Module):
@@ -72,7 +63,6 @@ def train_head(spec, splits, *, dim, scale, epochs, batch_size, lr, seed, device
     torch.manual_seed(seed)
     embedder = DigitEmbedder(dim).to(device)
     head = spec.make(len(splits.seen_digits), dim, scale=scale, backend=backend).to(device)
-    head.backend = head_backend(head, backend)
     params = list(embedder.parameters()) + list(head.parameters())
     optimizer = torch.optim.Adam(params, lr=lr)
     total_steps = epochs * -(-len(splits.train_y) // batch_size)

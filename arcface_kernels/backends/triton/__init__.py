@@ -195,5 +195,4 @@ register_backend(Backend(
     # On the CPU the interpreter is for tests only. bf16 below sm_80: Triton compiles the dot to
     # scalar FMAs (no bf16 tensor cores), so after `cuda` and `torch` (cuBLAS).
     priority=_priority,
-    nontarget_epilogue=True,
 ))
