@@ -24,7 +24,8 @@ def test_backend_suite_under_the_triton_interpreter():
     tests = [os.path.join(TESTS, name) for name in ("test_backends.py", "test_entry_paths.py", "test_no_nxc.py",
                                                   "test_work_count.py", "test_gradient_rules.py",
                                                   "test_triton_production_tiles.py", "test_margin_family.py",
-                                                  "test_margin_heads.py", "test_nontarget.py")]
+                                                  "test_margin_heads.py", "test_nontarget.py",
+                                                  "test_nontarget_heads.py")]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton",
            "-W", "error::RuntimeWarning", *tests]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
