@@ -119,12 +119,3 @@ def test_m1_that_requires_grad_is_refused_and_bad_settings_name_themselves():
         ak.margin_softmax_loss(x, w, y, fallback="clamp")
     with pytest.raises(ValueError, match="clip_eps"):
         ak.margin_softmax_loss(x, w, y, fallback="clip", clip_eps=0.0)
-
-
-def test_sharded_loss_refuses_margins_that_require_grad():
-    """The sharded path does not return the margins' gradient yet: refused, not a silent zero."""
-    from arcface_kernels.distributed import sharded_margin_softmax_loss
-
-    x, w, y, m2, _ = _problem()
-    with pytest.raises(NotImplementedError, match="m2 requires grad"):
-        sharded_margin_softmax_loss(x, w, y, class_offset=0, num_classes=C, m2=m2.float().requires_grad_(True))
