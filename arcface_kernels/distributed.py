@@ -173,8 +173,8 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             w = op.operands(weight_shard.detach(), operand_dtype)
             fwd = op.forward_stats(all_x, w, shard_labels, all_labels >= 0, options, backend, num_classes,
                                    merge=lambda stats: _merge_stats(stats, class_offset, group),
-                                   merge_rows=lambda cos: _merge_target_cos(cos, all_labels >= 0, options, t_update,
-                                                                            group))
+                                   merge_rows=lambda cos: _all_reduce(cos, dist.ReduceOp.SUM, group),
+                                   update_t=t_update)
         ctx.save_for_backward(all_x, weight_shard, shard_labels, all_labels)
         ctx.saved = fwd.saved
         ctx.settings = (options, num_classes, sizes, rows, backend, group, embeddings.dtype, embedding_grad_scale,
@@ -215,17 +215,6 @@ def _with_rows(options, **margins):
     return gathered
 
 
-def _merge_target_cos(target_cos, active, options, t_update, group):
-    """op.forward_stats' merge_rows: every row's target cosine, summed over the class shards (only
-    the owner of a label has a nonzero one). With t_update (ShardedCurricularFaceLoss) the running
-    t moves first, from the global batch, and the threshold about to be formed reads it: the op
-    reads options.nontarget_t after this returns, so the new value is written into it."""
-    merged = _all_reduce(target_cos, dist.ReduceOp.SUM, group)
-    if t_update is not None:
-        options.nontarget_t.copy_(t_update(merged, active))
-    return merged
-
-
 def sharded_margin_softmax_loss(embeddings, weight_shard, labels, *, class_offset, num_classes,
                                 scale=64.0, m1=1.0, m2=0.5, m3=0.0, sub_centers=1, easy_margin=False,
                                 fallback="threshold", clip_eps=CLIP_EPS, margin_grad="exact", nontarget="none",
@@ -255,7 +244,7 @@ def sharded_loss_from_options(embeddings, weight_shard, labels, options: LossOpt
     """sharded_margin_softmax_loss with its settings in a LossOptions; the embeddings' gradient
     is multiplied by embedding_grad_scale (ShardedMarginLoss's DDP correction). t_update(target_cos,
     active) -> t: a running non-target t moved from the global batch's target cosines
-    (ShardedCurricularFaceLoss; _merge_target_cos)."""
+    (ShardedCurricularFaceLoss; op.forward_stats' update_t)."""
     return_stats = boolean("return_stats", return_stats)
     inputs = prepare_loss_inputs(embeddings, weight_shard, labels, options)
     dtype, labels, options = inputs.operand_dtype, inputs.labels, inputs.options
@@ -380,8 +369,8 @@ class ShardedCurricularFaceLoss(CurricularFaceT, ShardedMarginLoss):
     """CurricularFaceLoss (margin_heads.py, same settings and buffer t) with its classes sharded
     over a process group, as ShardedMarginLoss: in training mode t moves from the mean target
     cosine of the global batch, inside the forward once the shards' target cosines are merged
-    (_merge_target_cos), and then the batch uses it: every rank holds the same t, that of one
-    process on the concatenated batch."""
+    (op.forward_stats' update_t), and then the batch uses it: every rank holds the same t, that of
+    one process on the concatenated batch."""
 
     def forward(self, embeddings, labels, *, return_stats=False, backend=None):
         t_update = self.moved_t if self.training else None

@@ -126,13 +126,15 @@ def operands(v: Tensor, operand_dtype: torch.dtype) -> Tensor:
 
 
 def forward_stats(x: Tensor, w: Tensor, labels: Tensor, active: Tensor, options: LossOptions, backend: str,
-                  num_classes: int, merge=None, merge_rows=None) -> Forward:
+                  num_classes: int, merge=None, merge_rows=None, update_t=None) -> Forward:
     """The forward of the op on operands x, w (one dtype): the overflow-safe rows, the backend's
     partial statistics, merge(stats) when given (the sharded path's all-reduces, eq. (14)) and the
     precise loss. labels: local targets (-1 where absent); active: rows that have a target in the
     whole problem. With a non-target epilogue the target cosines come first (negatives.py), summed
-    over class shards by merge_rows when given. The target gradient factor is backward's
-    (backward_core): a forward that is not differentiated does not pay for dphi/dc."""
+    over class shards by merge_rows when given; update_t(target_cos, active), when given, returns
+    the map's t moved from them (a running CurricularFace t, updated before use). The target
+    gradient factor is backward's (backward_core): a forward that is not differentiated does not
+    pay for dphi/dc."""
     dtype = compute_dtype(x.dtype)
     x_seen, rx, sx = common.overflow_safe_rows(x, dtype, sync_free=True, headroom=True)
     w_seen, rw, sw = common.overflow_safe_rows(w, dtype, sync_free=True)
@@ -143,8 +145,8 @@ def forward_stats(x: Tensor, w: Tensor, labels: Tensor, active: Tensor, options:
             raise NotImplementedError("a sharded forward with a non-target epilogue needs merge_rows")
         if merge_rows is not None:
             target_cos = merge_rows(target_cos)
-        negatives = hard_negatives(options.nontarget, options.nontarget_t, target_cos, active, options.m1,
-                                   options.m2, options.m3)
+        t = options.nontarget_t if update_t is None else update_t(target_cos, active)
+        negatives = hard_negatives(options.nontarget, t, target_cos, active, options.m1, options.m2, options.m3)
         options = options.with_negatives(negatives)
     stats = get_backend(backend).forward(x_seen, w_seen, labels, options, RowNorms(rx, rw))
     if merge is not None:
