@@ -162,8 +162,10 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         rank = dist.get_rank(group)
         rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
         all_labels = _gather_rows(labels, sizes, group)         # -1 on ignored rows
-        options = _with_rows(options, **{m: _gather_rows(v.detach(), sizes, group)
-                                         for m, v in (("m1", options.m1), ("m2", m2), ("m3", m3))})
+        # the gathered per-row margins, not validated again (replace() would re-validate and turn
+        # the 0-d nontarget_t back into a float)
+        options = options.derived(**{m: _gather_rows(v.detach(), sizes, group)
+                                     for m, v in (("m1", options.m1), ("m2", m2), ("m3", m3))})
         local_classes = weight_shard.shape[0] // options.sub_centers
         owned = (all_labels >= class_offset) & (all_labels < class_offset + local_classes)
         shard_labels = torch.where(owned, all_labels - class_offset, -1)
@@ -205,14 +207,6 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             d_m2, d_m3 = d_m2[rows] * embedding_grad_scale, d_m3[rows] * embedding_grad_scale
         # rounded once into the embeddings' dtype: inf where it overflows, never clamped
         return ((dx_all[rows] * embedding_grad_scale).to(x_dtype), dw, None, d_m2, d_m3) + (None,) * 9
-
-
-def _with_rows(options, **margins):
-    """options (already in for_rows form) with the gathered per-row margins, not validated again
-    (as LossOptions.for_rows: replace() would turn the 0-d nontarget_t back into a float)."""
-    gathered = object.__new__(type(options))
-    gathered.__dict__.update(options.__dict__, **margins)
-    return gathered
 
 
 def sharded_margin_softmax_loss(embeddings, weight_shard, labels, *, class_offset, num_classes,

@@ -66,11 +66,16 @@ class LossOptions:
     # the target cosines (with_negatives); None without one.
     negatives = None
 
+    def derived(self, **values) -> "LossOptions":
+        """A copy with `values` set and not validated again: values derived from settings already
+        validated (for_rows' per-row tensors, the sharded loss's gathered rows, negatives)."""
+        options = object.__new__(type(self))
+        options.__dict__.update(self.__dict__, **values)
+        return options
+
     def with_negatives(self, negatives) -> "LossOptions":
         """A copy carrying `negatives` (negatives.HardNegatives or None) for the backends."""
-        options = object.__new__(type(self))
-        options.__dict__.update(self.__dict__, negatives=negatives)
-        return options
+        return self.derived(negatives=negatives)
 
     @property
     def straight_through(self) -> bool:
@@ -95,14 +100,11 @@ class LossOptions:
         that requires grad is refused at construction (validation.py). The settings were
         validated when `self` was built: they are not validated again (once per head, not per
         step), nor copied one by one."""
-        options = object.__new__(type(self))
-        options.__dict__.update(self.__dict__)
-        options.__dict__.update(m1=validation.row_margin("m1", self.m1, n, device, dtype),
-                                m2=validation.row_margin("m2", self.m2, n, device, dtype),
-                                m3=validation.row_margin("m3", self.m3, n, device, dtype),
-                                nontarget_t=validation.nontarget_parameter(self.nontarget, self.nontarget_t,
-                                                                           device, dtype))
-        return options
+        return self.derived(m1=validation.row_margin("m1", self.m1, n, device, dtype),
+                            m2=validation.row_margin("m2", self.m2, n, device, dtype),
+                            m3=validation.row_margin("m3", self.m3, n, device, dtype),
+                            nontarget_t=validation.nontarget_parameter(self.nontarget, self.nontarget_t, device,
+                                                                       dtype))
 
     # -- the torch.library boundary ------------------------------------------------------------
 
