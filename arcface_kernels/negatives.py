@@ -33,6 +33,12 @@ class HardNegatives(NamedTuple):
     coeffs: Tensor     # (3,) (a, b, e)
 
 
+def kernel_tensors(negatives: HardNegatives | None) -> tuple:
+    """(threshold, coeffs) as the compiled kernels take them, (None, None) on the plain path (to
+    Triton's JIT None pointers are constants: its plain variants take no extra argument)."""
+    return (None, None) if negatives is None else (negatives.threshold, negatives.coeffs)
+
+
 def map_cosines(cos: Tensor, hard: Tensor, coeffs: Tensor) -> Tensor:
     """Eq. (N1) on the entries `hard` (a bool mask that already excludes targets): c (a c + b) + e."""
     a, b, e = coeffs.unbind(0)

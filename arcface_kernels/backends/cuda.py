@@ -15,6 +15,7 @@ import torch
 
 from ..build_info import extension_status
 from ..dtypes import KERNEL_DTYPES
+from ..negatives import kernel_tensors
 from . import chunk_plan
 from .common import get_workspace_budget
 from .contract import Backend, PartialStats
@@ -75,17 +76,11 @@ def _available(device):
     return runs_on(torch.cuda.get_device_capability(device), BUILT_FOR)
 
 
-def _negatives(options):
-    """The non-target epilogue's (threshold, coeffs) device tensors for the ops, (None, None) without one."""
-    negatives = options.negatives
-    return (None, None) if negatives is None else (negatives.threshold, negatives.coeffs)
-
-
 def forward(x, w, labels, options, norms):
     # options.clip: fallback="clip"'s eps (the kernels' clip specialization), None for the threshold rules
     stats = torch.ops.arcface_kernels_cuda.partial_stats(
         x, w, labels, options.m1, options.m2, options.m3, norms.rx, norms.rw, options.scale, options.sub_centers,
-        options.easy_margin, options.clip, *_negatives(options), get_workspace_budget())
+        options.easy_margin, options.clip, *kernel_tensors(options.negatives), get_workspace_budget())
     return PartialStats(*stats)
 
 
@@ -100,7 +95,7 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
     k = options.sub_centers
     grad_dtype = chunk_plan.gradient_dtype(x.dtype)
     x_rows = x.contiguous()  # once, not per chunk inside the op
-    negatives = _negatives(options)
+    negatives = kernel_tensors(options.negatives)
 
     def fill_grad(first_class, stop_class, out):
         rows = slice(first_class * k, stop_class * k)

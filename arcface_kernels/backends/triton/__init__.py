@@ -13,6 +13,7 @@ import torch
 import triton
 
 from ...dtypes import KERNEL_DTYPES
+from ...negatives import kernel_tensors
 from ..chunk_plan import chunked_backward, gradient_dtype
 from ..common import float32_matmul_uses_tf32
 from ..contract import Backend, PartialStats
@@ -104,15 +105,6 @@ def _on_device(device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _hard_negatives(options):
-    """The non-target epilogue's tau (N,) and (a, b, e) (3,) device tensors (negatives.py), or
-    (None, None) on the plain path: None pointers are constants to the JIT, so the kernels'
-    NONTARGET=False variants take no extra argument and compile as without the epilogue."""
-    if options.negatives is None:
-        return None, None
-    return options.negatives.threshold, options.negatives.coeffs  # contiguous, read as float32
-
-
 def forward(x, w, labels, options, norms):
     n, dim = x.shape
     k = options.sub_centers
@@ -123,7 +115,7 @@ def forward(x, w, labels, options, norms):
         return PartialStats(*[empty] * 6, labels.new_empty(0))
     config = tile_config("forward", _interpreted())
     row_blocks = triton.cdiv(n, config.block_m)
-    threshold, coeffs = _hard_negatives(options)
+    threshold, coeffs = kernel_tensors(options.negatives)  # None, None: NONTARGET=False
     kwargs = dict(K=k, NONTARGET=threshold is not None, EASY_MARGIN=options.easy_margin, CLIP_EPS=options.clip or 0.0,
                   SMOOTHING=options.label_smoothing > 0, DOT_PRECISION=_dot_precision(x.dtype),
                   **_launch_options(config))
@@ -148,7 +140,7 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
     k = options.sub_centers
     config = tile_config("grad_tile", _interpreted())
     grad_rows, lse, target_dcos = (t.float().contiguous() for t in (grad_rows, lse, target_dcos))
-    threshold, coeffs = _hard_negatives(options)
+    threshold, coeffs = kernel_tensors(options.negatives)  # None, None: NONTARGET=False
 
     def fill_grad(first, stop, out):
         if n == 0:
