@@ -155,6 +155,48 @@ def forward_stats(x: Tensor, w: Tensor, labels: Tensor, active: Tensor, options:
     return Forward(loss, stats, Saved(lse, gap, stats.target_cos, rx, rw, sx, sw, negatives))
 
 
+class UnitGradients(NamedTuple):
+    """The gradients of sum_i loss_i over the rows with a target (upstream gradient 1 there), in the
+    compute dtype, made in forward (forward_with_gradients); None where not asked for. dx_i scales
+    with each row's upstream gradient; dw is valid for an upstream gradient equal on every row
+    with a target (a "mean" or "sum" reduction), times it."""
+
+    dx: Tensor | None
+    dw: Tensor | None
+
+
+def forward_with_gradients(x: Tensor, w: Tensor, labels: Tensor, active: Tensor, options: LossOptions, backend: str,
+                           num_classes: int, need_dx: bool, need_dw: bool, dw_dtype: torch.dtype):
+    """(forward_stats' Forward, UnitGradients) from one walk that keeps its cosine tiles for the
+    gradients: 3 GEMMs of 2NCD flops where forward + backward_core take 4 (the `torch` backend on a
+    CPU, backends/row_blocks.py); None where the backend has no such walk for these inputs, or with
+    a non-target epilogue, or where dw would not be in w's dtype (the caller runs forward_stats).
+    The same overflow-safe rows, finalize and target gradient factor as forward_stats and
+    backward_core, the latter per block of rows."""
+    walk = get_backend(backend).forward_with_gradients
+    if walk is None or options.nontarget != "none" or (need_dw and dw_dtype != w.dtype):
+        return None
+    dtype = compute_dtype(x.dtype)
+    x_seen, rx, sx = common.overflow_safe_rows(x, dtype, sync_free=True, headroom=True)
+    w_seen, rw, sw = common.overflow_safe_rows(w, dtype, sync_free=True)
+
+    def finish_rows(stats: PartialStats, rows: slice):
+        loss, lse, gap = finalize(stats, active[rows], options.label_smoothing, num_classes)
+        factor = target_cosine_gradient(gap, stats.target_cos, active[rows], options.at_rows(rows), num_classes)
+        return loss, lse, gap, factor
+
+    result = walk(x_seen, w_seen, labels, options, RowNorms(rx, rw), finish_rows, need_dx, need_dw)
+    if result is None:
+        return None
+    stats, loss, lse, gap, dx, dw = result
+    # d/dv of a function of the seen rows s * v is s times the gradient with respect to them
+    if dx is not None and sx is not None:
+        dx.mul_(sx[:, None])
+    if dw is not None and sw is not None:
+        dw.mul_(sw[:, None])
+    return Forward(loss, stats, Saved(lse, gap, stats.target_cos, rx, rw, sx, sw)), UnitGradients(dx, dw)
+
+
 def _rows_seen(v: Tensor, scale: Tensor | None, headroom: bool):
     """The rows a backend saw in forward (common.overflow_safe_rows), or None where it saw v. With
     the sync-free rule (a GPU), as there with no host read: the embeddings' scaled copy again (the
@@ -209,18 +251,29 @@ def _margin_softmax_fwd(
     and for backward the precise gap (finalize), the inverse norms rx, rw of the rows the backend
     saw, the power-of-two scales sx, sw that made those rows from the given ones (1 for all but
     huge rows) and the non-target epilogue's per-row threshold (empty without one)."""
+    return _forward_outputs(embeddings, weight, labels, m1, m2, m3, options, backend, operand_dtype, nontarget_t)[0]
+
+
+def _forward_outputs(embeddings, weight, labels, m1, m2, m3, options, backend, operand_dtype, nontarget_t=None,
+                     need_dx=False, need_dw=False):
+    """(_margin_softmax_fwd's outputs, UnitGradients or None): with need_dx or need_dw, the
+    gradients too where the backend makes them in forward (forward_with_gradients)."""
     opts = LossOptions.unflatten(options, m1, m2, m3, nontarget_t)
     num_classes = weight.shape[0] // opts.sub_centers
     labels = _target_labels(labels, opts.ignore_index, num_classes)
     with autocast_off(embeddings.device.type):
         x, w = operands(embeddings, operand_dtype), operands(weight, operand_dtype)
-        fwd = forward_stats(x, w, labels, labels >= 0, opts, backend, num_classes)
+        both = None
+        if need_dx or need_dw:
+            both = forward_with_gradients(x, w, labels, labels >= 0, opts, backend, num_classes, need_dx, need_dw,
+                                          weight.dtype)
+        fwd, unit = both or (forward_stats(x, w, labels, labels >= 0, opts, backend, num_classes), None)
     dtype, saved = compute_dtype(operand_dtype), fwd.saved
     threshold = (torch.empty(0, dtype=dtype, device=x.device) if saved.negatives is None
                  else saved.negatives.threshold)
     return (fwd.loss, saved.lse, fwd.stats.target_cos.clone(), fwd.stats.best_class.clone(), saved.gap,
             saved.rx, saved.rw, _scale_or_ones(saved.sx, x.shape[0], dtype, x.device),
-            _scale_or_ones(saved.sw, w.shape[0], dtype, w.device), threshold)
+            _scale_or_ones(saved.sw, w.shape[0], dtype, w.device), threshold), unit
 
 
 margin_softmax_fwd = torch.library.custom_op("arcface_kernels::margin_softmax_fwd", _margin_softmax_fwd,
@@ -278,10 +331,17 @@ def _backward(ctx, grad_loss, *grad_reported):
     embeddings, weight, labels, m1, m2, m3, lse, gap, target_cos, rx, rw, sx, sw, *nontarget = ctx.saved_tensors
     if grad_loss is None:
         grad_loss = torch.zeros_like(lse)
-    # the non-target epilogue's t and per-row threshold, when forward had one
-    epilogue = nontarget[-2:] if ctx.nontarget else ()
-    dx, dw = margin_softmax_bwd(grad_loss, embeddings, weight, labels, m1, m2, m3, lse, gap, target_cos, rx, rw, sx,
-                                sw, *ctx.settings, *epilogue)
+    ignore_index = LossOptions.unflatten(ctx.settings[0], m1, m2, m3).ignore_index
+    unit, ctx.unit_gradients = getattr(ctx, "unit_gradients", None), None  # a second backward recomputes
+    scaled = None if unit is None else _scaled_unit_gradients(unit, grad_loss, labels != ignore_index, embeddings,
+                                                              weight)
+    if scaled is not None:
+        dx, dw = scaled
+    else:
+        # the non-target epilogue's t and per-row threshold, when forward had one
+        epilogue = nontarget[-2:] if ctx.nontarget else ()
+        dx, dw = margin_softmax_bwd(grad_loss, embeddings, weight, labels, m1, m2, m3, lse, gap, target_cos, rx, rw,
+                                    sx, sw, *ctx.settings, *epilogue)
     d_m2 = d_m3 = None
     if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:  # per-row margins that require grad (MagFace)
         opts = LossOptions.unflatten(ctx.settings[0], m1, m2, m3)
@@ -289,6 +349,21 @@ def _backward(ctx, grad_loss, *grad_reported):
         grad_rows = torch.where(active, grad_loss.to(lse.dtype), 0.0)
         d_m2, d_m3 = margin_gradients(grad_rows, gap, target_cos, active, opts, weight.shape[0] // opts.sub_centers)
     return (dx, dw, None, None, d_m2, d_m3, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 9)
+
+
+def _scaled_unit_gradients(unit: UnitGradients, grad_loss: Tensor, active: Tensor, embeddings: Tensor,
+                           weight: Tensor):
+    """(dx, dw) from the gradients forward made (eager CPU calls), or None where the upstream
+    gradient differs between rows with a target (then dw is not a multiple of the unit one: the
+    caller runs the backward op). dx_i = g_i dx_unit_i; dw = g dw_unit, in place. A host read of
+    g, on the CPU."""
+    g = torch.where(active, grad_loss, 0.0)  # the loss rows' dtype: the compute dtype, as unit's
+    g_active = g[active]
+    if unit.dw is not None and g_active.numel() and not bool((g_active == g_active[0]).all()):
+        return None
+    dx = None if unit.dx is None else unit.dx.mul_(g[:, None]).to(embeddings.dtype)
+    dw = None if unit.dw is None else unit.dw.mul_(g_active[0] if g_active.numel() else 0.0)
+    return dx, dw
 
 
 # Only the loss rows are differentiated; the stats, the norms and the scales are reported.
@@ -316,7 +391,9 @@ class _EagerForward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = _margin_softmax_fwd(*inputs)
+        # with gradients to come, the backend may make them now from the same tiles (3 GEMMs, not 4)
+        output, ctx.unit_gradients = _forward_outputs(*inputs, need_dx=ctx.needs_input_grad[0],
+                                                      need_dw=ctx.needs_input_grad[1])
         _setup_context(ctx, inputs, output)
         return output
 

@@ -106,6 +106,10 @@ class LossOptions:
                             nontarget_t=validation.nontarget_parameter(self.nontarget, self.nontarget_t, device,
                                                                        dtype))
 
+    def at_rows(self, rows: slice) -> "LossOptions":
+        """The options of the rows `rows` of options made by `for_rows` (their m1, m2, m3 sliced)."""
+        return self.derived(m1=self.m1[rows], m2=self.m2[rows], m3=self.m3[rows])
+
     # -- the torch.library boundary ------------------------------------------------------------
 
     def flatten(self) -> list:

@@ -104,16 +104,20 @@ void forward_tile(at::Tensor& z, const at::Tensor& labels, int64_t first_class, 
 }
 
 // p (N x chunk, holding Z - lse) becomes P = exp(p) - smooth with the target entries set to
-// target_p, in place; or, given col_scale = rw_c and lse, p holds xs . w_j and becomes P diag(rw_c)
-// (cpu_rows::backward_rows). With threshold and coeffs, the non-target epilogue: p holds Z (or xs . w_j
-// with col_scale), lse is given, and the hard entries' P is multiplied by dh/dc.
+// target_p, in place; or, given col_scale = rw_c and lse, p holds xs . w_j (Z itself with
+// holds_logits: the tile forward_tile left) and becomes P diag(rw_c) (cpu_rows::backward_rows).
+// With threshold and coeffs, the non-target epilogue: p holds Z (or xs . w_j with col_scale), lse
+// is given, and the hard entries' P is multiplied by dh/dc.
 void backward_tile(at::Tensor& p, const at::Tensor& labels, int64_t first_class, const at::Tensor& target_p,
                    double smooth, const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& lse,
-                   const std::optional<at::Tensor>& threshold, const std::optional<at::Tensor>& coeffs) {
+                   const std::optional<at::Tensor>& threshold, const std::optional<at::Tensor>& coeffs,
+                   bool holds_logits) {
   check_tile(p, labels);
   check_vector(target_p, p.size(0), p.scalar_type(), "target_p");
   TORCH_CHECK(lse.has_value() == (col_scale.has_value() || threshold.has_value()),
               "backward_tile: lse is given exactly with col_scale or threshold");
+  TORCH_CHECK(!holds_logits || (col_scale.has_value() && !threshold.has_value()),
+              "backward_tile: holds_logits goes with col_scale, on the plain path");
   const cpu_rows::BackwardRows args{p.data_ptr(),
                                     labels.data_ptr<int64_t>(),
                                     first_class,
@@ -122,7 +126,8 @@ void backward_tile(at::Tensor& p, const at::Tensor& labels, int64_t first_class,
                                     smooth,
                                     optional_vector(col_scale, p.size(1), p.scalar_type(), "col_scale"),
                                     optional_vector(lse, p.size(0), p.scalar_type(), "lse"),
-                                    hard_map(threshold, coeffs, p.size(0), p.scalar_type())};
+                                    hard_map(threshold, coeffs, p.size(0), p.scalar_type()),
+                                    holds_logits};
   const bool avx2 = use_avx2();
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "backward_tile", [&] {
     specialized(threshold.has_value(), [&](auto mapped) {
@@ -135,7 +140,7 @@ void backward_tile(at::Tensor& p, const at::Tensor& labels, int64_t first_class,
 }
 
 // dW's rows `out` of one chunk from a = P^T Xa (scratch), ws = rw w, rw and the projection flags;
-// with raw_w, from a = A_c and the raw rows w (cpu_rows::project_rows).
+// with raw_w, from a = A_c and the raw rows w (cpu_rows::project_rows). `out` may be `a` itself.
 void project_chunk(at::Tensor& a, const at::Tensor& ws, const at::Tensor& rw, const at::Tensor& projected,
                    at::Tensor& out, bool raw_w) {
   TORCH_CHECK(a.device().is_cpu() && a.dim() == 2 && a.is_contiguous() && ws.is_contiguous() &&
@@ -166,7 +171,8 @@ TORCH_LIBRARY(arcface_kernels_cpu, m) {
         "Tensor(d!) best_z, Tensor(e!) best_class, Tensor(f!) target_z, Tensor(g!) logit_sum, bool smoothing, "
         "Tensor? col_scale=None, Tensor? threshold=None, Tensor? coeffs=None) -> ()");
   m.def("backward_tile(Tensor(a!) p, Tensor labels, int first_class, Tensor target_p, float smooth, "
-        "Tensor? col_scale=None, Tensor? lse=None, Tensor? threshold=None, Tensor? coeffs=None) -> ()");
+        "Tensor? col_scale=None, Tensor? lse=None, Tensor? threshold=None, Tensor? coeffs=None, "
+        "bool holds_logits=False) -> ()");
   m.def("project_chunk(Tensor(a!) a, Tensor ws, Tensor rw, Tensor projected, Tensor(b!) out, bool raw_w=False) -> ()");
   m.def("vector_isa() -> str", &vector_isa);
 }

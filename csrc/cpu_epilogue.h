@@ -33,7 +33,9 @@ struct ForwardRows {
 // With col_scale, the tile holds xs . w_j instead of Z - lse: P = exp(rw_j xs . w_j - lse_i) - smooth,
 // and the tile gets P diag(rw) (target entry target_p * rw_t). With a HardMap, the tile holds Z
 // (or xs . w_j with col_scale), lse is given, and the non-target entries become
-// (exp(map(Z) - lse) - smooth) dh/dc (times rw_j with col_scale).
+// (exp(map(Z) - lse) - smooth) dh/dc (times rw_j with col_scale). holds_logits (with col_scale, on
+// the plain path): the tile already holds Z, as forward_rows left it (the target entry -inf), and
+// still gets P diag(rw).
 struct BackwardRows {
   void* tile;
   const int64_t* labels;
@@ -43,10 +45,12 @@ struct BackwardRows {
   const void* col_scale;
   const void* lse;
   HardMap hard;
+  bool holds_logits;
 };
 
 // A chunk's class rows: a (rows x dim, scratch), ws, the inverse norms and projection flags, and
-// dW's rows `out` in dW's dtype. raw_w: `ws` holds the raw rows w and a is already A_c.
+// dW's rows `out` in dW's dtype (`out` may be `a` itself when the dtypes match). raw_w: `ws` holds
+// the raw rows w and a is already A_c.
 struct ProjectRows {
   void* a;
   const void* ws;

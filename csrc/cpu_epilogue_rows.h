@@ -101,21 +101,17 @@ void scale_columns(T* row, const T* scale, int64_t n) {
   for (; j < n; ++j) row[j] *= scale[j];
 }
 
-// row_j = (exp(row_j scale_j - shift) - smooth) scale_j, in place.
-template <typename T>
+// row_j = (exp(row_j scale_j - shift) - smooth) scale_j, in place; ScaledAlready: the row holds
+// row_j scale_j already, row_j = (exp(row_j - shift) - smooth) scale_j.
+template <bool ScaledAlready, typename T>
 void scaled_exp_minus(T* row, const T* scale, int64_t n, T shift, T smooth) {
   using Vec = at::vec::Vectorized<T>;
   const int64_t step = Vec::size();
   const Vec e(smooth), s(shift);
+  const auto p = [&](const Vec& r, const Vec& c) { return (((ScaledAlready ? r : r * c) - s).exp() - e) * c; };
   int64_t j = 0;
-  for (; j + step <= n; j += step) {
-    const Vec c = Vec::loadu(scale + j);
-    (((Vec::loadu(row + j) * c - s).exp() - e) * c).store(row + j);
-  }
-  if (j < n) {
-    const Vec c = Vec::loadu(scale + j, n - j);
-    (((Vec::loadu(row + j, n - j) * c - s).exp() - e) * c).store(row + j, n - j);
-  }
+  for (; j + step <= n; j += step) p(Vec::loadu(row + j), Vec::loadu(scale + j)).store(row + j);
+  if (j < n) p(Vec::loadu(row + j, n - j), Vec::loadu(scale + j, n - j)).store(row + j, n - j);
 }
 
 // row_j = exp(row_j) - smooth, in place.
@@ -233,7 +229,9 @@ void backward_rows(const BackwardRows& args, int64_t begin, int64_t end) {
       mapped_exp_minus(row, scale, args.width, static_cast<const T*>(args.lse)[i], eps,
                        static_cast<const T*>(args.hard.threshold)[i], static_cast<const T*>(args.hard.coeffs));
     } else if (scale) {
-      scaled_exp_minus(row, scale, args.width, static_cast<const T*>(args.lse)[i], eps);
+      const T lse = static_cast<const T*>(args.lse)[i];
+      args.holds_logits ? scaled_exp_minus<true>(row, scale, args.width, lse, eps)
+                        : scaled_exp_minus<false>(row, scale, args.width, lse, eps);
     } else {
       exp_minus(row, args.width, eps);
     }
@@ -270,7 +268,8 @@ void project_rows(const ProjectRows& args, int64_t begin, int64_t end) {
     const Vec c(coef);
     for (j = 0; j + step <= dim; j += step) (Vec::loadu(ai + j) - Vec::loadu(wi + j) * c).store(ai + j);
     for (; j < dim; ++j) ai[j] -= wi[j] * coef;
-    at::vec::convert(ai, static_cast<O*>(args.out) + i * dim, dim);
+    O* out = static_cast<O*>(args.out) + i * dim;
+    if (static_cast<void*>(out) != static_cast<void*>(ai)) at::vec::convert(ai, out, dim);
   }
 }
 

@@ -2,7 +2,7 @@
 into one of them.
 
 reference  plain PyTorch that materializes N x C: the test oracle (reference.py)
-torch      class-chunked PyTorch, any device and dtype (chunked.py)
+torch      class-chunked PyTorch, any device and dtype (chunked.py; on a CPU also row_blocks.py)
 triton     fused Triton kernels (triton/)
 cuda       cuBLAS GEMMs with fused CUDA epilogues, the compiled extension (cuda.py, csrc/)
 """

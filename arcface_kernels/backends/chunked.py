@@ -39,11 +39,10 @@ times dh/dc. The plain path runs the same ops as without it.
 
 import torch
 
-from ..dtypes import FLOAT_DTYPES, compute_dtype
+from ..dtypes import compute_dtype
 from ..margins import phi
 from .common import classes_per_chunk, projection_factor, projection_scale, tile_classes
-from .contract import Backend, PartialStats
-from .registry import register_backend
+from .contract import PartialStats
 
 
 def _find_cpu_ops():
@@ -194,7 +193,7 @@ def forward(x, w, labels, options, norms):
     smoothing = options.label_smoothing != 0
     chunks = _fused_forward_chunks if walk.fused else _torch_forward_chunks
     nt_max, nt_sum, best_z, best_class, target_z, nt_logit_sum = chunks(walk, labels, smoothing)
-    return _finish_forward(walk, labels, options, nt_max, nt_sum, best_z, best_class, target_z, nt_logit_sum)
+    return finish_forward(walk.s, labels, options, nt_max, nt_sum, best_z, best_class, target_z, nt_logit_sum)
 
 
 def _fused_forward_chunks(walk, labels, smoothing):
@@ -285,9 +284,10 @@ def _torch_forward_chunks(walk, labels, smoothing):
     return nt_max, nt_sum, best_z, best_class, target_z, (nt_logit_sum if smoothing else None)
 
 
-def _finish_forward(walk, labels, options, nt_max, nt_sum, best_z, best_class, target_z, nt_logit_sum):
-    """The margin on the target and the final statistics, once per row (eq. (10))."""
-    s, smoothing = walk.s, options.label_smoothing != 0
+def finish_forward(s, labels, options, nt_max, nt_sum, best_z, best_class, target_z, nt_logit_sum):
+    """The margin on the target and the final statistics, once per row (eq. (10)), from the walk's
+    running row statistics (logit scale s; nt_logit_sum None without smoothing)."""
+    smoothing = options.label_smoothing != 0
     if not smoothing:
         nt_logit_sum = torch.zeros_like(nt_sum)  # PartialStats.logit_sum is read only with smoothing
     has_target = labels >= 0
@@ -385,15 +385,3 @@ def _project(grad, v, v_proj, out):
     overflows): chunk_plan.project_rows with one temporary instead of three."""
     coef = (grad * v).sum(1).mul_(v_proj)
     torch.addcmul(grad, v, coef[:, None], value=-1.0, out=out)
-
-
-register_backend(
-    Backend(
-        name="torch",
-        forward=forward,
-        backward=backward,
-        available=lambda device: (True, ""),
-        dtypes=FLOAT_DTYPES,
-        priority=lambda device, dtype: 10,
-    )
-)

@@ -15,7 +15,7 @@ _UNREGISTERED: dict = {}
 FUSED_BACKEND_NAMES = ("cuda", "triton", "torch")
 ALL_BACKEND_NAMES = ("auto", "reference") + FUSED_BACKEND_NAMES
 # backend name -> module that registers it on import; the optional ones may fail to load.
-_MODULES = {"torch": ".chunked", "triton": ".triton", "cuda": ".cuda"}
+_MODULES = {"torch": ".torch_backend", "triton": ".triton", "cuda": ".cuda"}
 
 
 class Resolution(NamedTuple):
