@@ -333,8 +333,9 @@ def _backward(ctx, grad_loss, *grad_reported):
         grad_loss = torch.zeros_like(lse)
     ignore_index = LossOptions.unflatten(ctx.settings[0], m1, m2, m3).ignore_index
     unit, ctx.unit_gradients = getattr(ctx, "unit_gradients", None), None  # a second backward recomputes
-    scaled = None if unit is None else _scaled_unit_gradients(unit, grad_loss, labels != ignore_index, embeddings,
-                                                              weight)
+    # create_graph=True: the backward op, whose own backward refuses double backward by name
+    usable = unit is not None and not torch.is_grad_enabled()
+    scaled = _scaled_unit_gradients(unit, grad_loss, labels != ignore_index, embeddings) if usable else None
     if scaled is not None:
         dx, dw = scaled
     else:
@@ -351,8 +352,7 @@ def _backward(ctx, grad_loss, *grad_reported):
     return (dx, dw, None, None, d_m2, d_m3, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 9)
 
 
-def _scaled_unit_gradients(unit: UnitGradients, grad_loss: Tensor, active: Tensor, embeddings: Tensor,
-                           weight: Tensor):
+def _scaled_unit_gradients(unit: UnitGradients, grad_loss: Tensor, active: Tensor, embeddings: Tensor):
     """(dx, dw) from the gradients forward made (eager CPU calls), or None where the upstream
     gradient differs between rows with a target (then dw is not a multiple of the unit one: the
     caller runs the backward op). dx_i = g_i dx_unit_i; dw = g dw_unit, in place. A host read of
@@ -413,7 +413,9 @@ def fused_loss_rows(embeddings: Tensor, weight: Tensor, labels: Tensor, options:
     to -1 and raises ValueError on any other label). options: margins as (N,) tensors in the
     compute dtype (LossOptions.for_rows). backend: a resolved fused backend name."""
     eager_cpu = embeddings.device.type == "cpu" and not torch.compiler.is_compiling()
-    forward = _EagerForward.apply if eager_cpu else margin_softmax_fwd
+    # without grad mode the autograd.Function would still see needs_input_grad (and make gradients)
+    forward = (_EagerForward.apply if torch.is_grad_enabled() else _margin_softmax_fwd) if eager_cpu \
+        else margin_softmax_fwd
     epilogue = () if options.nontarget_t is None else (options.nontarget_t,)
     outputs = forward(embeddings, weight, labels, options.m1, options.m2, options.m3, options.flatten(), backend,
                       operand_dtype, *epilogue)

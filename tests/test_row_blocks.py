@@ -146,3 +146,13 @@ def test_no_block_below_the_minimum_rows():
     assert row_blocks.block_rows(256, 10**6, 128, torch.float32) == 0
     assert row_blocks.block_rows(256, 100_000, 512, torch.float32) >= row_blocks.MIN_BLOCK_ROWS
     assert row_blocks.block_rows(10, 10**6, 128, torch.float32) == 10
+
+
+def test_no_gradients_are_made_without_grad_mode(walk_spy):
+    x, w, y = make_problem(N, C, D, seed=9)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    with torch.no_grad():
+        with_no_grad = ak.margin_softmax_loss(x, w, y, backend="torch")
+    assert walk_spy == {"walks": 0, "backward": 0}
+    assert torch.equal(with_no_grad, ak.margin_softmax_loss(x.detach(), w.detach(), y, backend="torch"))

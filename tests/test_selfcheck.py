@@ -1,6 +1,8 @@
 """The self-check can fail: run on the CPU through the `torch` backend with a deliberately broken
 copy of it in the registry, it catches a straight-through dphi/dc and a dropped class split,
-two bugs the previous self-check (N = 37, C = 301 random rows) let pass at its bf16 bound 5e-2."""
+two bugs the previous self-check (N = 37, C = 301 random rows) let pass at its bf16 bound 5e-2.
+The broken copies have no forward with gradients (backends/row_blocks.py), so that the self-check
+runs the broken forward and backward; a broken forward with gradients is caught too."""
 
 import dataclasses
 
@@ -41,8 +43,8 @@ def dropped_split_forward(x, w, labels, options, norms):
 
 
 BUGS = {
-    "straight-through dphi/dc": dict(backward=straight_through_backward),
-    "dropped class split": dict(forward=dropped_split_forward),
+    "straight-through dphi/dc": dict(backward=straight_through_backward, forward_with_gradients=None),
+    "dropped class split": dict(forward=dropped_split_forward, forward_with_gradients=None),
 }
 
 
@@ -86,11 +88,21 @@ def test_rows_lie_near_their_class_centre():
     assert cos.min() >= selfcheck.TARGET_COS[0] - 1e-12 and cos.max() <= selfcheck.TARGET_COS[1] + 1e-12
 
 
-def test_catches_a_one_percent_error_in_dx(monkeypatch):
-    def off_by_one_percent(*args):
-        dx, dw = TORCH.backward(*args)
-        return dx * 1.01, dw
+def _dx_off_by_one_percent_in_backward(*args):
+    dx, dw = TORCH.backward(*args)
+    return dx * 1.01, dw
 
-    monkeypatch.setitem(registry._BACKENDS, "torch", dataclasses.replace(TORCH, backward=off_by_one_percent))
+
+def _dx_off_by_one_percent_in_forward(*args):
+    stats, loss, lse, gap, dx, dw = TORCH.forward_with_gradients(*args)
+    return stats, loss, lse, gap, dx * 1.01, dw
+
+
+@pytest.mark.parametrize("broken", [
+    dict(backward=_dx_off_by_one_percent_in_backward, forward_with_gradients=None),
+    dict(forward_with_gradients=_dx_off_by_one_percent_in_forward),
+], ids=["backward", "forward with gradients"])
+def test_catches_a_one_percent_error_in_dx(broken, monkeypatch):
+    monkeypatch.setitem(registry._BACKENDS, "torch", dataclasses.replace(TORCH, **broken))
     errors = selfcheck.errors("torch", "cpu", torch.float32)
     assert errors["dX"] > 5e-3 and errors["loss"] < 1e-6 and errors["dW"] < 1e-4
