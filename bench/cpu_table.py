@@ -1,5 +1,6 @@
-"""The CPU table: the `torch` backend against the four matmuls it cannot avoid and against what a
-CPU user would otherwise run, forward + backward (docs/backends/torch.md; issue 21's table).
+"""The CPU table: the `torch` backend against the four matmuls of a head that never stores N x C
+and against what a CPU user would otherwise run, forward + backward (docs/backends/torch.md;
+issue 21's table).
 
     python -m bench.cpu_table --quick                       # a smoke run: two small shapes, seconds
     python -m bench.cpu_table                               # every shape of the table, and C = 10M
@@ -19,7 +20,8 @@ wall time is mostly waiting to be scheduled):
 - ours m=0: the same at m2 = 0 (plain normalized softmax), what the cross-entropy peers compute.
 - floor: the four chunked matmuls of a head that never stores N x C (X W_c^T, its recompute,
   G W_c, G^T X; docs/design.md eq. (25)) on the same inputs, in chunks of the tile the `torch`
-  backend uses on a CPU (common.CPU_TILE_BYTES).
+  backend uses on a CPU (common.CPU_TILE_BYTES). Where the backend makes a "mean" loss's
+  gradients in forward (backends/row_blocks.py) it does three of them: ours may be below 1.
 - F.linear_cross_entropy (torch >= 2.14): torch's own fused linear + cross-entropy on
   pre-normalized inputs (s x^ and w^; normalization not timed, which flatters it): its default
   path (materializes N x C); its chunked path with automatic options (8-row batch chunks, each a
