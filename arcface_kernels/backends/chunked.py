@@ -348,7 +348,7 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
     del walk, xa, a_buffer
     b.mul_(row_factor[:, None])
     dx = torch.empty_like(b)
-    _project(b, x, projection_scale(norms.rx), dx)  # eq. (23)
+    tangent_project(b, x, projection_scale(norms.rx), dx)  # eq. (23)
     return dx, dw
 
 
@@ -380,7 +380,7 @@ def _probabilities(walk, p, start, stop, target_p, smooth, lse):
     flat_p[flat] = torch.where(inside, target_p, flat_p[flat])
 
 
-def _project(grad, v, v_proj, out):
+def tangent_project(grad, v, v_proj, out):
     """out = grad - v_proj (v . grad) v per row, rounded once into out's dtype (inf where it
     overflows): chunk_plan.project_rows with one temporary instead of three."""
     coef = (grad * v).sum(1).mul_(v_proj)

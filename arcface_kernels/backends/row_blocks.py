@@ -92,15 +92,8 @@ def forward_with_gradients(x, w, labels, options, norms, finish_rows, need_dx: b
         def tile(start, stop, count=count):
             return tile_buffer[count * start : count * stop].view(count, stop - start)
 
-        nt_max = torch.full((count,), -float("inf"), dtype=cdt)
-        nt_sum, target_z, logit_sum = (torch.zeros(count, dtype=cdt) for _ in range(3))
-        best_z, best_class = nt_max.clone(), torch.zeros(count, dtype=torch.int64)
-        for start, stop in chunks:  # phase 1: the tiles, kept
-            z = torch.mm(xs[rows], w[start:stop].T, out=tile(start, stop))
-            ops.forward_tile(z, block_labels, start, nt_max, nt_sum, best_z, best_class, target_z, logit_sum,
-                             smoothing, rw[start:stop])
-        stats = chunked.finish_forward(s, block_labels, options.at_rows(rows), nt_max, nt_sum, best_z, best_class,
-                                       target_z, logit_sum if smoothing else None)
+        running = _block_statistics(ops, xs[rows], w, rw, block_labels, chunks, tile, smoothing)
+        stats = chunked.finish_forward(s, block_labels, options.at_rows(rows), *running)
         loss, lse, gap, factor = finish_rows(stats, rows)
         blocks.append((stats, loss, lse, gap))
         target_p = factor.to(cdt) / s  # P_iy - [j = y] for g = 1 (chunked.backward's target_p)
@@ -119,12 +112,27 @@ def forward_with_gradients(x, w, labels, options, norms, finish_rows, need_dx: b
                     dw[start:stop].addmm_(p.T, xa[rows])
         if need_dx:  # eq. (23) with a = s rx on rows with a target
             b.mul_(torch.where(active[rows], norms.rx[rows] * s, 0.0).to(cdt)[:, None])
-            chunked._project(b, x[rows], projection_scale(norms.rx[rows]), dx[rows])
+            chunked.tangent_project(b, x[rows], projection_scale(norms.rx[rows]), dx[rows])
     if need_dw:  # eq. (24) on the summed A, in place (project_chunk's raw_w form)
         projected = (projection_factor(rw) > 0).to(cdt)
         ops.project_chunk(dw, w, rw, projected, dw, True)
     stats, loss, lse, gap = (_cat(parts) for parts in zip(*blocks))
     return stats, loss, lse, gap, dx, dw
+
+
+def _block_statistics(ops, xs_block, w, rw, labels, chunks, tile, smoothing):
+    """Phase 1 of a block: each chunk's tile Z_c = s cos (kept in `tile(start, stop)`) folded into
+    the block's running (non-target max, sum, best logit, its class, target logit, logit sum or
+    None without smoothing), chunked.finish_forward's arguments."""
+    count, cdt = xs_block.shape[0], xs_block.dtype
+    nt_max = torch.full((count,), -float("inf"), dtype=cdt)
+    nt_sum, target_z, logit_sum = (torch.zeros(count, dtype=cdt) for _ in range(3))
+    best_z, best_class = nt_max.clone(), torch.zeros(count, dtype=torch.int64)
+    for start, stop in chunks:
+        z = torch.mm(xs_block, w[start:stop].T, out=tile(start, stop))
+        ops.forward_tile(z, labels, start, nt_max, nt_sum, best_z, best_class, target_z, logit_sum, smoothing,
+                         rw[start:stop])
+    return nt_max, nt_sum, best_z, best_class, target_z, logit_sum if smoothing else None
 
 
 def _cat(parts):
