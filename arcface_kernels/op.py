@@ -20,6 +20,7 @@ weight is not held between forward and backward, at the cost of one more read of
 """
 
 import contextlib
+import math
 from typing import NamedTuple
 
 import torch
@@ -351,8 +352,7 @@ def _backward(ctx, grad_loss, *grad_reported):
         grad_loss = torch.zeros_like(lse)
     ignore_index = LossOptions.unflatten(ctx.settings[0], m1, m2, m3).ignore_index
     unit, ctx.unit_gradients = getattr(ctx, "unit_gradients", None), None  # a second backward recomputes
-    scaled = None if unit is None else _scaled_unit_gradients(unit, grad_loss, labels != ignore_index, embeddings,
-                                                              weight)
+    scaled = None if unit is None else _scaled_unit_gradients(unit, grad_loss, labels, ignore_index, embeddings)
     if scaled is not None:
         dx, dw = scaled
     else:
@@ -369,13 +369,20 @@ def _backward(ctx, grad_loss, *grad_reported):
     return (dx, dw, None, None, d_m2, d_m3, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 9)
 
 
-def _scaled_unit_gradients(unit: UnitGradients, grad_loss: Tensor, active: Tensor, embeddings: Tensor,
-                           weight: Tensor):
+def _scaled_unit_gradients(unit: UnitGradients, grad_loss: Tensor, labels: Tensor, ignore_index: int,
+                           embeddings: Tensor):
     """(dx, dw) from the gradients forward made (eager CPU calls), or None where the upstream
     gradient differs between rows with a target (then dw is not a multiple of the unit one: the
     caller runs the backward op). dx_i = g_i dx_unit_i; dw = g dw_unit, in place. A host read of
     g, on the CPU."""
-    g = torch.where(active, grad_loss, 0.0)  # the loss rows' dtype: the compute dtype, as unit's
+    low, high = (float(v) for v in torch.aminmax(grad_loss))  # the loss rows' dtype: the compute dtype, as unit's
+    if low == high and math.isfinite(low):
+        # one g on every row, what "mean" and "sum" send: a scalar (dx_unit is 0 on the rows
+        # without a target, where the general form multiplies by g_i = 0)
+        return (None if unit.dx is None else unit.dx.mul_(low).to(embeddings.dtype),
+                None if unit.dw is None else unit.dw.mul_(low))
+    active = labels != ignore_index
+    g = torch.where(active, grad_loss, 0.0)
     g_active = g[active]
     if unit.dw is not None and g_active.numel() and not bool((g_active == g_active[0]).all()):
         return None
