@@ -352,6 +352,8 @@ def _backward(ctx, grad_loss, *grad_reported):
         grad_loss = torch.zeros_like(lse)
     ignore_index = LossOptions.unflatten(ctx.settings[0], m1, m2, m3).ignore_index
     unit, ctx.unit_gradients = getattr(ctx, "unit_gradients", None), None  # a second backward recomputes
+    if torch.is_grad_enabled():  # create_graph=True: the backward op, whose own backward refuses by name
+        unit = None
     scaled = None if unit is None else _scaled_unit_gradients(unit, grad_loss, labels, ignore_index, embeddings)
     if scaled is not None:
         dx, dw = scaled
