@@ -5,8 +5,9 @@ phi(c) = cos(m1 * theta + m2) - m3 with theta = acos(c), plus the contract's rul
 past the point where cos(m1 * theta + m2) stops decreasing (fallback="threshold"), or AdaFace's
 clip of the angle into [eps, pi - eps] (fallback="clip"). Every backend uses these exact rules;
 the forward kernels copy phi (and its constants), while dphi/dc and the margins' own slopes
-dphi/dm2, dphi/dm3 are evaluated only here, once per row by the op (op.target_cosine_gradient,
-op.margin_gradients) and by the reference.
+dphi/dm2, dphi/dm3 are evaluated in Python only here, once per row by the op
+(op.target_cosine_gradient, op.margin_gradients) and by the reference; csrc/margin_math.cuh holds
+phi and dphi/dc for C++ (the CPU extension's row finish, op.finish_rows), checked against these.
 """
 
 import math

@@ -20,12 +20,13 @@ weight is not held between forward and backward, at the cost of one more read of
 """
 
 import contextlib
+import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .backends import PartialStats, RowNorms, common, get_backend
+from .backends import PartialStats, RowNorms, chunked, common, get_backend
 from .dtypes import compute_dtype
 from .margins import dphi_dcos, dphi_dmargins
 from .negatives import HardNegatives, coefficients, hard_negatives, target_cosines
@@ -180,12 +181,10 @@ def forward_with_gradients(x: Tensor, w: Tensor, labels: Tensor, active: Tensor,
     x_seen, rx, sx = common.overflow_safe_rows(x, dtype, sync_free=True, headroom=True)
     w_seen, rw, sw = common.overflow_safe_rows(w, dtype, sync_free=True)
 
-    def finish_rows(stats: PartialStats, rows: slice):
-        loss, lse, gap = finalize(stats, active[rows], options.label_smoothing, num_classes)
-        factor = target_cosine_gradient(gap, stats.target_cos, active[rows], options.at_rows(rows), num_classes)
-        return loss, lse, gap, factor
+    def finish_block(running: tuple, block_labels: Tensor, rows: slice):
+        return finish_rows(running, block_labels, active[rows], options.at_rows(rows), num_classes)
 
-    result = walk(x_seen, w_seen, labels, options, RowNorms(rx, rw), finish_rows, need_dx, need_dw)
+    result = walk(x_seen, w_seen, labels, options, RowNorms(rx, rw), finish_block, need_dx, need_dw)
     if result is None:
         return None
     stats, loss, lse, gap, dx, dw = result
@@ -195,6 +194,26 @@ def forward_with_gradients(x: Tensor, w: Tensor, labels: Tensor, active: Tensor,
     if dw is not None and sw is not None:
         dw.mul_(sw[:, None])
     return Forward(loss, stats, Saved(lse, gap, stats.target_cos, rx, rw, sx, sw)), UnitGradients(dx, dw)
+
+
+def finish_rows(running: tuple, labels: Tensor, active: Tensor, options: LossOptions, num_classes: int):
+    """(stats, loss, lse, gap, factor) of rows from a class walk's running statistics (nt_max,
+    nt_sum, best_z, best_class, target_z, nt_logit_sum or None without smoothing:
+    chunked.finish_forward's inputs): chunked.finish_forward, finalize and target_cosine_gradient per
+    unit upstream gradient. On float32 CPU rows with the CPU extension, one op of it
+    (csrc/cpu_epilogue.cpp, finish_rows: the same rules, margins.py's phi and dphi/dc in
+    csrc/margin_math.cuh) in place of about a hundred torch ops on (N,) vectors (docs/backends/torch.md,
+    "Fixed cost per call"); else those torch ops."""
+    nt_max, nt_sum, best_z, best_class, target_z, nt_logit_sum = running
+    if chunked.fused_epilogue(nt_max.device) and nt_max.dtype == torch.float32:
+        (*stats, loss, lse, gap, factor) = chunked._CPU_OPS.finish_rows(
+            nt_max, nt_sum, best_z, target_z, nt_logit_sum, labels, active, options.m1, options.m2, options.m3,
+            options.scale, options.easy_margin, options.clip, options.straight_through, options.label_smoothing,
+            num_classes)
+        return PartialStats(*stats[:6], best_class, stats[6]), loss, lse, gap, factor
+    stats = chunked.finish_forward(options.scale, labels, options, *running)
+    loss, lse, gap = finalize(stats, active, options.label_smoothing, num_classes)
+    return stats, loss, lse, gap, target_cosine_gradient(gap, stats.target_cos, active, options, num_classes)
 
 
 def _rows_seen(v: Tensor, scale: Tensor | None, headroom: bool):
@@ -333,9 +352,9 @@ def _backward(ctx, grad_loss, *grad_reported):
         grad_loss = torch.zeros_like(lse)
     ignore_index = LossOptions.unflatten(ctx.settings[0], m1, m2, m3).ignore_index
     unit, ctx.unit_gradients = getattr(ctx, "unit_gradients", None), None  # a second backward recomputes
-    # create_graph=True: the backward op, whose own backward refuses double backward by name
-    usable = unit is not None and not torch.is_grad_enabled()
-    scaled = _scaled_unit_gradients(unit, grad_loss, labels != ignore_index, embeddings) if usable else None
+    if torch.is_grad_enabled():  # create_graph=True: the backward op, whose own backward refuses by name
+        unit = None
+    scaled = None if unit is None else _scaled_unit_gradients(unit, grad_loss, labels, ignore_index, embeddings)
     if scaled is not None:
         dx, dw = scaled
     else:
@@ -352,12 +371,20 @@ def _backward(ctx, grad_loss, *grad_reported):
     return (dx, dw, None, None, d_m2, d_m3, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 9)
 
 
-def _scaled_unit_gradients(unit: UnitGradients, grad_loss: Tensor, active: Tensor, embeddings: Tensor):
+def _scaled_unit_gradients(unit: UnitGradients, grad_loss: Tensor, labels: Tensor, ignore_index: int,
+                           embeddings: Tensor):
     """(dx, dw) from the gradients forward made (eager CPU calls), or None where the upstream
     gradient differs between rows with a target (then dw is not a multiple of the unit one: the
     caller runs the backward op). dx_i = g_i dx_unit_i; dw = g dw_unit, in place. A host read of
     g, on the CPU."""
-    g = torch.where(active, grad_loss, 0.0)  # the loss rows' dtype: the compute dtype, as unit's
+    low, high = (float(v) for v in torch.aminmax(grad_loss))  # the loss rows' dtype: the compute dtype, as unit's
+    if low == high and math.isfinite(low):
+        # one g on every row, what "mean" and "sum" send: a scalar (dx_unit is 0 on the rows
+        # without a target, where the general form multiplies by g_i = 0)
+        return (None if unit.dx is None else unit.dx.mul_(low).to(embeddings.dtype),
+                None if unit.dw is None else unit.dw.mul_(low))
+    active = labels != ignore_index
+    g = torch.where(active, grad_loss, 0.0)
     g_active = g[active]
     if unit.dw is not None and g_active.numel() and not bool((g_active == g_active[0]).all()):
         return None

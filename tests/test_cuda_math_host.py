@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from arcface_kernels.margins import phi
+from arcface_kernels.margins import dphi_dcos, phi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CXX = shutil.which("g++") or shutil.which("c++")
@@ -104,6 +104,35 @@ def test_branch_points_are_covered():
             k = torch.floor((m1 * torch.acos(c.clamp(-1, 1)) + m2) / math.pi)
             assert (k == 0).any() and (k >= 1).any()
     assert len(_branch_cosines(4.0, 0.0)) == 4  # theta = k pi / 4, k = 1..4
+
+
+# dphi/dc's float32 evaluations differ by acosf's and sinf's rounding, amplified where the slope is
+# steep in the angle; over the grids below C++ and torch agree within 1e-5 (relative, at least 1),
+# within the float32 error of margins.dphi_dcos itself against float64 (up to 9e-5 near c = -1).
+SLOPE_TOL = 2e-5
+
+
+@pytest.mark.parametrize("m1", M1S)
+def test_dphi_dcos_matches_margins_py(harness, m1):
+    """dphi/dc of csrc/margin_math.cuh (the CPU extension's row finish) against margins.dphi_dcos:
+    every branch (sinc ratio below pi / 2, floored sin(theta) above, the m1 = 1 fallback past pi,
+    SphereFace's sign), easy_margin, straight_through and the clip rule."""
+    for m2 in M2S + (-0.3,):
+        for easy in (False, True):
+            for straight in (False, True):
+                for clip in (None, 1e-3, 0.05):
+                    if m2 < 0 and clip is None:
+                        continue  # a negative m2 is AdaFace's, under the clip rule
+                    c = _cosine_grid(m1, abs(m2))
+                    keep = ~_near_branch(c, m1, m2)
+                    flags = torch.tensor([m1, m2, float(easy), float(straight), float(clip is not None),
+                                          clip or 0.0]).expand(len(c), 6)
+                    out = harness(["slope"], torch.cat([c[:, None], flags], 1).numpy(), 1)[:, 0]
+                    ref = dphi_dcos(c, m1, m2, 0.0, easy, straight, clip)
+                    err = (out.double() - ref.double()).abs() / ref.double().abs().clamp_min(1.0)
+                    bad = keep & ~(err <= SLOPE_TOL)
+                    assert not bad.any(), (m2, easy, straight, clip, c[bad][:4].tolist(), out[bad][:4].tolist(),
+                                           ref[bad][:4].tolist())
 
 
 @pytest.mark.parametrize("easy", [False, True])

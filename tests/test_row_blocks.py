@@ -11,7 +11,9 @@ from float64_oracle import oracle
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import arcface_kernels as ak
+from arcface_kernels import op
 from arcface_kernels.backends import chunked, common, registry, row_blocks
+from arcface_kernels.options import LossOptions
 from bench.live_bytes import LiveBytes
 from helpers import TOL, make_problem, rel_err
 
@@ -96,6 +98,46 @@ def test_a_second_backward_recomputes(walk_spy):
         loss.backward()
     assert walk_spy == {"walks": 1, "backward": 1}
     assert rel_err(xg.grad, 2 * first[0]) <= 1e-5 and rel_err(wg.grad, 2 * first[1]) <= 1e-5
+
+
+def _running_rows(n, seed):
+    """A walk's running row statistics (op.finish_rows' input) at scale 64 with the edge rows: a
+    target at cos 1 and at cos -1, a row with no non-target class (max -inf, sum 0), no target,
+    a NaN logit."""
+    g = torch.Generator().manual_seed(seed)
+    nt_max = torch.randn(n, generator=g) * 20
+    nt_sum = torch.rand(n, generator=g) * 50 + 1
+    target_z = (torch.rand(n, generator=g) * 2 - 1) * 64
+    best_z = torch.maximum(nt_max, target_z)
+    labels = torch.randint(0, 100, (n,), generator=g)
+    target_z[:2] = torch.tensor([64.0, -64.0])
+    nt_max[2], nt_sum[2] = -float("inf"), 0.0
+    labels[3] = -1
+    target_z[4] = float("nan")
+    nt_logit_sum = torch.randn(n, generator=g) * 100
+    return (nt_max, nt_sum, best_z, torch.arange(n), target_z, nt_logit_sum), labels
+
+
+@pytest.mark.parametrize("settings", [
+    dict(), dict(m1=1.35, m2=0.0), dict(m3=0.2, easy_margin=True), dict(m2=-0.3, fallback="clip"),
+    dict(m2="per_row", margin_grad="straight_through"), dict(label_smoothing=0.1), dict(m1=4.0, m2=0.0, m3=0.1)])
+def test_fused_row_finish_matches_torch_ops(monkeypatch, settings):
+    """op.finish_rows' one op of the CPU extension (float32) against its torch ops: every
+    statistic, the loss, lse, gap and the target gradient factor, to float32 rounding."""
+    n = 48
+    running, labels = _running_rows(n, seed=len(str(settings)))
+    if settings.get("m2") == "per_row":
+        settings = {**settings, "m2": torch.linspace(0.0, 0.6, n)}
+    if not settings.get("label_smoothing"):
+        running = running[:5] + (None,)
+    options = LossOptions(scale=64.0, **settings).for_rows(n, torch.device("cpu"), torch.float32)
+    active = labels >= 0
+    fused = op.finish_rows(running, labels, active, options, 100)
+    monkeypatch.setattr(chunked, "_CPU_OPS", None)
+    ref = op.finish_rows(running, labels, active, options, 100)
+    names = ref[0]._fields + ("loss", "lse", "gap", "factor")
+    for name, a, b in zip(names, (*fused[0], *fused[1:]), (*ref[0], *ref[1:]), strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-5, equal_nan=True, msg=name)
 
 
 class GemmFlops(TorchDispatchMode):

@@ -11,7 +11,8 @@ reduction sends; op.forward_with_gradients / op._backward use it only then
 
     phase 1, per class chunk c:  Z_c = xs_b W_c^T, scaled to s cos by forward_tile (col_scale rw_c),
                                  folded into the block's running row statistics
-    finish_rows:                 the block's loss, lse, gap and target-gradient factor (the op's)
+    finish_rows:                 the block's statistics, loss, lse, gap and target-gradient factor
+                                 (the op's, op.finish_rows)
     phase 2, per class chunk c:  Z_c -> P_c diag(rw_c) in place (backward_tile, holds_logits)
                                  B_b += P_c diag(rw_c) W_c,  A_c += (P_c diag(rw_c))^T Xa_b
 
@@ -65,9 +66,10 @@ def eligible(x, w, options) -> bool:
 
 def forward_with_gradients(x, w, labels, options, norms, finish_rows, need_dx: bool, need_dw: bool):
     """(stats, loss, lse, gap, dx, dw) for operands x, w (the rows the op's norm pass saw), or None
-    where not eligible. finish_rows(stats, rows) -> (loss, lse, gap, factor) is the op's finalize
-    and target-gradient factor (op.target_cosine_gradient per unit gradient) on the rows `rows` (a
-    slice). dx (N x D), dw (C x D, w's dtype) are the gradients of sum_i loss_i over rows with a
+    where not eligible. finish_rows(running, labels, rows) -> (stats, loss, lse, gap, factor) is the
+    op's row finish (op.finish_rows: the margin, finalize and the target-gradient factor per unit
+    gradient) on the rows `rows` (a slice) from the walk's running statistics (chunked.finish_forward's
+    inputs) and their labels. dx (N x D), dw (C x D, w's dtype) are the gradients of sum_i loss_i over rows with a
     target, in the compute dtype; None where not asked for."""
     if not eligible(x, w, options):
         return None
@@ -93,8 +95,7 @@ def forward_with_gradients(x, w, labels, options, norms, finish_rows, need_dx: b
             return tile_buffer[count * start : count * stop].view(count, stop - start)
 
         running = _block_statistics(ops, xs[rows], w, rw, block_labels, chunks, tile, smoothing)
-        stats = chunked.finish_forward(s, block_labels, options.at_rows(rows), *running)
-        loss, lse, gap, factor = finish_rows(stats, rows)
+        stats, loss, lse, gap, factor = finish_rows(running, block_labels, rows)
         blocks.append((stats, loss, lse, gap))
         target_p = factor.to(cdt) / s  # P_iy - [j = y] for g = 1 (chunked.backward's target_p)
         lse_c = lse.to(cdt).contiguous()
@@ -136,6 +137,8 @@ def _block_statistics(ops, xs_block, w, rw, labels, chunks, tile, smoothing):
 
 
 def _cat(parts):
+    if len(parts) == 1:  # one block (every small problem): its own tensors
+        return parts[0]
     if isinstance(parts[0], PartialStats):
         return PartialStats(*(None if field[0] is None else torch.cat(field) for field in zip(*parts)))
     return torch.cat(parts)

@@ -3,6 +3,8 @@
 //
 //   math_harness margin               records (c, m1, m2, m3, easy) -> (phi)
 //   math_harness margin_clip          records (c, m1, m2, m3, easy, eps) -> (phi<true>, the clip rule)
+//   math_harness slope                records (c, m1, m2, easy, straight_through, clip, eps) -> (dphi_dcos,
+//                                     dphi_dcos<true> at eps where clip != 0)
 //   math_harness gradient             records (c, is_target, m1, m2, m3, lse, grad, target_dcos, scale,
 //                                     smoothing_per_class, easy) -> (z, dcos)
 //   math_harness nontarget CLIP       records (c, is_target, tau, a, b, e, m1, m2, m3, lse, grad, target_dcos,
@@ -90,6 +92,13 @@ int main(int argc, char** argv) {
   } else if (!std::strcmp(mode, "margin_clip")) {
     std::vector<float> r(6);
     while (read_record(r)) write({phi<true>(r[0], r[1], r[2], r[3], r[4] != 0.f, r[5])});
+  } else if (!std::strcmp(mode, "slope")) {
+    std::vector<float> r(7);
+    while (read_record(r)) {
+      const bool easy = r[3] != 0.f, straight = r[4] != 0.f;
+      write({r[5] != 0.f ? dphi_dcos<true>(r[0], r[1], r[2], easy, straight, r[6])
+                         : dphi_dcos(r[0], r[1], r[2], easy, straight)});
+    }
   } else if (!std::strcmp(mode, "gradient")) {
     std::vector<float> r(11);
     while (read_record(r)) {
