@@ -198,3 +198,11 @@ def test_no_gradients_are_made_without_grad_mode(walk_spy):
         with_no_grad = ak.margin_softmax_loss(x, w, y, backend="torch")
     assert walk_spy == {"walks": 0, "backward": 0}
     assert torch.equal(with_no_grad, ak.margin_softmax_loss(x.detach(), w.detach(), y, backend="torch"))
+
+
+def test_same_inputs_same_bits(walk_spy):
+    x, w, y = make_problem(N, C, D, seed=10, ignore=(4,))
+    with ak.workspace_budget(_budget_for_rows(64, N, C, D, 4)):
+        first, second = _grads(x, w, y, label_smoothing=0.1), _grads(x, w, y, label_smoothing=0.1)
+    assert walk_spy["walks"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
