@@ -126,6 +126,14 @@ def operands(v: Tensor, operand_dtype: torch.dtype) -> Tensor:
     return v if v.dtype == operand_dtype else v.to(operand_dtype)
 
 
+def _seen_rows(x: Tensor, w: Tensor):
+    """((x_seen, rx, sx), (w_seen, rw, sw)): the rows a backend sees and their inverse norms and
+    scales (common.overflow_safe_rows; the embeddings with headroom), for both forward walks."""
+    dtype = compute_dtype(x.dtype)
+    return (common.overflow_safe_rows(x, dtype, sync_free=True, headroom=True),
+            common.overflow_safe_rows(w, dtype, sync_free=True))
+
+
 def forward_stats(x: Tensor, w: Tensor, labels: Tensor, active: Tensor, options: LossOptions, backend: str,
                   num_classes: int, merge=None, merge_rows=None, update_t=None) -> Forward:
     """The forward of the op on operands x, w (one dtype): the overflow-safe rows, the backend's
@@ -136,9 +144,7 @@ def forward_stats(x: Tensor, w: Tensor, labels: Tensor, active: Tensor, options:
     the map's t moved from them (a running CurricularFace t, updated before use). The target
     gradient factor is backward's (backward_core): a forward that is not differentiated does not
     pay for dphi/dc."""
-    dtype = compute_dtype(x.dtype)
-    x_seen, rx, sx = common.overflow_safe_rows(x, dtype, sync_free=True, headroom=True)
-    w_seen, rw, sw = common.overflow_safe_rows(w, dtype, sync_free=True)
+    (x_seen, rx, sx), (w_seen, rw, sw) = _seen_rows(x, w)
     negatives = None
     if options.nontarget != "none":
         target_cos = target_cosines(x_seen, w_seen, labels, rx, rw, options.sub_centers)
@@ -177,9 +183,7 @@ def forward_with_gradients(x: Tensor, w: Tensor, labels: Tensor, active: Tensor,
     walk = get_backend(backend).forward_with_gradients
     if walk is None or options.nontarget != "none" or (need_dw and dw_dtype != w.dtype):
         return None
-    dtype = compute_dtype(x.dtype)
-    x_seen, rx, sx = common.overflow_safe_rows(x, dtype, sync_free=True, headroom=True)
-    w_seen, rw, sw = common.overflow_safe_rows(w, dtype, sync_free=True)
+    (x_seen, rx, sx), (w_seen, rw, sw) = _seen_rows(x, w)
 
     def finish_block(running: tuple, block_labels: Tensor, rows: slice):
         return finish_rows(running, block_labels, active[rows], options.at_rows(rows), num_classes)
@@ -350,11 +354,11 @@ def _backward(ctx, grad_loss, *grad_reported):
     embeddings, weight, labels, m1, m2, m3, lse, gap, target_cos, rx, rw, sx, sw, *nontarget = ctx.saved_tensors
     if grad_loss is None:
         grad_loss = torch.zeros_like(lse)
-    ignore_index = LossOptions.unflatten(ctx.settings[0], m1, m2, m3).ignore_index
+    opts = LossOptions.unflatten(ctx.settings[0], m1, m2, m3)
     unit, ctx.unit_gradients = getattr(ctx, "unit_gradients", None), None  # a second backward recomputes
     if torch.is_grad_enabled():  # create_graph=True: the backward op, whose own backward refuses by name
         unit = None
-    scaled = None if unit is None else _scaled_unit_gradients(unit, grad_loss, labels, ignore_index, embeddings)
+    scaled = None if unit is None else _scaled_unit_gradients(unit, grad_loss, labels, opts.ignore_index, embeddings)
     if scaled is not None:
         dx, dw = scaled
     else:
@@ -364,7 +368,6 @@ def _backward(ctx, grad_loss, *grad_reported):
                                     sx, sw, *ctx.settings, *epilogue)
     d_m2 = d_m3 = None
     if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:  # per-row margins that require grad (MagFace)
-        opts = LossOptions.unflatten(ctx.settings[0], m1, m2, m3)
         active = labels != opts.ignore_index
         grad_rows = torch.where(active, grad_loss.to(lse.dtype), 0.0)
         d_m2, d_m3 = margin_gradients(grad_rows, gap, target_cos, active, opts, weight.shape[0] // opts.sub_centers)

@@ -56,12 +56,13 @@ def block_rows(n_rows: int, n_classes: int, dim: int, dtype: torch.dtype) -> int
     return rows if fits and rows >= min(n_rows, MIN_BLOCK_ROWS) else 0
 
 
-def eligible(x, w, options) -> bool:
-    """Whether forward_with_gradients takes these operands (the module docstring's conditions)."""
+def eligible_rows(x, w, options) -> int:
+    """Rows per block where forward_with_gradients takes these operands (the module docstring's
+    conditions), else 0."""
     cdt = compute_dtype(x.dtype)
-    return (chunked.fused_epilogue(x.device) and options.sub_centers == 1 and options.negatives is None
-            and w.dtype == cdt and w.is_contiguous() and x.shape[0] > 0 and w.shape[0] > 0
-            and block_rows(x.shape[0], w.shape[0], x.shape[1], cdt) > 0)
+    takes = (chunked.fused_epilogue(x.device) and options.sub_centers == 1 and options.negatives is None
+             and w.dtype == cdt and w.is_contiguous() and x.shape[0] > 0 and w.shape[0] > 0)
+    return block_rows(x.shape[0], w.shape[0], x.shape[1], cdt) if takes else 0
 
 
 def forward_with_gradients(x, w, labels, options, norms, finish_rows, need_dx: bool, need_dw: bool):
@@ -71,7 +72,8 @@ def forward_with_gradients(x, w, labels, options, norms, finish_rows, need_dx: b
     gradient) on the rows `rows` (a slice) from the walk's running statistics (chunked.finish_forward's
     inputs) and their labels. dx (N x D), dw (C x D, w's dtype) are the gradients of sum_i loss_i over rows with a
     target, in the compute dtype; None where not asked for."""
-    if not eligible(x, w, options):
+    rows_per_block = eligible_rows(x, w, options)
+    if not rows_per_block:
         return None
     cdt, (n, dim), n_classes, s = compute_dtype(x.dtype), x.shape, w.shape[0], options.scale
     itemsize = torch.finfo(cdt).bits // 8
@@ -79,7 +81,6 @@ def forward_with_gradients(x, w, labels, options, norms, finish_rows, need_dx: b
     active = labels >= 0
     xs = torch.mul(x, (norms.rx * s).to(cdt)[:, None])
     xa = torch.where(active[:, None], xs, 0.0) if need_dw else None
-    rows_per_block = block_rows(n, n_classes, dim, cdt)
     width = max(1, min(n_classes, CHUNK_CLASSES, tile_classes(rows_per_block * itemsize, x.device)))
     tile_buffer = torch.empty(rows_per_block * n_classes, dtype=cdt)
     dx = torch.empty(n, dim, dtype=cdt) if need_dx else None
