@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 import arcface_kernels as ak
+from arcface_kernels.backends import chunked
 from arcface_kernels.backends.common import CPU_TILE_BYTES
 
 from .live_bytes import LiveBytes
@@ -73,26 +74,39 @@ AUTO_CHUNK_ROWS = 8
 AUTO_CHUNK_PASS_LIMIT = 4 * 2**30
 SPEC = dict(scale=64.0, m1=1.0, m2=0.5, m3=0.0)
 FLOOR = "floor (4 matmuls)"
+FLOOR_F32_OUT = "floor (4 matmuls, bfloat16 in, float32 out: bf16_gemm)"
 HAS_LCE = hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
 
 
-def floor_step(x, w):
-    """The four (N x chunk) matmuls per class chunk of x (N, D) and w (C, D), on preallocated buffers."""
+def floor_step(x, w, float32_out=False):
+    """The four (N x chunk) matmuls per class chunk of x (N, D) and w (C, D), on preallocated
+    buffers. float32_out (bfloat16 inputs): as the `torch` backend runs them on bfloat16 operands,
+    float32 accumulation and output (bf16_gemm, csrc/cpu_bf16_gemm.cpp), the G tile in bfloat16;
+    else torch.mm in the inputs' dtype (bfloat16 out for bfloat16 in)."""
     x, w = x.detach(), w.detach()
     (n, d), c = x.shape, w.shape[0]
-    chunk = max(1, min(c, CPU_TILE_BYTES // (n * x.element_size())))
-    tile = torch.empty(n, chunk, dtype=x.dtype)
-    b = torch.zeros(n, d, dtype=x.dtype)
-    a = torch.empty(chunk, d, dtype=x.dtype)
+    out_dtype = torch.float32 if float32_out else x.dtype
+    chunk = max(1, min(c, CPU_TILE_BYTES // (n * torch.tensor([], dtype=out_dtype).element_size())))
+    tile = torch.empty(n, chunk, dtype=out_dtype)
+    g = torch.randn(n, chunk).to(x.dtype)  # the backward's G tile (its values do not change the time)
+    b = torch.zeros(n, d, dtype=out_dtype)
+    a = torch.empty(chunk, d, dtype=out_dtype)
+    ops = torch.ops.arcface_kernels_cpu
 
     def run():
         for start in range(0, c, chunk):
             wc = w[start : start + chunk]
-            t = tile[:, : wc.shape[0]]
-            torch.mm(x, wc.T, out=t)       # forward
-            torch.mm(x, wc.T, out=t)       # recompute in backward
-            b.addmm_(t, wc)                # G W_c
-            torch.mm(t.T, x, out=a[: wc.shape[0]])  # G^T X
+            t, gc, ac = tile[:, : wc.shape[0]], g[:, : wc.shape[0]], a[: wc.shape[0]]
+            if float32_out:
+                ops.bf16_gemm(t, x, wc.T)      # forward
+                ops.bf16_gemm(t, x, wc.T)      # recompute in backward
+                ops.bf16_gemm(b, gc, wc, 1.0)  # B += G W_c
+                ops.bf16_gemm(ac, gc.T, x)     # A_c = G^T X
+            else:
+                torch.mm(x, wc.T, out=t)
+                torch.mm(x, wc.T, out=t)
+                b.addmm_(gc, wc)
+                torch.mm(gc.T, x, out=ac)
 
     return run
 
@@ -194,11 +208,13 @@ def measure(n, c, d, dtype, repeats, with_compile=True, names=None):
         impls = {name if k == best else k: _lce(batch_chunk_size=size) if k == best else f for k, f in impls.items()}
     calls = {name: (lambda f=f: _step(f, leaves[getattr(f, "prenormalized", False)], y)) for name, f in impls.items()}
     calls[FLOOR] = floor_step(*leaves[False])
+    if chunked.bf16_gemm(dtype):  # the GEMMs ours runs on bfloat16 operands: its own floor
+        calls[FLOOR_F32_OUT] = floor_step(*leaves[False], float32_out=True)
     compiled = {name for name, f in impls.items() if getattr(f, "compiled", False)}
     peaks = {}
     for name, call in list(calls.items()):  # warm-up (compiles), and drop what cannot run
         try:  # an eager call's warm-up is its memory probe too: one call fewer per implementation
-            if name == FLOOR or name in compiled:
+            if name in (FLOOR, FLOOR_F32_OUT) or name in compiled:
                 call()
             else:
                 peaks[name] = (_peak(call), getattr(impls[name], "opaque", False))

@@ -79,13 +79,16 @@ void specialized(bool mapped, const Rows& rows) {
 }  // namespace
 
 // Folds one chunk's tile z (N x chunk: the logits s cos of classes [first_class, first_class +
-// chunk), or with col_scale = rw_c the products xs . w_j; overwritten) into the running row
-// statistics (cpu_rows::forward_rows); with threshold and coeffs, the non-target epilogue on the way.
+// chunk), or with col_scale = rw_c the products xs . w_j, or with row_scale = s rx too the products
+// x . w_j of bfloat16 operands; overwritten) into the running row statistics
+// (cpu_rows::forward_rows); with threshold and coeffs, the non-target epilogue on the way.
 void forward_tile(at::Tensor& z, const at::Tensor& labels, int64_t first_class, at::Tensor& nt_max,
                   at::Tensor& nt_sum, at::Tensor& best_z, at::Tensor& best_class, at::Tensor& target_z,
                   at::Tensor& logit_sum, bool smoothing, const std::optional<at::Tensor>& col_scale,
-                  const std::optional<at::Tensor>& threshold, const std::optional<at::Tensor>& coeffs) {
+                  const std::optional<at::Tensor>& threshold, const std::optional<at::Tensor>& coeffs,
+                  const std::optional<at::Tensor>& row_scale) {
   check_tile(z, labels);
+  TORCH_CHECK(!row_scale.has_value() || col_scale.has_value(), "forward_tile: row_scale goes with col_scale");
   const int64_t n = z.size(0);
   for (const at::Tensor* v : {&nt_max, &nt_sum, &best_z, &target_z, &logit_sum}) {
     check_vector(*v, n, z.scalar_type(), "forward_tile's row statistics");
@@ -96,7 +99,8 @@ void forward_tile(at::Tensor& z, const at::Tensor& labels, int64_t first_class, 
                                    labels.data_ptr<int64_t>(), first_class,  z.size(1),
                                    nt_max.data_ptr(),    nt_sum.data_ptr(),          best_z.data_ptr(),
                                    target_z.data_ptr(),  logit_sum.data_ptr(),       best_class.data_ptr<int64_t>(),
-                                   smoothing,            hard_map(threshold, coeffs, n, z.scalar_type())};
+                                   smoothing,            hard_map(threshold, coeffs, n, z.scalar_type()),
+                                   optional_vector(row_scale, n, z.scalar_type(), "row_scale")};
   const bool avx2 = use_avx2();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "forward_tile", [&] {
     specialized(threshold.has_value(), [&](auto mapped) {
@@ -112,17 +116,20 @@ void forward_tile(at::Tensor& z, const at::Tensor& labels, int64_t first_class, 
 // target_p, in place; or, given col_scale = rw_c and lse, p holds xs . w_j (Z itself with
 // holds_logits: the tile forward_tile left) and becomes P diag(rw_c) (cpu_rows::backward_rows).
 // With threshold and coeffs, the non-target epilogue: p holds Z (or xs . w_j with col_scale), lse
-// is given, and the hard entries' P is multiplied by dh/dc.
+// is given, and the hard entries' P is multiplied by dh/dc. With row_scale = s rx (col_scale given,
+// plain path): p holds x . w_j of bfloat16 operands (forward_tile's row_scale).
 void backward_tile(at::Tensor& p, const at::Tensor& labels, int64_t first_class, const at::Tensor& target_p,
                    double smooth, const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& lse,
                    const std::optional<at::Tensor>& threshold, const std::optional<at::Tensor>& coeffs,
-                   bool holds_logits) {
+                   bool holds_logits, const std::optional<at::Tensor>& row_scale) {
   check_tile(p, labels);
   check_vector(target_p, p.size(0), p.scalar_type(), "target_p");
   TORCH_CHECK(lse.has_value() == (col_scale.has_value() || threshold.has_value()),
               "backward_tile: lse is given exactly with col_scale or threshold");
   TORCH_CHECK(!holds_logits || (col_scale.has_value() && !threshold.has_value()),
               "backward_tile: holds_logits goes with col_scale, on the plain path");
+  TORCH_CHECK(!row_scale.has_value() || (col_scale.has_value() && !threshold.has_value() && !holds_logits),
+              "backward_tile: row_scale goes with col_scale, on the plain path, on a tile of products");
   const cpu_rows::BackwardRows args{p.data_ptr(),
                                     labels.data_ptr<int64_t>(),
                                     first_class,
@@ -132,7 +139,8 @@ void backward_tile(at::Tensor& p, const at::Tensor& labels, int64_t first_class,
                                     optional_vector(col_scale, p.size(1), p.scalar_type(), "col_scale"),
                                     optional_vector(lse, p.size(0), p.scalar_type(), "lse"),
                                     hard_map(threshold, coeffs, p.size(0), p.scalar_type()),
-                                    holds_logits};
+                                    holds_logits,
+                                    optional_vector(row_scale, p.size(0), p.scalar_type(), "row_scale")};
   const bool avx2 = use_avx2();
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "backward_tile", [&] {
     specialized(threshold.has_value(), [&](auto mapped) {
@@ -145,27 +153,40 @@ void backward_tile(at::Tensor& p, const at::Tensor& labels, int64_t first_class,
 }
 
 // dW's rows `out` of one chunk from a = P^T Xa (scratch), ws = rw w, rw and the projection flags;
-// with raw_w, from a = A_c and the raw rows w (cpu_rows::project_rows). `out` may be `a` itself.
+// with raw_w, from a = A_c and the raw rows w, float32 or (bfloat16 operands) bfloat16 under a
+// float32 `a` (cpu_rows::project_rows). `out` may be `a` itself.
 void project_chunk(at::Tensor& a, const at::Tensor& ws, const at::Tensor& rw, const at::Tensor& projected,
                    at::Tensor& out, bool raw_w) {
+  const bool bf16_rows = raw_w && a.scalar_type() == at::kFloat && ws.scalar_type() == at::kBFloat16;
   TORCH_CHECK(a.device().is_cpu() && a.dim() == 2 && a.is_contiguous() && ws.is_contiguous() &&
-                  ws.sizes() == a.sizes() && ws.scalar_type() == a.scalar_type(),
-              "a, ws: contiguous CPU matrices of one shape and dtype");
+                  ws.sizes() == a.sizes() && (ws.scalar_type() == a.scalar_type() || bf16_rows),
+              "a, ws: contiguous CPU matrices of one shape and dtype (ws bfloat16 only with raw_w "
+              "under a float32 a)");
   TORCH_CHECK(out.is_contiguous() && out.sizes() == a.sizes(), "out: contiguous, of a's shape");
   check_vector(rw, a.size(0), a.scalar_type(), "rw");
   check_vector(projected, a.size(0), a.scalar_type(), "projected");
   const cpu_rows::ProjectRows args{a.data_ptr(),   ws.data_ptr(), rw.data_ptr(), projected.data_ptr(),
                                    out.data_ptr(), a.size(1),     raw_w};
   const bool avx2 = use_avx2();
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "project_chunk", [&] {
-    using T = scalar_t;
+  // W: ws's dtype (a's, or bfloat16 under float32); O: out's
+  const auto run = [&](auto t, auto w) {
+    using T = decltype(t);
+    using W = decltype(w);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "project_chunk_out", [&] {
       at::parallel_for(0, a.size(0), grain(args.dim), [&](int64_t begin, int64_t end) {
-        avx2 ? cpu_rows::avx2::project_rows<T, scalar_t>(args, begin, end)
-             : cpu_rows::baseline::project_rows<T, scalar_t>(args, begin, end);
+        avx2 ? cpu_rows::avx2::project_rows<T, W, scalar_t>(args, begin, end)
+             : cpu_rows::baseline::project_rows<T, W, scalar_t>(args, begin, end);
       });
     });
-  });
+  };
+  if (a.scalar_type() == at::kDouble) {
+    run(double{}, double{});
+  } else if (ws.scalar_type() == at::kBFloat16) {
+    run(float{}, c10::BFloat16{});
+  } else {
+    TORCH_CHECK(a.scalar_type() == at::kFloat, "project_chunk: a is float32 or float64");
+    run(float{}, float{});
+  }
 }
 
 namespace {
@@ -274,10 +295,10 @@ std::string vector_isa() { return use_avx2() ? "avx2" : "baseline"; }
 TORCH_LIBRARY(arcface_kernels_cpu, m) {
   m.def("forward_tile(Tensor(a!) z, Tensor labels, int first_class, Tensor(b!) nt_max, Tensor(c!) nt_sum, "
         "Tensor(d!) best_z, Tensor(e!) best_class, Tensor(f!) target_z, Tensor(g!) logit_sum, bool smoothing, "
-        "Tensor? col_scale=None, Tensor? threshold=None, Tensor? coeffs=None) -> ()");
+        "Tensor? col_scale=None, Tensor? threshold=None, Tensor? coeffs=None, Tensor? row_scale=None) -> ()");
   m.def("backward_tile(Tensor(a!) p, Tensor labels, int first_class, Tensor target_p, float smooth, "
         "Tensor? col_scale=None, Tensor? lse=None, Tensor? threshold=None, Tensor? coeffs=None, "
-        "bool holds_logits=False) -> ()");
+        "bool holds_logits=False, Tensor? row_scale=None) -> ()");
   m.def("project_chunk(Tensor(a!) a, Tensor ws, Tensor rw, Tensor projected, Tensor(b!) out, bool raw_w=False) -> ()");
   m.def("finish_rows(Tensor nt_max, Tensor nt_sum, Tensor best_z, Tensor target_z, Tensor? nt_logit_sum, "
         "Tensor labels, Tensor active, Tensor m1, Tensor m2, Tensor m3, float scale, bool easy_margin, "

@@ -27,6 +27,9 @@ struct ForwardRows {
   int64_t* best_class;
   bool smoothing;
   HardMap hard;
+  // nullptr, or per row (with col_scale): the tile holds the raw products x_i . w_j of bfloat16
+  // operands (bf16_gemm's output), scaled by row_scale_i = s rx_i and rw_j first
+  const void* row_scale = nullptr;
 };
 
 // A tile holding Z - lse, made P = exp(.) - smooth with each row's target entry set to target_p.
@@ -46,11 +49,14 @@ struct BackwardRows {
   const void* lse;
   HardMap hard;
   bool holds_logits;
+  // nullptr, or per row (with col_scale, on the plain path): the tile holds x_i . w_j of bfloat16
+  // operands, the logit being row_scale_i rw_j x_i . w_j (ForwardRows::row_scale)
+  const void* row_scale = nullptr;
 };
 
 // A chunk's class rows: a (rows x dim, scratch), ws, the inverse norms and projection flags, and
 // dW's rows `out` in dW's dtype (`out` may be `a` itself when the dtypes match). raw_w: `ws` holds
-// the raw rows w and a is already A_c.
+// the raw rows w and a is already A_c; ws may then be bfloat16 (project_rows' W).
 struct ProjectRows {
   void* a;
   const void* ws;
@@ -67,7 +73,7 @@ struct ProjectRows {
   void forward_rows(const ForwardRows& args, int64_t begin, int64_t end);   \
   template <typename T, bool Mapped>                                        \
   void backward_rows(const BackwardRows& args, int64_t begin, int64_t end); \
-  template <typename T, typename O>                                         \
+  template <typename T, typename W, typename O>                             \
   void project_rows(const ProjectRows& args, int64_t begin, int64_t end);   \
   bool vectorized_for_avx2();                                               \
   }

@@ -10,6 +10,8 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
+#include <vector>
 
 #include "cpu_epilogue.h"
 
@@ -91,24 +93,27 @@ T row_sum_exp(const T* row, int64_t n, T shift) {
   return total;
 }
 
-// row_j *= scale_j, in place.
+// row_j *= scale_j r, in place (r = 1: the tile holds xs . w_j; else bf16_gemm's x . w_j, r = s rx_i).
 template <typename T>
-void scale_columns(T* row, const T* scale, int64_t n) {
+void scale_columns(T* row, const T* scale, int64_t n, T r) {
   using Vec = at::vec::Vectorized<T>;
   const int64_t step = Vec::size();
+  const Vec vr(r);
   int64_t j = 0;
-  for (; j + step <= n; j += step) (Vec::loadu(row + j) * Vec::loadu(scale + j)).store(row + j);
-  for (; j < n; ++j) row[j] *= scale[j];
+  for (; j + step <= n; j += step) (Vec::loadu(row + j) * Vec::loadu(scale + j) * vr).store(row + j);
+  for (; j < n; ++j) row[j] = row[j] * scale[j] * r;
 }
 
-// row_j = (exp(row_j scale_j - shift) - smooth) scale_j, in place; ScaledAlready: the row holds
-// row_j scale_j already, row_j = (exp(row_j - shift) - smooth) scale_j.
+// row_j = (exp(row_j scale_j r - shift) - smooth) scale_j, in place (r as in scale_columns);
+// ScaledAlready: the row holds the logits already, row_j = (exp(row_j - shift) - smooth) scale_j.
 template <bool ScaledAlready, typename T>
-void scaled_exp_minus(T* row, const T* scale, int64_t n, T shift, T smooth) {
+void scaled_exp_minus(T* row, const T* scale, int64_t n, T shift, T smooth, T r) {
   using Vec = at::vec::Vectorized<T>;
   const int64_t step = Vec::size();
-  const Vec e(smooth), s(shift);
-  const auto p = [&](const Vec& r, const Vec& c) { return (((ScaledAlready ? r : r * c) - s).exp() - e) * c; };
+  const Vec e(smooth), s(shift), vr(r);
+  const auto p = [&](const Vec& z, const Vec& c) {
+    return (((ScaledAlready ? z : z * c * vr) - s).exp() - e) * c;
+  };
   int64_t j = 0;
   for (; j + step <= n; j += step) p(Vec::loadu(row + j), Vec::loadu(scale + j)).store(row + j);
   if (j < n) p(Vec::loadu(row + j, n - j), Vec::loadu(scale + j, n - j)).store(row + j, n - j);
@@ -189,7 +194,10 @@ void forward_rows(const ForwardRows& args, int64_t begin, int64_t end) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
   for (int64_t i = begin; i < end; ++i) {
     T* row = static_cast<T*>(args.tile) + i * width;
-    if (args.col_scale) scale_columns(row, static_cast<const T*>(args.col_scale), width);  // Z = s cos
+    if (args.col_scale) {  // Z = s cos
+      scale_columns(row, static_cast<const T*>(args.col_scale), width,
+                    args.row_scale ? static_cast<const T*>(args.row_scale)[i] : T(1));
+    }
     const int64_t t = args.labels[i] - args.first_class;
     const bool inside = t >= 0 && t < width;
     const T zy = inside ? row[t] : T(0);
@@ -230,8 +238,9 @@ void backward_rows(const BackwardRows& args, int64_t begin, int64_t end) {
                        static_cast<const T*>(args.hard.threshold)[i], static_cast<const T*>(args.hard.coeffs));
     } else if (scale) {
       const T lse = static_cast<const T*>(args.lse)[i];
-      args.holds_logits ? scaled_exp_minus<true>(row, scale, args.width, lse, eps)
-                        : scaled_exp_minus<false>(row, scale, args.width, lse, eps);
+      const T r = args.row_scale ? static_cast<const T*>(args.row_scale)[i] : T(1);
+      args.holds_logits ? scaled_exp_minus<true>(row, scale, args.width, lse, eps, r)
+                        : scaled_exp_minus<false>(row, scale, args.width, lse, eps, r);
     } else {
       exp_minus(row, args.width, eps);
     }
@@ -242,15 +251,24 @@ void backward_rows(const BackwardRows& args, int64_t begin, int64_t end) {
 
 // dW of a chunk's class rows (eq. (24) with ws = rw w): a_j <- rw_j a_j (in place), out_j = a_j -
 // projected_j (ws_j . a_j) ws_j, rounded once from T into O. With raw_w (ws = w, a = A_c already):
-// out_j = a_j - projected_j rw_j^2 (w_j . a_j) w_j, the same quantity.
-template <typename T, typename O>
+// out_j = a_j - projected_j rw_j^2 (w_j . a_j) w_j, the same quantity; ws of dtype W (bfloat16
+// operands' raw rows: each row is widened into T first).
+template <typename T, typename W, typename O>
 void project_rows(const ProjectRows& args, int64_t begin, int64_t end) {
   using Vec = at::vec::Vectorized<T>;
   const int64_t step = Vec::size(), dim = args.dim;
   const T *r = static_cast<const T*>(args.rw), *proj = static_cast<const T*>(args.projected);
+  std::vector<T> widened(std::is_same_v<W, T> ? 0 : dim);
   for (int64_t i = begin; i < end; ++i) {
     T* ai = static_cast<T*>(args.a) + i * dim;
-    const T* wi = static_cast<const T*>(args.ws) + i * dim;
+    const W* w_row = static_cast<const W*>(args.ws) + i * dim;
+    const T* wi;
+    if constexpr (std::is_same_v<W, T>) {
+      wi = w_row;
+    } else {
+      at::vec::convert(w_row, widened.data(), dim);
+      wi = widened.data();
+    }
     const Vec ri(args.raw_w ? T(1) : r[i]);
     Vec acc(T(0));
     int64_t j = 0;
@@ -273,11 +291,11 @@ void project_rows(const ProjectRows& args, int64_t begin, int64_t end) {
   }
 }
 
-#define ARCFACE_INSTANTIATE_PROJECT(T)                                                     \
-  template void project_rows<T, float>(const ProjectRows&, int64_t, int64_t);          \
-  template void project_rows<T, double>(const ProjectRows&, int64_t, int64_t);         \
-  template void project_rows<T, c10::Half>(const ProjectRows&, int64_t, int64_t);      \
-  template void project_rows<T, c10::BFloat16>(const ProjectRows&, int64_t, int64_t);
+#define ARCFACE_INSTANTIATE_PROJECT(T, W)                                                      \
+  template void project_rows<T, W, float>(const ProjectRows&, int64_t, int64_t);          \
+  template void project_rows<T, W, double>(const ProjectRows&, int64_t, int64_t);         \
+  template void project_rows<T, W, c10::Half>(const ProjectRows&, int64_t, int64_t);      \
+  template void project_rows<T, W, c10::BFloat16>(const ProjectRows&, int64_t, int64_t);
 
 bool vectorized_for_avx2() {
 #ifdef CPU_CAPABILITY_AVX2
@@ -295,8 +313,9 @@ ARCFACE_INSTANTIATE_ROWS(double, false)
 ARCFACE_INSTANTIATE_ROWS(float, true)
 ARCFACE_INSTANTIATE_ROWS(double, true)
 #undef ARCFACE_INSTANTIATE_ROWS
-ARCFACE_INSTANTIATE_PROJECT(float)
-ARCFACE_INSTANTIATE_PROJECT(double)
+ARCFACE_INSTANTIATE_PROJECT(float, float)
+ARCFACE_INSTANTIATE_PROJECT(float, c10::BFloat16)
+ARCFACE_INSTANTIATE_PROJECT(double, double)
 #undef ARCFACE_INSTANTIATE_PROJECT
 
 }  // namespace arcface_kernels::cpu_rows::ARCFACE_CPU_ISA

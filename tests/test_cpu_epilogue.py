@@ -50,7 +50,7 @@ def test_fused_path_is_taken_on_a_cpu(monkeypatch):
     class Counting:
         def __getattr__(self, name):
             op = getattr(torch.ops.arcface_kernels_cpu, name)
-            return lambda *args: calls.append(name) or op(*args)
+            return lambda *args, **kwargs: calls.append(name) or op(*args, **kwargs)
 
     monkeypatch.setattr(chunked, "_CPU_OPS", Counting())
     x, w, y = make_problem(6, 20, 8, seed=2)

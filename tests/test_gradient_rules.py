@@ -14,6 +14,7 @@ from float64_oracle import oracle
 
 import arcface_kernels as ak
 from arcface_kernels import op
+from arcface_kernels.backends import chunked
 from arcface_kernels.backends.reference import reference_loss
 from arcface_kernels.dtypes import compute_dtype
 from conftest import DEVICE
@@ -43,8 +44,10 @@ def test_float32_master_weight_gets_its_float32_gradient(dtype, any_backend):
     assert rel_err(loss.detach().cpu(), want[0]) < 1e-5
     assert rel_err(x.grad.cpu(), want[1]) <= TOL[dtype]  # rounded once into float16 / bfloat16
     # float32 arithmetic on the rounded operands: float32's precision, not the operand dtype's,
-    # except where the gradient tile itself is bfloat16 (chunk_plan.gradient_dtype)
-    tiles_in_bf16 = dtype == torch.bfloat16 and any_backend in ("triton", "cuda")
+    # except where the gradient tile itself is bfloat16 (chunk_plan.gradient_dtype; on the CPU
+    # where the `torch` walk runs bfloat16 GEMMs, chunked.bf16_gemm)
+    tiles_in_bf16 = dtype == torch.bfloat16 and (any_backend in ("triton", "cuda") or (
+        any_backend == "torch" and DEVICE.type == "cpu" and chunked.bf16_gemm(dtype)))
     assert rel_err(w.grad.cpu(), want[2]) <= (TOL[dtype] if tiles_in_bf16 else 1e-5)
 
 

@@ -41,6 +41,7 @@ import torch
 
 from ..dtypes import compute_dtype
 from ..margins import phi
+from .chunk_plan import gradient_dtype
 from .common import classes_per_chunk, projection_factor, projection_scale, tile_classes
 from .contract import PartialStats
 
@@ -53,10 +54,19 @@ def _find_cpu_ops():
     except ImportError:
         return None
     ops = torch.ops.arcface_kernels_cpu
-    return ops if hasattr(ops, "forward_tile") and hasattr(ops, "finish_rows") else None
+    return ops if all(hasattr(ops, op) for op in ("forward_tile", "finish_rows", "bf16_gemm")) else None
 
 
 _CPU_OPS = _find_cpu_ops()
+
+
+def bf16_gemm(dtype) -> bool:
+    """Does the CPU walk run its GEMMs on operands of `dtype` as given, accumulating in float32?
+    Where the gradient tile G is bfloat16 (chunk_plan.gradient_dtype: bfloat16 inputs, as on a
+    GPU) and torch carries oneMKL's bfloat16 GEMM (csrc/cpu_bf16_gemm.cpp). Else the walk computes
+    on float32 copies of each class chunk (float16 inputs too: a float16 G would flush small
+    probabilities, and gradient_dtype keeps float32 G for them)."""
+    return (gradient_dtype(dtype) == torch.bfloat16 and _CPU_OPS is not None and _CPU_OPS.has_bf16_gemm())
 
 
 def fused_epilogue(device) -> bool:
@@ -70,18 +80,20 @@ def fused_epilogue(device) -> bool:
 _ARGMAX_COPY_FRACTION = 8
 
 
-def chunk_classes(n_rows, sub_centers, dim, dtype, device=None, mapped_in_torch=False):
+def chunk_classes(n_rows, sub_centers, dim, dtype, device=None, mapped_in_torch=False, bf16_operands=False):
     """Classes per chunk so that everything a chunk allocates fits in the workspace budget: the
     (N x chunk * K) tile buffer and a copy of an eighth of its rows (the top-1's argmax), with
     sub-centers also the per-class max and its int64 index, and three (chunk * K x D) blocks (the
     scaled class rows, their gradient and a temporary); with mapped_in_torch (the non-target
     epilogue in torch ops, _map_hard / _map_hard_slope) two more N x chunk tiles and a bool
-    mask. The N x D operands and accumulators (xs, Xa, B) come out of the budget first. On a CPU
-    the tile is also kept within common.CPU_TILE_BYTES (common.tile_classes)."""
+    mask; with bf16_operands the backward's G tile in bfloat16 (2 bytes an entry). The
+    N x D operands and accumulators (xs, Xa, B) come out of the budget first. On a CPU the tile is
+    also kept within common.CPU_TILE_BYTES (common.tile_classes)."""
     itemsize = torch.finfo(dtype).bits // 8
     k, n = sub_centers, max(n_rows, 1)
     per_class = (n * k * itemsize + n * itemsize // _ARGMAX_COPY_FRACTION + (n * (itemsize + 8) if k > 1 else 0)
-                 + 3 * k * dim * itemsize + (n * (2 * itemsize + 1) if mapped_in_torch else 0))
+                 + 3 * k * dim * itemsize + (n * (2 * itemsize + 1) if mapped_in_torch else 0)
+                 + (2 * n if bf16_operands else 0))
     fixed = 3 * n * dim * itemsize
     budget_classes = classes_per_chunk(per_class, reserved=fixed)
     return max(1, min(budget_classes, tile_classes(n * k * itemsize, device)))
@@ -112,17 +124,24 @@ class _Walk:
         self.n_classes = w.shape[0] // self.k
         self.w, self.rw = w, norms.rw
         self.s = options.scale
-        # the scale and the row norms folded into the GEMM's left operand (one N x D pass)
-        self.xs = torch.mul(x, (norms.rx * self.s).to(cdt)[:, None])
         self.fused = fused_epilogue(x.device)
         self.hard_map = _hard_map(options.negatives, self.s, cdt)
+        # bfloat16 operands: the GEMMs read x and W_c as given and accumulate in float32
+        # (bf16_gemm); the epilogue applies s rx per row and rw per column
+        self.bf16 = (self.fused and self.k == 1 and self.hard_map is None and w.dtype == x.dtype
+                     and w.is_contiguous() and bf16_gemm(x.dtype))
+        # else the scale and the row norms folded into the GEMM's left operand (one N x D pass)
+        self.row_scale = (norms.rx * self.s).to(cdt) if self.bf16 else None
+        self.xs = x if self.bf16 else torch.mul(x, (norms.rx * self.s).to(cdt)[:, None])
         self.step = chunk_classes(self.n, self.k, self.dim, cdt, x.device,
-                                  mapped_in_torch=self.hard_map is not None and not self.fused)
+                                  mapped_in_torch=self.hard_map is not None and not self.fused,
+                                  bf16_operands=self.bf16)
         width = min(self.step, max(self.n_classes, 1)) * self.k
         self.tile_buffer = torch.empty(self.n * width, dtype=cdt, device=x.device)
-        # the fused epilogue on rows already in the compute dtype, without sub-centres, reads W_c
-        # itself and applies rw per column in its sweeps: no ws copy (docs/backends/torch.md)
-        self.raw_w = self.fused and self.k == 1 and w.dtype == cdt and w.is_contiguous()
+        # the fused epilogue on rows already in the compute dtype (or bfloat16 operands), without
+        # sub-centres, reads W_c itself and applies rw per column in its sweeps: no ws copy
+        # (docs/backends/torch.md)
+        self.raw_w = self.bf16 or (self.fused and self.k == 1 and w.dtype == cdt and w.is_contiguous())
         self.w_buffer = None if self.raw_w else torch.empty(width * self.dim, dtype=cdt, device=x.device)
         self.width = width
         self.labels = labels
@@ -143,6 +162,16 @@ class _Walk:
 
     def tile(self, width):
         return self.tile_buffer[: self.n * width].view(self.n, width)
+
+    def product(self, out, a, b, accumulate=False):
+        """out = a @ b (+ out with accumulate), float32 accumulation: bf16_gemm on bfloat16 operands."""
+        if self.bf16:
+            _CPU_OPS.bf16_gemm(out, a, b, 1.0 if accumulate else 0.0)
+        elif accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+        return out
 
     def targets(self, start, stop):
         """(inside, flat index of each row's target entry in an (N x classes) tile, 0 where outside)."""
@@ -206,11 +235,13 @@ def _fused_forward_chunks(walk, labels, smoothing):
     best_class = torch.zeros(n, dtype=torch.int64)
     for start, stop in walk.chunks():
         ws, _, rows = walk.scaled_rows(start, stop)
-        z = torch.mm(walk.xs, ws.T, out=walk.tile(ws.shape[0]))  # with raw_w: xs . w_j, scaled by the op
+        # with raw_w: xs . w_j (with bfloat16 operands x . w_j), scaled by the op
+        z = walk.product(walk.tile(ws.shape[0]), walk.xs, ws.T)
         if k > 1:
             z = z.view(n, stop - start, k).amax(dim=2)  # eq. (8), as in _torch_forward_chunks
         _CPU_OPS.forward_tile(z, labels, start, nt_max, nt_sum, best_z, best_class, target_z, nt_logit_sum,
-                              smoothing, walk.rw[rows] if walk.raw_w else None, *(walk.hard_map or ()))
+                              smoothing, walk.rw[rows] if walk.raw_w else None, *(walk.hard_map or ()),
+                              row_scale=walk.row_scale)
     return nt_max, nt_sum, best_z, best_class, target_z, nt_logit_sum
 
 
@@ -308,8 +339,9 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
     cdt, n, k, s = walk.cdt, walk.n, walk.k, walk.s
     g = grad_rows.to(cdt)
     smooth = options.label_smoothing / num_classes
-    row_factor = (s * g) * norms.rx  # a = s g rx: G = diag(a) P diag(rw)
-    xa = torch.mul(x, row_factor[:, None].to(cdt))
+    row_factor = ((s * g) * norms.rx).to(cdt)  # a = s g rx: G = diag(a) P diag(rw)
+    # Xa = a X; with bfloat16 operands G itself carries a (its rows scaled as it is rounded) and A_c reads X
+    xa = x if walk.bf16 else torch.mul(x, row_factor[:, None])
     lse = lse.to(cdt).contiguous()
     # Z - lse from the GEMM (addmm); the non-target epilogue maps Z itself, lse applied after the map
     bias = None if walk.hard_map is not None else -lse[:, None]
@@ -319,13 +351,15 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
     b = torch.zeros(n, walk.dim, dtype=cdt, device=x.device)
     dw = torch.empty(w.shape, dtype=dw_dtype, device=w.device)
     a_buffer = torch.empty(walk.width * walk.dim, dtype=cdt, device=x.device)
+    g_buffer = torch.empty(n * walk.width, dtype=x.dtype, device=x.device) if walk.bf16 else None
     fused, raw_w = walk.fused, walk.raw_w
     for start, stop in walk.chunks():
         ws, w_rows, rows = walk.scaled_rows(start, stop)
         width = ws.shape[0]
-        if raw_w:  # p = xs . w_j; the op makes it P diag(rw), so that the GEMMs below read W_c itself
-            p = torch.mm(walk.xs, ws.T, out=walk.tile(width))
-            _CPU_OPS.backward_tile(p, labels, start, target_p, smooth, walk.rw[rows], lse, *(walk.hard_map or ()))
+        if raw_w:  # p = xs . w_j (x . w_j); the op makes it P diag(rw), so that the GEMMs below read W_c itself
+            p = walk.product(walk.tile(width), walk.xs, ws.T)
+            _CPU_OPS.backward_tile(p, labels, start, target_p, smooth, walk.rw[rows], lse, *(walk.hard_map or ()),
+                                   row_scale=walk.row_scale)
         elif k == 1:
             p = _logits(walk, ws, bias)
             _probabilities(walk, p, start, stop, target_p, smooth, lse)
@@ -335,8 +369,10 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
             _probabilities(walk, best, start, stop, target_p, smooth, lse)
             p.zero_().view(n, stop - start, k).scatter_(2, pick[:, :, None], best[:, :, None])
             del best, pick  # freed before the next chunk's
-        b.addmm_(p, ws)
-        a = torch.mm(p.T, xa, out=a_buffer[: width * walk.dim].view(width, walk.dim))
+        if walk.bf16:  # G = diag(a) P diag(rw), rounded once into bfloat16 (as a GPU's G tile)
+            p = torch.mul(p, row_factor[:, None], out=g_buffer[: n * width].view(n, width))
+        walk.product(b, p, ws, accumulate=True)
+        a = walk.product(a_buffer[: width * walk.dim].view(width, walk.dim), p.T, xa)
         # eq. (24) with ws = rw w: pw (w . A) w = [pw > 0] (ws . A) ws, rounded once into dw_dtype
         # (with raw_w: = [pw > 0] rw^2 (w . A) w, A = P diag(rw)^T Xa)
         if fused:
@@ -345,8 +381,9 @@ def backward(grad_rows, x, w, labels, lse, target_dcos, options, num_classes, no
         a.mul_(walk.rw[rows][:, None])
         coef = torch.linalg.vecdot(a, ws, dim=1).mul_(projected[rows])
         torch.sub(a, ws.mul_(coef[:, None]), out=dw[rows])  # ws is spent: the next chunk rewrites it
-    del walk, xa, a_buffer
-    b.mul_(row_factor[:, None])
+    if not walk.bf16:
+        b.mul_(row_factor[:, None])
+    del walk, xa, a_buffer, g_buffer
     dx = torch.empty_like(b)
     tangent_project(b, x, projection_scale(norms.rx), dx)  # eq. (23)
     return dx, dw
