@@ -21,7 +21,10 @@ wall time is mostly waiting to be scheduled):
 - floor: the four chunked matmuls of a head that never stores N x C (X W_c^T, its recompute,
   G W_c, G^T X; docs/design.md eq. (25)) on the same inputs, in chunks of the tile the `torch`
   backend uses on a CPU (common.CPU_TILE_BYTES). Where the backend makes a "mean" loss's
-  gradients in forward (backends/row_blocks.py) it does three of them: ours may be below 1.
+  gradients in forward (backends/row_blocks.py) it does three of them: ours may be below 1. For
+  bfloat16 inputs, where the backend runs bf16_gemm (float32 accumulation and output), the same
+  four bf16_gemm calls: a bfloat16 torch.mm (bfloat16 out) is slower here (AVX2: 14 GFLOP/s,
+  71-83 s per step at (256, 100k, 512)) and not what a float32-accurate head can use.
 - F.linear_cross_entropy (torch >= 2.14): torch's own fused linear + cross-entropy on
   pre-normalized inputs (s x^ and w^; normalization not timed, which flatters it): its default
   path (materializes N x C); its chunked path with automatic options (8-row batch chunks, each a
@@ -74,7 +77,6 @@ AUTO_CHUNK_ROWS = 8
 AUTO_CHUNK_PASS_LIMIT = 4 * 2**30
 SPEC = dict(scale=64.0, m1=1.0, m2=0.5, m3=0.0)
 FLOOR = "floor (4 matmuls)"
-FLOOR_F32_OUT = "floor (4 matmuls, bfloat16 in, float32 out: bf16_gemm)"
 HAS_LCE = hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
 
 
@@ -207,14 +209,12 @@ def measure(n, c, d, dtype, repeats, with_compile=True, names=None):
         name = f"F.linear_cross_entropy chunked (batch_chunk_size={size}, best of {', '.join(map(str, sizes))})"
         impls = {name if k == best else k: _lce(batch_chunk_size=size) if k == best else f for k, f in impls.items()}
     calls = {name: (lambda f=f: _step(f, leaves[getattr(f, "prenormalized", False)], y)) for name, f in impls.items()}
-    calls[FLOOR] = floor_step(*leaves[False])
-    if chunked.bf16_gemm(dtype):  # the GEMMs ours runs on bfloat16 operands: its own floor
-        calls[FLOOR_F32_OUT] = floor_step(*leaves[False], float32_out=True)
+    calls[FLOOR] = floor_step(*leaves[False], float32_out=chunked.bf16_gemm(dtype))
     compiled = {name for name, f in impls.items() if getattr(f, "compiled", False)}
     peaks = {}
     for name, call in list(calls.items()):  # warm-up (compiles), and drop what cannot run
         try:  # an eager call's warm-up is its memory probe too: one call fewer per implementation
-            if name in (FLOOR, FLOOR_F32_OUT) or name in compiled:
+            if name == FLOOR or name in compiled:
                 call()
             else:
                 peaks[name] = (_peak(call), getattr(impls[name], "opaque", False))
@@ -248,7 +248,7 @@ def huge_entry(repeats, dtype=torch.float32):
     n, c, d = HUGE
     leaves, y = _inputs(n, c, d, dtype, prenormalized=False)
     raw = leaves[False]
-    calls = {"ours": lambda: _step(_ours(0.5), raw, y), FLOOR: floor_step(*raw)}
+    calls = {"ours": lambda: _step(_ours(0.5), raw, y), FLOOR: floor_step(*raw, float32_out=chunked.bf16_gemm(dtype))}
     for call in calls.values():
         call()
     return _interleaved(calls, repeats), _peak(calls["ours"])

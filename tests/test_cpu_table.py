@@ -55,3 +55,19 @@ def test_main_appends_the_table(tmp_path):
     text = out.read_text()
     assert text.startswith("Machine: ") and "### (N, C, D) = (8, 20, 4), float32" in text
     assert "| ours | " in text and f"| {cpu_table.FLOOR} | " in text and "10,000,000" not in text
+
+
+@pytest.mark.skipif(not cpu_table.chunked.bf16_gemm(torch.bfloat16), reason="no bf16_gemm here")
+def test_bfloat16_floor_runs_the_gemms_ours_runs(monkeypatch):
+    calls = []
+    ops = torch.ops.arcface_kernels_cpu
+
+    class Counting:
+        def __getattr__(self, name):
+            return lambda *args: calls.append(name) or getattr(ops, name)(*args)
+
+    monkeypatch.setattr(torch.ops, "arcface_kernels_cpu", Counting())
+    x, w = torch.randn(4, 8).bfloat16(), torch.randn(30, 8).bfloat16()
+    monkeypatch.setattr(cpu_table, "CPU_TILE_BYTES", 4 * 4 * 10)  # chunks of 10 float32 columns
+    cpu_table.floor_step(x, w, float32_out=True)()
+    assert calls == ["bf16_gemm"] * 12  # four per chunk, three chunks
