@@ -24,7 +24,7 @@ wall time is mostly waiting to be scheduled):
   gradients in forward (backends/row_blocks.py) it does three of them: ours may be below 1. For
   bfloat16 inputs, where the backend runs bf16_gemm (float32 accumulation and output), the same
   four bf16_gemm calls: a bfloat16 torch.mm (bfloat16 out) is slower here (AVX2: 14 GFLOP/s,
-  71-83 s per step at (256, 100k, 512)) and not what a float32-accurate head can use.
+  67-83 s per step at (256, 100k, 512)) and not what a float32-accurate head can use.
 - F.linear_cross_entropy (torch >= 2.14): torch's own fused linear + cross-entropy on
   pre-normalized inputs (s x^ and w^; normalization not timed, which flatters it): its default
   path (materializes N x C); its chunked path with automatic options (8-row batch chunks, each a
