@@ -12,7 +12,9 @@ The scalings are folded into the GEMM operands rather than applied to the tiles:
     Z  = xs ws^T             = s cos, the tile (the target column patched in place)
 
 (On a CPU with the fused epilogue, float32/float64 rows and K = 1: no ws; the GEMMs read W_c and
-the epilogue applies rw per column, `_Walk.raw_w`.)
+the epilogue applies rw per column, `_Walk.raw_w`. bfloat16 rows there, with oneMKL's bfloat16 GEMM:
+no xs either; float32 accumulation of x . w_j, the epilogue applies s rx per row too, and backward
+rounds G = diag(a) P diag(rw) once into bfloat16 for its two GEMMs, `_Walk.bf16`.)
 
 Forward, per tile: the target column is read and set to -inf (O(N)), then a row max, one
 exp pass and a row sum give the online log-sum-exp of the non-target logits (eq. (10)); the
