@@ -53,7 +53,7 @@ def _find_cpu_ops():
     except ImportError:
         return None
     ops = torch.ops.arcface_kernels_cpu
-    return ops if hasattr(ops, "forward_tile") and hasattr(ops, "finish_rows") else None
+    return ops if hasattr(ops, "forward_tile") and hasattr(ops, "row_block_walk") else None
 
 
 _CPU_OPS = _find_cpu_ops()
