@@ -397,6 +397,9 @@ class _EagerForward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
+        # only the loss rows are differentiated: autograd need not fill the nine reported outputs'
+        # gradients with zeros (_backward takes None for each, the loss's included)
+        ctx.set_materialize_grads(False)
         # with gradients to come, the backend may make them now from the same tiles (3 GEMMs, not 4)
         output, ctx.unit_gradients = _forward_outputs(*inputs, need_dx=ctx.needs_input_grad[0],
                                                       need_dw=ctx.needs_input_grad[1])
