@@ -221,3 +221,21 @@ def test_same_inputs_same_bits(walk_spy):
         first, second = _grads(x, w, y, label_smoothing=0.1), _grads(x, w, y, label_smoothing=0.1)
     assert walk_spy["walks"] == 2
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_same_bits_on_one_and_two_threads(walk_spy, monkeypatch):
+    """The walk's row kernels split rows over threads (one chunk of 1,000 classes: 32 rows per
+    task, at::internal::GRAIN_SIZE / 1,000), each row reduced by one thread in a fixed order: the
+    thread count changes no bit."""
+    monkeypatch.setattr(common, "CPU_TILE_BYTES", 16 * 2**20)  # walk_spy's narrow chunks would not split
+    x, w, y = make_problem(150, 1000, 8, seed=11, ignore=(4,))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(_grads(x, w, y, label_smoothing=0.1))
+    finally:
+        torch.set_num_threads(threads)
+    assert walk_spy["walks"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(*results))
