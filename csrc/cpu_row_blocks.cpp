@@ -15,6 +15,7 @@
 #include "margin_math.cuh"
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -90,6 +91,15 @@ void each_row(int64_t rows, int64_t width, const Args& args, Avx2 avx2_kernel, B
   });
 }
 
+// The op's own tensors and views, made without a dispatch each (a small head's fixed cost: a
+// dispatched at::empty or narrow costs about as much as the row kernels at (64, 8, 2)).
+at::Tensor empty_float(at::IntArrayRef size) { return at::detail::empty_cpu(size, at::kFloat); }
+
+// rows x cols of float32 at `data` with the given strides (col_stride 1: row-major, or the transpose).
+at::Tensor matrix(const float* data, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride = 1) {
+  return at::from_blob(const_cast<float*>(data), {rows, cols}, {row_stride, col_stride}, at::TensorOptions(at::kFloat));
+}
+
 void check_matrix(const at::Tensor& m, int64_t cols, const char* name) {
   TORCH_CHECK(m.device().is_cpu() && m.scalar_type() == at::kFloat && m.dim() == 2 && m.is_contiguous() &&
                   m.size(1) == cols,
@@ -127,7 +137,6 @@ std::vector<at::Tensor> row_block_walk(const at::Tensor& x, const at::Tensor& w,
               "row_block_walk: rows, classes, block_rows, chunk_classes and num_classes must be positive");
   // the GEMMs and buffers below are internal: no autograd layers
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const auto options = x.options();
   const float s = static_cast<float>(scale);
   // the Python path's float32 constants: s, 1 / s (torch divides by a scalar as a product), and
   // eps / C, eps - eps / C formed in double, then rounded
@@ -136,13 +145,18 @@ std::vector<at::Tensor> row_block_walk(const at::Tensor& x, const at::Tensor& w,
                          static_cast<float>(label_smoothing), static_cast<float>(per_class),
                          static_cast<float>(label_smoothing - per_class)};
 
-  // xs = (s rx) X; Xa = xs on rows with a target (0 elsewhere); the dX row factor a = s rx there
-  at::Tensor xs = at::empty({n, dim}, options), xa = need_dw ? at::empty({n, dim}, options) : at::Tensor();
-  std::vector<float> row_factor(n);
+  // one scratch buffer: xs = (s rx) X; Xa = xs on rows with a target (0 elsewhere), with dW; a
+  // block's tiles, the chunks one after another; B_b, with dX
+  const int64_t rows_per_block = std::min(block_rows, n);
+  const int64_t operands = (need_dw ? 2 : 1) * n * dim;
+  at::Tensor scratch = empty_float({operands + rows_per_block * c + (need_dx ? rows_per_block * dim : 0)});
+  float* xsp = scratch.data_ptr<float>();
+  float* tile_buffer = xsp + operands;
+  float *xap = need_dw ? xsp + n * dim : nullptr, *b = tile_buffer + rows_per_block * c;
+  std::vector<float> row_factor(n);  // the dX row factor a = s rx on rows with a target
   {
     const float *xp = x.data_ptr<float>(), *rxp = rx.data_ptr<float>();
     const bool* act = active.data_ptr<bool>();
-    float *xsp = xs.data_ptr<float>(), *xap = need_dw ? xa.data_ptr<float>() : nullptr;
     for (int64_t i = 0; i < n; ++i) {
       const float r = rxp[i] * s;
       row_factor[i] = act[i] ? r : 0.f;
@@ -155,11 +169,12 @@ std::vector<at::Tensor> row_block_walk(const at::Tensor& x, const at::Tensor& w,
   }
 
   std::vector<at::Tensor> out;
-  for (int k = 0; k < 10; ++k) out.push_back(at::empty({n}, options));
-  at::Tensor best_class = at::zeros({n}, labels.options());
-  at::Tensor dx = need_dx ? at::empty({n, dim}, options) : at::Tensor();
-  at::Tensor dw = need_dw ? at::empty({c, dim}, options) : at::Tensor();
-  at::Tensor tile_buffer = at::empty({std::min(block_rows, n) * c}, options);
+  for (int k = 0; k < 10; ++k) out.push_back(empty_float({n}));
+  at::Tensor best_class = at::detail::empty_cpu({n}, at::kLong);
+  std::fill_n(best_class.data_ptr<int64_t>(), n, 0);
+  at::Tensor dx = need_dx ? empty_float({n, dim}) : at::Tensor();
+  at::Tensor dw = need_dw ? empty_float({c, dim}) : at::Tensor();
+  const float *w_ptr = w.data_ptr<float>();
 
   const int64_t* label_ptr = labels.data_ptr<int64_t>();
   const bool* active_ptr = active.data_ptr<bool>();
@@ -167,13 +182,12 @@ std::vector<at::Tensor> row_block_walk(const at::Tensor& x, const at::Tensor& w,
               *m3_ptr = m3.data_ptr<float>();
   const float inf = std::numeric_limits<float>::infinity();
   // a block's running statistics (forward_rows) and its target gradient factor (finish_row)
-  std::vector<float> nt_max, nt_sum, best_z, target_z, logit_sum, factor(std::min(block_rows, n));
+  std::vector<float> nt_max, nt_sum, best_z, target_z, logit_sum, factor(rows_per_block);
   for (int64_t first = 0; first < n; first += block_rows) {
     const int64_t count = std::min(block_rows, n - first);
-    const at::Tensor xs_b = xs.narrow(0, first, count);
-    const auto tile = [&](int64_t start, int64_t width) {
-      return tile_buffer.narrow(0, count * start, count * width).view({count, width});
-    };
+    const at::Tensor xs_b = matrix(xsp + first * dim, count, dim, dim);
+    // the (count x width) tile of the chunk of classes from `start`, contiguous
+    const auto tile = [&](int64_t start) { return tile_buffer + count * start; };
     nt_max.assign(count, -inf);
     best_z.assign(count, -inf);
     nt_sum.assign(count, 0.f);
@@ -182,9 +196,10 @@ std::vector<at::Tensor> row_block_walk(const at::Tensor& x, const at::Tensor& w,
     // phase 1: Z_c, folded into the running statistics
     for (int64_t start = 0; start < c; start += chunk_classes) {
       const int64_t width = std::min(chunk_classes, c - start);
-      at::Tensor z = tile(start, width);
-      at::mm_out(z, xs_b, w.narrow(0, start, width).t());
-      const cpu_rows::ForwardRows args{z.data_ptr(),       rw_ptr + start,      label_ptr + first,
+      float* z = tile(start);
+      at::Tensor z_view = matrix(z, count, width, width);
+      at::mm_out(z_view, xs_b, matrix(w_ptr + start * dim, dim, width, 1, dim));  // xs_b W_c^T
+      const cpu_rows::ForwardRows args{z,                  rw_ptr + start,      label_ptr + first,
                                        start,              width,               nt_max.data(),
                                        nt_sum.data(),      best_z.data(),       target_z.data(),
                                        logit_sum.data(),   best_class.data_ptr<int64_t>() + first,
@@ -205,34 +220,34 @@ std::vector<at::Tensor> row_block_walk(const at::Tensor& x, const at::Tensor& w,
       factor[i] *= f.inv_scale;  // P_iy - [j = y] for g = 1 (chunked.backward's target_p)
     }
     // phase 2: P_c diag(rw_c) in place, then B_b += P W_c, A_c += P^T Xa_b
-    at::Tensor b = need_dx ? at::empty({count, dim}, options) : at::Tensor();
+    at::Tensor b_view = matrix(b, count, dim, dim);
     for (int64_t start = 0; start < c; start += chunk_classes) {
       const int64_t width = std::min(chunk_classes, c - start);
-      at::Tensor p = tile(start, width);
-      const cpu_rows::BackwardRows args{p.data_ptr(),        label_ptr + first, start,
+      float* p = tile(start);
+      const cpu_rows::BackwardRows args{p,                   label_ptr + first, start,
                                         width,               factor.data(),     per_class,
                                         rw_ptr + start,      rows[8],           cpu_rows::HardMap{nullptr, nullptr},
                                         true};
       each_row(count, width, args, cpu_rows::avx2::backward_rows<float, false>,
                cpu_rows::baseline::backward_rows<float, false>);
-      const at::Tensor w_c = w.narrow(0, start, width);
+      const at::Tensor p_view = matrix(p, count, width, width), w_c = matrix(w_ptr + start * dim, width, dim, dim);
       if (need_dx && start == 0) {
-        at::mm_out(b, p, w_c);
+        at::mm_out(b_view, p_view, w_c);
       } else if (need_dx) {
-        b.addmm_(p, w_c);
+        b_view.addmm_(p_view, w_c);
       }
       if (need_dw) {  // the first block writes A_c, the others add to it
-        at::Tensor dw_c = dw.narrow(0, start, width);
-        const at::Tensor xa_b = xa.narrow(0, first, count);
+        at::Tensor dw_c = matrix(dw.data_ptr<float>() + start * dim, width, dim, dim);
+        const at::Tensor p_t = matrix(p, width, count, 1, width), xa_b = matrix(xap + first * dim, count, dim, dim);
         if (first == 0) {
-          at::mm_out(dw_c, p.t(), xa_b);
+          at::mm_out(dw_c, p_t, xa_b);
         } else {
-          dw_c.addmm_(p.t(), xa_b);
+          dw_c.addmm_(p_t, xa_b);
         }
       }
     }
     if (need_dx) {  // eq. (23): dX_b = a B_b - proj (x . a B_b) x
-      const cpu_rows::ProjectRows args{b.data_ptr(),   x.data_ptr<float>() + first * dim,
+      const cpu_rows::ProjectRows args{b,              x.data_ptr<float>() + first * dim,
                                        row_factor.data() + first, row_projected->data_ptr<float>() + first,
                                        dx.data_ptr<float>() + first * dim, dim, false};
       each_row(count, dim, args, cpu_rows::avx2::project_rows<float, float>,
