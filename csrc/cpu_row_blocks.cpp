@@ -110,29 +110,26 @@ void check_matrix(const at::Tensor& m, int64_t cols, const char* name) {
 
 // The walk (this file's header) on float32 rows x (N x D, the rows the op's norm pass saw), class
 // rows w (C x D), local labels (-1 without a target), `active` (rows with a target in the whole
-// problem), the inverse norms rx, rw and the per-row margins m1, m2, m3. row_projected (N:
-// common.projection_scale(rx)) is given exactly when dX is asked for, class_projected (C: 1 where
-// common.projection_factor(rw) > 0, else 0) exactly when dW is. Blocks of block_rows rows, chunks
-// of chunk_classes classes. Returns PartialStats' eight fields (best_class int64), loss, lse, gap,
+// problem), the inverse norms rx, rw, their projection factors (N + C: common.projection_factor
+// of rx, then of rw, which decides the rows clamped at eps) and the per-row margins m1, m2, m3.
+// Blocks of block_rows rows, chunks of chunk_classes classes. Returns PartialStats' eight fields (best_class int64), loss, lse, gap,
 // then dX and dW (float32; undefined, None in Python, where not asked for): the gradients of
 // sum_i loss_i over the rows with a target.
 std::vector<at::Tensor> row_block_walk(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
                                        const at::Tensor& active, const at::Tensor& rx, const at::Tensor& rw,
-                                       const std::optional<at::Tensor>& row_projected,
-                                       const std::optional<at::Tensor>& class_projected, const at::Tensor& m1,
+                                       const at::Tensor& projection_factors, const at::Tensor& m1,
                                        const at::Tensor& m2, const at::Tensor& m3, double scale, bool easy_margin,
                                        std::optional<double> clip_eps, bool straight_through, double label_smoothing,
-                                       int64_t num_classes, int64_t block_rows, int64_t chunk_classes) {
+                                       int64_t num_classes, int64_t block_rows, int64_t chunk_classes, bool need_dx,
+                                       bool need_dw) {
   const int64_t n = x.size(0), dim = x.size(1), c = w.size(0);
-  const bool need_dx = row_projected.has_value(), need_dw = class_projected.has_value();
   check_matrix(x, dim, "x");
   check_matrix(w, dim, "w");
   check_vector(labels, n, at::kLong, "labels");
   check_vector(active, n, at::kBool, "active");
   for (const at::Tensor* v : {&rx, &m1, &m2, &m3}) check_vector(*v, n, at::kFloat, "rx, m1, m2, m3");
   check_vector(rw, c, at::kFloat, "rw");
-  if (need_dx) check_vector(*row_projected, n, at::kFloat, "row_projected");
-  if (need_dw) check_vector(*class_projected, c, at::kFloat, "class_projected");
+  check_vector(projection_factors, n + c, at::kFloat, "projection_factors");
   TORCH_CHECK(n > 0 && c > 0 && block_rows > 0 && chunk_classes > 0 && num_classes > 0,
               "row_block_walk: rows, classes, block_rows, chunk_classes and num_classes must be positive");
   // the GEMMs and buffers below are internal: no autograd layers
@@ -154,6 +151,12 @@ std::vector<at::Tensor> row_block_walk(const at::Tensor& x, const at::Tensor& w,
   float* tile_buffer = xsp + operands;
   float *xap = need_dw ? xsp + n * dim : nullptr, *b = tile_buffer + rows_per_block * c;
   std::vector<float> row_factor(n);  // the dX row factor a = s rx on rows with a target
+  // eq. (23)'s weight of (x . grad) x, the row's factor squared (common.projection_scale), and
+  // eq. (24)'s flag per class row: projected where its factor is not 0
+  const float* factors = projection_factors.data_ptr<float>();
+  std::vector<float> row_projected(need_dx ? n : 0), class_projected(need_dw ? c : 0);
+  for (size_t i = 0; i < row_projected.size(); ++i) row_projected[i] = factors[i] * factors[i];
+  for (size_t j = 0; j < class_projected.size(); ++j) class_projected[j] = factors[n + j] > 0.f ? 1.f : 0.f;
   {
     const float *xp = x.data_ptr<float>(), *rxp = rx.data_ptr<float>();
     const bool* act = active.data_ptr<bool>();
@@ -248,14 +251,14 @@ std::vector<at::Tensor> row_block_walk(const at::Tensor& x, const at::Tensor& w,
     }
     if (need_dx) {  // eq. (23): dX_b = a B_b - proj (x . a B_b) x
       const cpu_rows::ProjectRows args{b,              x.data_ptr<float>() + first * dim,
-                                       row_factor.data() + first, row_projected->data_ptr<float>() + first,
+                                       row_factor.data() + first, row_projected.data() + first,
                                        dx.data_ptr<float>() + first * dim, dim, false};
       each_row(count, dim, args, cpu_rows::avx2::project_rows<float, float>,
                cpu_rows::baseline::project_rows<float, float>);
     }
   }
   if (need_dw) {  // eq. (24) on the summed A, in place (project_chunk's raw_w form)
-    const cpu_rows::ProjectRows args{dw.data_ptr(), w.data_ptr(), rw.data_ptr(), class_projected->data_ptr(),
+    const cpu_rows::ProjectRows args{dw.data_ptr(), w.data_ptr(), rw.data_ptr(), class_projected.data(),
                                      dw.data_ptr(), dim,          true};
     each_row(c, dim, args, cpu_rows::avx2::project_rows<float, float>, cpu_rows::baseline::project_rows<float, float>);
   }
@@ -268,9 +271,9 @@ std::vector<at::Tensor> row_block_walk(const at::Tensor& x, const at::Tensor& w,
 
 TORCH_LIBRARY_FRAGMENT(arcface_kernels_cpu, m) {
   m.def("row_block_walk(Tensor x, Tensor w, Tensor labels, Tensor active, Tensor rx, Tensor rw, "
-        "Tensor? row_projected, Tensor? class_projected, Tensor m1, Tensor m2, Tensor m3, float scale, "
+        "Tensor projection_factors, Tensor m1, Tensor m2, Tensor m3, float scale, "
         "bool easy_margin, float? clip_eps, bool straight_through, float label_smoothing, int num_classes, "
-        "int block_rows, int chunk_classes) -> Tensor[]");
+        "int block_rows, int chunk_classes, bool need_dx, bool need_dw) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(arcface_kernels_cpu, CPU, m) { m.impl("row_block_walk", &row_block_walk); }

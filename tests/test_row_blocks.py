@@ -106,7 +106,8 @@ def test_a_second_backward_recomputes(walk_spy):
 
 def _edge_problem(n, c, d, seed, nan_row):
     """Rows at their target's cosine exactly 1 and -1 (norms powers of two: both walks round
-    nothing there, where phi's slope is steep), a row without a target, a zero row and, with
+    nothing there, where phi's slope is steep), a row without a target, a row and (c > 5) a class
+    row of norm below eps and, with
     nan_row, a NaN row (it makes every dW entry NaN) among random ones; with c = 1, no row has a
     non-target class (its max -inf, its sum 0)."""
     x, w, y = make_problem(n, c, d, seed=seed, ignore=(2,))
@@ -115,6 +116,10 @@ def _edge_problem(n, c, d, seed, nan_row):
     w[0, 0] = w[c - 1, 0] = 0.5
     x[0], x[1], x[3] = 0.0, 0.0, 0.0
     x[0, 0], x[1, 0] = 2.0, -4.0
+    x[3, 1] = 2.0**-41  # below eps (1e-12): its norm clamped, its dX row not projected
+    if c > 5:
+        w[5] = 0.0
+        w[5, 0] = 2.0**-41  # the same for a class row and its dW row
     if nan_row:
         x[4, 1] = float("nan")
     return x, w, torch.where(y == -100, -1, y)

@@ -34,7 +34,7 @@ the C x D accumulator once) `forward_with_gradients` returns None and the op run
 import torch
 
 from . import chunked
-from .common import classes_per_chunk, get_workspace_budget, projection_factor, projection_scale, tile_classes
+from .common import classes_per_chunk, get_workspace_budget, projection_factor, tile_classes
 from .contract import PartialStats
 
 # Rows per block, at least (or all N when fewer): below it the C x D accumulator's read and write
@@ -69,16 +69,16 @@ def forward_with_gradients(x, w, labels, active, options, norms, num_classes: in
     where not eligible: the CPU extension's row_block_walk (csrc/cpu_row_blocks.cpp). labels: local
     targets (-1 without one); active: the rows with a target in the whole problem; options: margins
     as (N,) tensors (LossOptions.for_rows). dx (N x D), dw (C x D) are the gradients of sum_i loss_i
-    over rows with a target, float32; None where not asked for. The rules that decide which rows
-    are projected (common.projection_scale / projection_factor) are applied here, once."""
+    over rows with a target, float32; None where not asked for. The rule that decides which rows
+    are projected (common.projection_factor) is applied here, once."""
     rows_per_block = eligible_rows(x, w, options)
     if not rows_per_block:
         return None
     width = max(1, min(w.shape[0], CHUNK_CLASSES, tile_classes(rows_per_block * 4, x.device)))
-    row_projected = projection_scale(norms.rx) if need_dx else None
-    class_projected = (projection_factor(norms.rw) > 0).to(torch.float32) if need_dw else None
+    # the rows clamped at eps are not projected: one projection_factor for both (the op squares the rows')
+    factors = projection_factor(torch.cat((norms.rx, norms.rw)))
     *stats, loss, lse, gap, dx, dw = chunked._CPU_OPS.row_block_walk(
-        x, w, labels, active, norms.rx, norms.rw, row_projected, class_projected, options.m1, options.m2, options.m3,
-        options.scale, options.easy_margin, options.clip, options.straight_through, options.label_smoothing,
-        num_classes, rows_per_block, width)
+        x, w, labels, active, norms.rx, norms.rw, factors, options.m1, options.m2, options.m3, options.scale,
+        options.easy_margin, options.clip, options.straight_through, options.label_smoothing, num_classes,
+        rows_per_block, width, need_dx, need_dw)
     return PartialStats(*stats), loss, lse, gap, dx, dw
