@@ -9,7 +9,8 @@
 // holds_logits) and accumulates B_b += P W_c and A_c += P^T Xa_b. Last, dX_b = a B_b projected per
 // block (eq. (23), cpu_rows::project_rows with row factor a = s rx on rows with a target) and dW =
 // A projected (eq. (24), project_rows' raw_w form). The row kernels are the fused epilogue's
-// (the same AVX2 / baseline choice); each row is reduced by one thread in a fixed order.
+// (the same AVX2 / baseline choice); each row is reduced by one thread in a fixed order, so the
+// thread count changes no bit (tests/test_row_blocks.py).
 #include "cpu_epilogue.h"
 #include "cpu_ops_common.h"
 #include "margin_math.cuh"
@@ -112,9 +113,9 @@ void check_matrix(const at::Tensor& m, int64_t cols, const char* name) {
 // rows w (C x D), local labels (-1 without a target), `active` (rows with a target in the whole
 // problem), the inverse norms rx, rw, their projection factors (N + C: common.projection_factor
 // of rx, then of rw, which decides the rows clamped at eps) and the per-row margins m1, m2, m3.
-// Blocks of block_rows rows, chunks of chunk_classes classes. Returns PartialStats' eight fields (best_class int64), loss, lse, gap,
-// then dX and dW (float32; undefined, None in Python, where not asked for): the gradients of
-// sum_i loss_i over the rows with a target.
+// Blocks of block_rows rows, chunks of chunk_classes classes. Returns PartialStats' eight fields
+// (best_class int64), loss, lse, gap, then dX and dW (float32; undefined, None in Python, where
+// not asked for): the gradients of sum_i loss_i over the rows with a target.
 std::vector<at::Tensor> row_block_walk(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
                                        const at::Tensor& active, const at::Tensor& rx, const at::Tensor& rw,
                                        const at::Tensor& projection_factors, const at::Tensor& m1,
