@@ -162,7 +162,8 @@ def _cuda_extension():
     return None, {}, record
 
 
-CPU_SOURCES = ["csrc/cpu_epilogue.cpp", "csrc/cpu_epilogue_avx2.cpp", "csrc/cpu_bf16_gemm.cpp"]
+CPU_SOURCES = ["csrc/cpu_epilogue.cpp", "csrc/cpu_epilogue_avx2.cpp", "csrc/cpu_row_blocks.cpp",
+               "csrc/cpu_bf16_gemm.cpp"]
 
 
 def _cpu_extension(record):

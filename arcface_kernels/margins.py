@@ -7,7 +7,7 @@ clip of the angle into [eps, pi - eps] (fallback="clip"). Every backend uses the
 the forward kernels copy phi (and its constants), while dphi/dc and the margins' own slopes
 dphi/dm2, dphi/dm3 are evaluated in Python only here, once per row by the op
 (op.target_cosine_gradient, op.margin_gradients) and by the reference; csrc/margin_math.cuh holds
-phi and dphi/dc for C++ (the CPU extension's row finish, op.finish_rows), checked against these.
+phi and dphi/dc for C++ (the CPU extension's row finish, csrc/cpu_row_blocks.cpp), checked against these.
 """
 
 import math

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .backends import PartialStats, RowNorms, chunked, common, get_backend
+from .backends import PartialStats, RowNorms, common, get_backend
 from .dtypes import compute_dtype
 from .margins import dphi_dcos, dphi_dmargins
 from .negatives import HardNegatives, coefficients, hard_negatives, target_cosines
@@ -178,17 +178,13 @@ def forward_with_gradients(x: Tensor, w: Tensor, labels: Tensor, active: Tensor,
     gradients: 3 GEMMs of 2NCD flops where forward + backward_core take 4 (the `torch` backend on a
     CPU, backends/row_blocks.py); None where the backend has no such walk for these inputs, or with
     a non-target epilogue, or where dw would not be in w's dtype (the caller runs forward_stats).
-    The same overflow-safe rows, finalize and target gradient factor as forward_stats and
-    backward_core, the latter per block of rows."""
+    The same overflow-safe rows as forward_stats; the walk finishes each row itself (finalize and
+    backward_core's target gradient factor, per unit upstream gradient)."""
     walk = get_backend(backend).forward_with_gradients
     if walk is None or options.nontarget != "none" or (need_dw and dw_dtype != w.dtype):
         return None
     (x_seen, rx, sx), (w_seen, rw, sw) = _seen_rows(x, w)
-
-    def finish_block(running: tuple, block_labels: Tensor, rows: slice):
-        return finish_rows(running, block_labels, active[rows], options.at_rows(rows), num_classes)
-
-    result = walk(x_seen, w_seen, labels, options, RowNorms(rx, rw), finish_block, need_dx, need_dw)
+    result = walk(x_seen, w_seen, labels, active, options, RowNorms(rx, rw), num_classes, need_dx, need_dw)
     if result is None:
         return None
     stats, loss, lse, gap, dx, dw = result
@@ -198,26 +194,6 @@ def forward_with_gradients(x: Tensor, w: Tensor, labels: Tensor, active: Tensor,
     if dw is not None and sw is not None:
         dw.mul_(sw[:, None])
     return Forward(loss, stats, Saved(lse, gap, stats.target_cos, rx, rw, sx, sw)), UnitGradients(dx, dw)
-
-
-def finish_rows(running: tuple, labels: Tensor, active: Tensor, options: LossOptions, num_classes: int):
-    """(stats, loss, lse, gap, factor) of rows from a class walk's running statistics (nt_max,
-    nt_sum, best_z, best_class, target_z, nt_logit_sum or None without smoothing:
-    chunked.finish_forward's inputs): chunked.finish_forward, finalize and target_cosine_gradient per
-    unit upstream gradient. On float32 CPU rows with the CPU extension, one op of it
-    (csrc/cpu_epilogue.cpp, finish_rows: the same rules, margins.py's phi and dphi/dc in
-    csrc/margin_math.cuh) in place of about a hundred torch ops on (N,) vectors (docs/backends/torch.md,
-    "Fixed cost per call"); else those torch ops."""
-    nt_max, nt_sum, best_z, best_class, target_z, nt_logit_sum = running
-    if chunked.fused_epilogue(nt_max.device) and nt_max.dtype == torch.float32:
-        (*stats, loss, lse, gap, factor) = chunked._CPU_OPS.finish_rows(
-            nt_max, nt_sum, best_z, target_z, nt_logit_sum, labels, active, options.m1, options.m2, options.m3,
-            options.scale, options.easy_margin, options.clip, options.straight_through, options.label_smoothing,
-            num_classes)
-        return PartialStats(*stats[:6], best_class, stats[6]), loss, lse, gap, factor
-    stats = chunked.finish_forward(options.scale, labels, options, *running)
-    loss, lse, gap = finalize(stats, active, options.label_smoothing, num_classes)
-    return stats, loss, lse, gap, target_cosine_gradient(gap, stats.target_cos, active, options, num_classes)
 
 
 def _rows_seen(v: Tensor, scale: Tensor | None, headroom: bool):
@@ -421,6 +397,9 @@ class _EagerForward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
+        # only the loss rows are differentiated: autograd need not fill the nine reported outputs'
+        # gradients with zeros (_backward takes None for each, the loss's included)
+        ctx.set_materialize_grads(False)
         # with gradients to come, the backend may make them now from the same tiles (3 GEMMs, not 4)
         output, ctx.unit_gradients = _forward_outputs(*inputs, need_dx=ctx.needs_input_grad[0],
                                                       need_dw=ctx.needs_input_grad[1])

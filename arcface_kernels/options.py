@@ -106,13 +106,6 @@ class LossOptions:
                             nontarget_t=validation.nontarget_parameter(self.nontarget, self.nontarget_t, device,
                                                                        dtype))
 
-    def at_rows(self, rows: slice) -> "LossOptions":
-        """The options of the rows `rows` of options made by `for_rows` (their m1, m2, m3 sliced;
-        these options themselves where `rows` takes every row, as a single row block does)."""
-        if rows.start in (0, None) and rows.step in (1, None) and (rows.stop or 0) >= self.m1.shape[0]:
-            return self
-        return self.derived(m1=self.m1[rows], m2=self.m2[rows], m3=self.m3[rows])
-
     # -- the torch.library boundary ------------------------------------------------------------
 
     def flatten(self) -> list:

@@ -10,14 +10,14 @@
 // which ATEN_CPU_CAPABILITY overrides) is AVX2 or AVX512.
 //
 // The extension module arcface_kernels._cpu (setup.py builds it with or without CUDA): importing it
-// registers torch.ops.arcface_kernels_cpu.{forward_tile, backward_tile, project_chunk, finish_rows,
-// vector_isa}; backends/chunked.py and op.py use torch ops without it.
+// registers torch.ops.arcface_kernels_cpu.{forward_tile, backward_tile, project_chunk, vector_isa}
+// and, from cpu_row_blocks.cpp, row_block_walk; backends/chunked.py and row_blocks.py use torch ops
+// (the class walk) without it.
 #include <Python.h>
 
 #define ARCFACE_CPU_ISA baseline
 #include "cpu_epilogue_rows.h"
-
-#include "margin_math.cuh"
+#include "cpu_ops_common.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -26,34 +26,18 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
-#include <limits>
 #include <optional>
 #include <string>
-#include <vector>
 #include <type_traits>
 
 namespace arcface_kernels {
 namespace {
-
-bool use_avx2() {
-  if (!cpu_rows::avx2::vectorized_for_avx2()) return false;
-  const std::string capability = at::get_cpu_capability();
-  return capability == "AVX2" || capability == "AVX512";
-}
-
-int64_t grain(int64_t width) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(width, 1)); }
 
 void check_tile(const at::Tensor& tile, const at::Tensor& labels) {
   TORCH_CHECK(tile.device().is_cpu() && tile.dim() == 2 && tile.is_contiguous(), "tile: a contiguous 2-d CPU tensor");
   TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous() && labels.dim() == 1 &&
                   labels.size(0) == tile.size(0),
               "labels: contiguous int64, one per tile row");
-}
-
-void check_vector(const at::Tensor& v, int64_t rows, at::ScalarType dtype, const char* name) {
-  TORCH_CHECK(v.scalar_type() == dtype && v.is_contiguous() && v.dim() == 1 && v.size(0) == rows, name,
-              ": a contiguous vector, one entry per row, of dtype ", dtype);
 }
 
 const void* optional_vector(const std::optional<at::Tensor>& v, int64_t rows, at::ScalarType dtype, const char* name) {
@@ -189,106 +173,6 @@ void project_chunk(at::Tensor& a, const at::Tensor& ws, const at::Tensor& rw, co
   }
 }
 
-namespace {
-
-// torch.maximum: NaN propagates (fmaxf would drop it).
-float nan_max(float a, float b) { return (a != a || b != b) ? std::numeric_limits<float>::quiet_NaN() : std::max(a, b); }
-
-// torch.logaddexp(0, x), its CPU kernel's formula (0 at x = -inf, x at +inf, NaN propagates).
-float logaddexp0(float x) { return std::max(0.f, x) + std::log1p(std::exp(-std::abs(x))); }
-
-// The margin settings finish_rows reads, beyond the per-row margins.
-struct FinishSettings {
-  float scale, inv_scale;
-  bool easy_margin, straight_through, smoothing;
-  float smoothing_eps, smoothing_per_class, target_shift;  // eps, eps / C, eps - eps / C
-};
-
-template <bool kClip>
-void finish_row(int64_t i, const float* const* in, const int64_t* labels, const bool* active, const float* m1,
-                const float* m2, const float* m3, const FinishSettings& f, float clip_eps, float* const* out) {
-  const float nt_max = in[0][i], nt_sum = in[1][i], best_z = in[2][i], target_z = in[3][i];
-  const bool has_target = labels[i] >= 0, row_active = active[i];
-  // chunked.finish_forward
-  const float target_cos = has_target ? target_z * f.inv_scale : 0.f;
-  // a NaN cosine: phi's clamp (fmaxf) would make it -1, torch.clamp keeps it (margins.phi: NaN, and
-  // dphi/dc NaN but where straight_through or easy_margin make it 1)
-  const bool nan_cos = target_cos != target_cos;
-  const float target_logit =
-      has_target ? f.scale * (nan_cos ? target_cos : phi<kClip>(target_cos, m1[i], m2[i], m3[i], f.easy_margin,
-                                                                 clip_eps))
-                 : 0.f;
-  const float row_max = has_target ? nan_max(nt_max, target_logit) : nt_max;
-  const float shift = row_max == -INFINITY ? 0.f : row_max;
-  const float nontarget_sum_exp = nt_sum * std::exp(nt_max - shift);
-  const float sum_exp = nontarget_sum_exp + (has_target ? std::exp(target_logit - shift) : 0.f);
-  const float logit_sum = f.smoothing ? in[4][i] + target_logit : 0.f;
-  // op.finalize, with the non-target sum (eq. (12a))
-  const float lse = row_max + std::log(sum_exp);
-  float gap = logaddexp0(std::log(nontarget_sum_exp) + row_max - target_logit);
-  gap = row_active ? gap : 0.f;
-  float loss = gap;
-  if (f.smoothing) loss = loss + f.smoothing_eps * target_logit - f.smoothing_per_class * logit_sum;
-  // op.target_cosine_gradient per unit upstream gradient (eqs. (16)-(17))
-  const float slope = !nan_cos ? dphi_dcos<kClip>(target_cos, m1[i], m2[i], f.easy_margin, f.straight_through, clip_eps)
-                     : (f.straight_through || f.easy_margin) ? 1.f
-                                                             : target_cos;
-  const float factor = f.scale * (std::expm1(-gap) + f.target_shift) * slope;
-  const float values[] = {row_max,           sum_exp, target_logit, logit_sum, target_cos, best_z * f.inv_scale,
-                          nontarget_sum_exp, row_active ? loss : 0.f, lse, gap, row_active ? factor : 0.f};
-  for (int k = 0; k < 11; ++k) out[k][i] = values[k];
-}
-
-}  // namespace
-
-// The once-per-row tail of the training step's forward on float32 rows (backends/row_blocks.py,
-// via op.finish_rows): chunked.finish_forward (phi on the target, the row statistics), op.finalize
-// (loss, lse, precise gap) and op.target_cosine_gradient's factor per unit upstream gradient, in
-// one pass where torch ops take about a hundred (docs/backends/torch.md, "Fixed cost per call").
-// Inputs: the walk's running row statistics (nt_logit_sum, read with label smoothing only), local
-// labels (-1 without a target), the rows with a target in the whole problem (`active`) and the
-// per-row margins. Returns PartialStats' row_max, sum_exp, target_logit, logit_sum, target_cos,
-// best_cos, nontarget_sum_exp, then loss, lse, gap and the factor: eleven new (N,) tensors.
-std::vector<at::Tensor> finish_rows(const at::Tensor& nt_max, const at::Tensor& nt_sum, const at::Tensor& best_z,
-                                    const at::Tensor& target_z, const std::optional<at::Tensor>& nt_logit_sum,
-                                    const at::Tensor& labels, const at::Tensor& active, const at::Tensor& m1,
-                                    const at::Tensor& m2, const at::Tensor& m3, double scale, bool easy_margin,
-                                    std::optional<double> clip_eps, bool straight_through, double label_smoothing,
-                                    int64_t num_classes) {
-  const int64_t n = nt_max.size(0);
-  for (const at::Tensor* v : {&nt_max, &nt_sum, &best_z, &target_z, &m1, &m2, &m3}) {
-    check_vector(*v, n, at::kFloat, "finish_rows' row inputs");
-  }
-  check_vector(labels, n, at::kLong, "labels");
-  check_vector(active, n, at::kBool, "active");
-  TORCH_CHECK(num_classes > 0, "finish_rows: num_classes must be positive");
-  TORCH_CHECK(label_smoothing == 0.0 || nt_logit_sum.has_value(), "finish_rows: smoothing reads nt_logit_sum");
-  std::vector<at::Tensor> out;
-  float* rows[11];
-  for (int k = 0; k < 11; ++k) {
-    out.push_back(at::empty({n}, nt_max.options()));
-    rows[k] = out.back().data_ptr<float>();
-  }
-  const float* in[] = {nt_max.data_ptr<float>(), nt_sum.data_ptr<float>(), best_z.data_ptr<float>(),
-                       target_z.data_ptr<float>(),
-                       static_cast<const float*>(optional_vector(nt_logit_sum, n, at::kFloat, "nt_logit_sum"))};
-  // the Python path's float32 constants: s, 1 / s (torch divides by a scalar as a product), and
-  // eps / C, eps - eps / C formed in double, then rounded
-  const double per_class = label_smoothing / static_cast<double>(num_classes);
-  const FinishSettings f{static_cast<float>(scale), 1.f / static_cast<float>(scale), easy_margin, straight_through,
-                         label_smoothing != 0.0, static_cast<float>(label_smoothing), static_cast<float>(per_class),
-                         static_cast<float>(label_smoothing - per_class)};
-  const int64_t* label_ptr = labels.data_ptr<int64_t>();
-  const bool* active_ptr = active.data_ptr<bool>();
-  const float *m1_ptr = m1.data_ptr<float>(), *m2_ptr = m2.data_ptr<float>(), *m3_ptr = m3.data_ptr<float>();
-  for (int64_t i = 0; i < n; ++i) {
-    clip_eps.has_value()
-        ? finish_row<true>(i, in, label_ptr, active_ptr, m1_ptr, m2_ptr, m3_ptr, f, static_cast<float>(*clip_eps), rows)
-        : finish_row<false>(i, in, label_ptr, active_ptr, m1_ptr, m2_ptr, m3_ptr, f, 0.f, rows);
-  }
-  return out;
-}
-
 // Which copy of the row kernels runs here: "avx2" or "baseline".
 std::string vector_isa() { return use_avx2() ? "avx2" : "baseline"; }
 
@@ -300,9 +184,6 @@ TORCH_LIBRARY(arcface_kernels_cpu, m) {
         "Tensor? col_scale=None, Tensor? lse=None, Tensor? threshold=None, Tensor? coeffs=None, "
         "bool holds_logits=False, Tensor? row_scale=None) -> ()");
   m.def("project_chunk(Tensor(a!) a, Tensor ws, Tensor rw, Tensor projected, Tensor(b!) out, bool raw_w=False) -> ()");
-  m.def("finish_rows(Tensor nt_max, Tensor nt_sum, Tensor best_z, Tensor target_z, Tensor? nt_logit_sum, "
-        "Tensor labels, Tensor active, Tensor m1, Tensor m2, Tensor m3, float scale, bool easy_margin, "
-        "float? clip_eps, bool straight_through, float label_smoothing, int num_classes) -> Tensor[]");
   m.def("vector_isa() -> str", &vector_isa);
 }
 
@@ -310,7 +191,6 @@ TORCH_LIBRARY_IMPL(arcface_kernels_cpu, CPU, m) {
   m.impl("forward_tile", &forward_tile);
   m.impl("backward_tile", &backward_tile);
   m.impl("project_chunk", &project_chunk);
-  m.impl("finish_rows", &finish_rows);
 }
 
 }  // namespace arcface_kernels

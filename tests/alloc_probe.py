@@ -4,6 +4,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from bench.live_bytes import OWN_NAMESPACES
+
 
 def _device_key(args, kwargs):
     cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in tree_leaves((args, kwargs)))
@@ -12,8 +14,9 @@ def _device_key(args, kwargs):
 
 class LargestAllocation(TorchDispatchMode):
     """Tracks the largest tensor (in elements) produced by any op while active. The package's own
-    custom ops are entered (redispatched below the mode, with the mode active again) so that
-    what their implementations and the backends allocate is seen too, not only their outputs."""
+    ops are entered (redispatched below the mode, with the mode active again; OWN_NAMESPACES) so
+    that what their implementations and the backends allocate is seen too (in a C++ op: what it
+    allocates through the dispatcher), not only their outputs."""
 
     def __init__(self):
         super().__init__()
@@ -22,7 +25,7 @@ class LargestAllocation(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.namespace == "arcface_kernels":
+        if func.namespace in OWN_NAMESPACES:
             with self:
                 out = func.redispatch(_device_key(args, kwargs), *args, **kwargs)
         else:

@@ -56,7 +56,7 @@ def _find_cpu_ops():
     except ImportError:
         return None
     ops = torch.ops.arcface_kernels_cpu
-    return ops if all(hasattr(ops, op) for op in ("forward_tile", "finish_rows", "bf16_gemm")) else None
+    return ops if all(hasattr(ops, op) for op in ("forward_tile", "row_block_walk", "bf16_gemm")) else None
 
 
 _CPU_OPS = _find_cpu_ops()

@@ -115,8 +115,14 @@ def _exponents_and_unit_norms(v: torch.Tensor, dtype: torch.dtype):
     return exponents, unit_norms
 
 
+def _clamped_inverse(norms: torch.Tensor) -> torch.Tensor:
+    """1 / max(|v_i|, eps) per row (F.normalize's clamp), in two ops where `1.0 / t` takes three
+    (torch makes it a reciprocal times 1.0: the same bits)."""
+    return norms.clamp_min(NORM_EPS).reciprocal()
+
+
 def _inverse(unit_norms, exponents, dtype):
-    return 1.0 / (unit_norms * torch.exp2(exponents)).clamp_min(NORM_EPS)
+    return _clamped_inverse(unit_norms * torch.exp2(exponents))
 
 
 def inverse_norms(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -124,7 +130,7 @@ def inverse_norms(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     may exceed `dtype`'s range only if its entries nearly do)."""
     plain = _plain_norms(v, dtype)
     if plain is not None:
-        return 1.0 / plain.clamp_min(NORM_EPS)
+        return _clamped_inverse(plain)
     exponents, unit_norms = _exponents_and_unit_norms(v, dtype)
     return _inverse(unit_norms, exponents, dtype)
 
@@ -216,7 +222,7 @@ def overflow_safe_rows(v: torch.Tensor, dtype: torch.dtype, sync_free: bool = Fa
         return v * scale[:, None].to(v.dtype), inverse, scale
     plain = _plain_norms(v, dtype)
     if plain is not None:  # no row near overflow: nothing to scale
-        return v, 1.0 / plain.clamp_min(NORM_EPS), None
+        return v, _clamped_inverse(plain), None
     exponents, unit_norms = _exponents_and_unit_norms(v, dtype)
     shift = _overflow_shifts(exponents, dtype)
     inverse = _inverse(unit_norms, exponents - shift, dtype)

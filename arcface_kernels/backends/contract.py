@@ -84,7 +84,7 @@ class Backend:
     # priority(device, dtype): "auto" picks the highest among the backends that take the device
     # and dtype; below 0: never picked by "auto" on that device (tests only)
     priority: Callable[[torch.device, torch.dtype], int]
-    # forward_with_gradients(x, w, labels, options, norms, finish_rows, need_dx, need_dw) ->
+    # forward_with_gradients(x, w, labels, active, options, norms, num_classes, need_dx, need_dw) ->
     # (stats, loss, lse, gap, dx, dw) or None: the forward and, from the same tiles, the gradients
     # for a unit upstream gradient on every row with a target (op.forward_with_gradients); None
     # (the field, or the result for inputs it does not take): the op runs forward and backward.

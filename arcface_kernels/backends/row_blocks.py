@@ -9,32 +9,32 @@ upstream gradient is the same g on every row with a target, which is what a "mea
 reduction sends; op.forward_with_gradients / op._backward use it only then
 (docs/backends/torch.md, "Gradients in forward"). Per block b of rows:
 
-    phase 1, per class chunk c:  Z_c = xs_b W_c^T, scaled to s cos by forward_tile (col_scale rw_c),
+    phase 1, per class chunk c:  Z_c = xs_b W_c^T, scaled to s cos by the row kernel (col_scale rw_c),
                                  folded into the block's running row statistics
-    finish_rows:                 the block's statistics, loss, lse, gap and target-gradient factor
-                                 (the op's, op.finish_rows)
-    phase 2, per class chunk c:  Z_c -> P_c diag(rw_c) in place (backward_tile, holds_logits)
+    row finish:                  the block's statistics, loss, lse, gap and target-gradient factor
+    phase 2, per class chunk c:  Z_c -> P_c diag(rw_c) in place (holds_logits)
                                  B_b += P_c diag(rw_c) W_c,  A_c += (P_c diag(rw_c))^T Xa_b
+    dX_b = a B_b projected (eq. (23))
 
 with xs = (s rx) X and Xa = xs on rows with a target (0 elsewhere): G = diag(a) P diag(rw) with
 a = s rx g (eqs. (20)-(22)). After the last block, dW = A projected in place (eq. (24), the raw_w
-form of project_chunk) and dX = a B projected (eq. (23)). The chunk tiles of a block are laid out
-one after another in one buffer, so each is a contiguous GEMM output; a chunk's tile is at most
-common.CPU_TILE_BYTES (phase 1's epilogue reads it while it is in cache). Phase 2 reads the block's
-tile once more from memory: (rows x C) bytes twice per block, against the recompute GEMM's 2
-rows C D flops saved.
+form of project_chunk). The chunk tiles of a block are laid out one after another in one buffer,
+so each is a contiguous GEMM output; a chunk's tile is at most common.CPU_TILE_BYTES (phase 1's
+epilogue reads it while it is in cache). Phase 2 reads the block's tile once more from memory:
+(rows x C) bytes twice per block, against the recompute GEMM's 2 rows C D flops saved.
 
-Taken on a CPU with the fused epilogue, float32 / float64 class rows in the compute dtype, no
-sub-centres and no non-target epilogue; otherwise (and where fewer than MIN_BLOCK_ROWS rows fit
-the budget: each block reads and writes the C x D accumulator once) `forward_with_gradients`
-returns None and the op runs the class walk.
+The whole walk is one op of the CPU extension, arcface_kernels_cpu.row_block_walk
+(csrc/cpu_row_blocks.cpp: the fused epilogue's row kernels, ATen's GEMMs), so that a small head
+pays one dispatch for it instead of about forty torch ops per block and chunk. Taken on a CPU with
+that extension, float32 operands, no sub-centres and no non-target epilogue; otherwise (float64
+included, and where fewer than MIN_BLOCK_ROWS rows fit the budget: each block reads and writes
+the C x D accumulator once) `forward_with_gradients` returns None and the op runs the class walk.
 """
 
 import torch
 
-from ..dtypes import compute_dtype
 from . import chunked
-from .common import classes_per_chunk, get_workspace_budget, projection_factor, projection_scale, tile_classes
+from .common import classes_per_chunk, get_workspace_budget, projection_factor, tile_classes
 from .contract import PartialStats
 
 # Rows per block, at least (or all N when fewer): below it the C x D accumulator's read and write
@@ -46,100 +46,39 @@ MIN_BLOCK_ROWS = 64
 CHUNK_CLASSES = 4096
 
 
-def block_rows(n_rows: int, n_classes: int, dim: int, dtype: torch.dtype) -> int:
-    """Rows per block so that the block's (rows x C) tile and its B rows fit the workspace budget
-    after the N x D operands (xs, Xa); 0 when fewer than min(N, MIN_BLOCK_ROWS) rows fit."""
-    itemsize = torch.finfo(dtype).bits // 8
-    per_row = (n_classes + dim) * itemsize
-    rows = min(n_rows, classes_per_chunk(per_row, reserved=2 * n_rows * dim * itemsize))
-    fits = rows * per_row + 2 * n_rows * dim * itemsize <= get_workspace_budget()
+def block_rows(n_rows: int, n_classes: int, dim: int) -> int:
+    """Rows per block so that the block's float32 (rows x C) tile and its B rows fit the workspace
+    budget after the N x D operands (xs, Xa); 0 when fewer than min(N, MIN_BLOCK_ROWS) rows fit."""
+    per_row = (n_classes + dim) * 4
+    rows = min(n_rows, classes_per_chunk(per_row, reserved=2 * n_rows * dim * 4))
+    fits = rows * per_row + 2 * n_rows * dim * 4 <= get_workspace_budget()
     return rows if fits and rows >= min(n_rows, MIN_BLOCK_ROWS) else 0
 
 
 def eligible_rows(x, w, options) -> int:
     """Rows per block where forward_with_gradients takes these operands (the module docstring's
     conditions), else 0."""
-    cdt = compute_dtype(x.dtype)
     takes = (chunked.fused_epilogue(x.device) and options.sub_centers == 1 and options.negatives is None
-             and w.dtype == cdt and w.is_contiguous() and x.shape[0] > 0 and w.shape[0] > 0)
-    return block_rows(x.shape[0], w.shape[0], x.shape[1], cdt) if takes else 0
+             and x.dtype == w.dtype == torch.float32 and x.is_contiguous() and w.is_contiguous()
+             and x.shape[0] > 0 and w.shape[0] > 0)
+    return block_rows(x.shape[0], w.shape[0], x.shape[1]) if takes else 0
 
 
-def forward_with_gradients(x, w, labels, options, norms, finish_rows, need_dx: bool, need_dw: bool):
+def forward_with_gradients(x, w, labels, active, options, norms, num_classes: int, need_dx: bool, need_dw: bool):
     """(stats, loss, lse, gap, dx, dw) for operands x, w (the rows the op's norm pass saw), or None
-    where not eligible. finish_rows(running, labels, rows) -> (stats, loss, lse, gap, factor) is the
-    op's row finish (op.finish_rows: the margin, finalize and the target-gradient factor per unit
-    gradient) on the rows `rows` (a slice) from the walk's running statistics (chunked.finish_forward's
-    inputs) and their labels. dx (N x D), dw (C x D, w's dtype) are the gradients of sum_i loss_i over rows with a
-    target, in the compute dtype; None where not asked for."""
+    where not eligible: the CPU extension's row_block_walk (csrc/cpu_row_blocks.cpp). labels: local
+    targets (-1 without one); active: the rows with a target in the whole problem; options: margins
+    as (N,) tensors (LossOptions.for_rows). dx (N x D), dw (C x D) are the gradients of sum_i loss_i
+    over rows with a target, float32; None where not asked for. The rule that decides which rows
+    are projected (common.projection_factor) is applied here, once."""
     rows_per_block = eligible_rows(x, w, options)
     if not rows_per_block:
         return None
-    cdt, (n, dim), n_classes, s = compute_dtype(x.dtype), x.shape, w.shape[0], options.scale
-    itemsize = torch.finfo(cdt).bits // 8
-    ops, rw = chunked._CPU_OPS, norms.rw
-    active = labels >= 0
-    xs = torch.mul(x, (norms.rx * s).to(cdt)[:, None])
-    xa = torch.where(active[:, None], xs, 0.0) if need_dw else None
-    width = max(1, min(n_classes, CHUNK_CLASSES, tile_classes(rows_per_block * itemsize, x.device)))
-    tile_buffer = torch.empty(rows_per_block * n_classes, dtype=cdt)
-    dx = torch.empty(n, dim, dtype=cdt) if need_dx else None
-    dw = torch.empty(n_classes, dim, dtype=cdt) if need_dw else None
-    smoothing = options.label_smoothing != 0
-    chunks = [(start, min(start + width, n_classes)) for start in range(0, n_classes, width)]
-    blocks = []
-    for first in range(0, n, rows_per_block):
-        rows = slice(first, min(first + rows_per_block, n))
-        count, block_labels = rows.stop - rows.start, labels[rows].contiguous()
-
-        def tile(start, stop, count=count):
-            return tile_buffer[count * start : count * stop].view(count, stop - start)
-
-        running = _block_statistics(ops, xs[rows], w, rw, block_labels, chunks, tile, smoothing)
-        stats, loss, lse, gap, factor = finish_rows(running, block_labels, rows)
-        blocks.append((stats, loss, lse, gap))
-        target_p = factor.to(cdt) / s  # P_iy - [j = y] for g = 1 (chunked.backward's target_p)
-        lse_c = lse.to(cdt).contiguous()
-        b = torch.zeros(count, dim, dtype=cdt) if need_dx else None
-        for start, stop in chunks:  # phase 2: P diag(rw) from the kept tiles, the two gradient GEMMs
-            p = tile(start, stop)
-            ops.backward_tile(p, block_labels, start, target_p, options.label_smoothing / n_classes, rw[start:stop],
-                              lse_c, holds_logits=True)
-            if need_dx:
-                b.addmm_(p, w[start:stop])
-            if need_dw:
-                if rows.start == 0:
-                    torch.mm(p.T, xa[rows], out=dw[start:stop])
-                else:
-                    dw[start:stop].addmm_(p.T, xa[rows])
-        if need_dx:  # eq. (23) with a = s rx on rows with a target
-            b.mul_(torch.where(active[rows], norms.rx[rows] * s, 0.0).to(cdt)[:, None])
-            chunked.tangent_project(b, x[rows], projection_scale(norms.rx[rows]), dx[rows])
-    if need_dw:  # eq. (24) on the summed A, in place (project_chunk's raw_w form)
-        projected = (projection_factor(rw) > 0).to(cdt)
-        ops.project_chunk(dw, w, rw, projected, dw, True)
-    stats, loss, lse, gap = (_cat(parts) for parts in zip(*blocks))
-    return stats, loss, lse, gap, dx, dw
-
-
-def _block_statistics(ops, xs_block, w, rw, labels, chunks, tile, smoothing):
-    """Phase 1 of a block: each chunk's tile Z_c = s cos (kept in `tile(start, stop)`) folded into
-    the block's running (non-target max, sum, best logit, its class, target logit, logit sum or
-    None without smoothing), chunked.finish_forward's arguments."""
-    count, cdt = xs_block.shape[0], xs_block.dtype
-    nt_max = torch.full((count,), -float("inf"), dtype=cdt)
-    nt_sum, target_z, logit_sum = (torch.zeros(count, dtype=cdt) for _ in range(3))
-    best_z, best_class = nt_max.clone(), torch.zeros(count, dtype=torch.int64)
-    for start, stop in chunks:
-        z = torch.mm(xs_block, w[start:stop].T, out=tile(start, stop))
-        ops.forward_tile(z, labels, start, nt_max, nt_sum, best_z, best_class, target_z, logit_sum, smoothing,
-                         rw[start:stop])
-    return nt_max, nt_sum, best_z, best_class, target_z, logit_sum if smoothing else None
-
-
-def _cat(parts):
-    if len(parts) == 1:  # one block (every small problem): its own tensors
-        return parts[0]
-    if isinstance(parts[0], PartialStats):
-        return PartialStats(*(None if field[0] is None else torch.cat(field) for field in zip(*parts)))
-    return torch.cat(parts)
+    width = max(1, min(w.shape[0], CHUNK_CLASSES, tile_classes(rows_per_block * 4, x.device)))
+    # the rows clamped at eps are not projected: one projection_factor for both (the op squares the rows')
+    factors = projection_factor(torch.cat((norms.rx, norms.rw)))
+    *stats, loss, lse, gap, dx, dw = chunked._CPU_OPS.row_block_walk(
+        x, w, labels, active, norms.rx, norms.rw, factors, options.m1, options.m2, options.m3, options.scale,
+        options.easy_margin, options.clip, options.straight_through, options.label_smoothing, num_classes,
+        rows_per_block, width, need_dx, need_dw)
+    return PartialStats(*stats), loss, lse, gap, dx if need_dx else None, dw if need_dw else None
