@@ -71,7 +71,7 @@ def test_gradients_made_in_forward_match_the_float64_oracle(walk_spy, dtype, red
     m2 = torch.rand(N, generator=g, dtype=dtype) * 0.6 if per_row else 0.5
     spec = dict(scale=30.0, m2=m2, m3=0.05, label_smoothing=smoothing, reduction=reduction)
     with ak.workspace_budget(_budget_for_rows(64, N, C, D, 4)):
-        assert row_blocks.block_rows(N, C, D) == 64  # 3 blocks, 6 chunks of classes each
+        assert row_blocks.block_rows(N, C, D) == 50  # 64 fit: 3 blocks of 50, 6 chunks of classes each
         out = _grads(x, w, y, **spec)
     walked = dtype == torch.float32
     assert walk_spy == {"walks": int(walked), "backward": int(not walked)}
@@ -144,7 +144,7 @@ def test_the_walk_matches_the_class_walk_in_torch_ops(monkeypatch, settings, n_c
         x, w, labels = _edge_problem(n, n_classes, d, seed=len(str(settings)), nan_row=nan_row)
         active = labels >= 0
         with ak.workspace_budget(_budget_for_rows(64, n, n_classes, d, 4)):
-            assert row_blocks.block_rows(n, n_classes, d) == 64
+            assert row_blocks.block_rows(n, n_classes, d) == 50  # 64 fit: 2 blocks of 50
             fused, unit = op.forward_with_gradients(x, w, labels, active, options, "torch", n_classes, True, True,
                                                     torch.float32)
         with monkeypatch.context() as torch_ops_only:
@@ -201,6 +201,17 @@ def test_peak_memory_stays_within_the_budget():
     gradients = x.numel() * 8 + w.numel() * 4  # dX (float32, and its copy scaled) and dW
     statistics = 8 * 4 * (n + c)
     assert probe.peak <= budget + gradients + statistics, (probe.peak, budget, gradients)
+
+
+@pytest.mark.parametrize("n", [64, 65, 150, 1024, 1025])
+def test_blocks_are_as_even_as_the_fewest_blocks_allow(n):
+    c, d = 1000, 16
+    for fit in (64, 100, 164):
+        with ak.workspace_budget(_budget_for_rows(fit, n, c, d, 4)):
+            rows = row_blocks.block_rows(n, c, d)
+        fewest = -(-n // min(fit, n))
+        assert rows <= fit and -(-n // rows) == fewest  # within the budget, no more blocks
+        assert n - (fewest - 1) * rows >= rows - fewest  # the last block short by < one row a block
 
 
 def test_no_block_below_the_minimum_rows():

@@ -48,11 +48,17 @@ CHUNK_CLASSES = 4096
 
 def block_rows(n_rows: int, n_classes: int, dim: int) -> int:
     """Rows per block so that the block's float32 (rows x C) tile and its B rows fit the workspace
-    budget after the N x D operands (xs, Xa); 0 when fewer than min(N, MIN_BLOCK_ROWS) rows fit."""
+    budget after the N x D operands (xs, Xa); 0 when fewer than min(N, MIN_BLOCK_ROWS) rows fit.
+    The blocks as even as the fewest of them allow: a last block of few rows runs its GEMMs
+    about as long as a full one (at (1024, 100k, 128): 6 blocks of 164 rows and one of 40, which
+    took as long as one of 164; docs/backends/torch.md "Gradients in forward")."""
     per_row = (n_classes + dim) * 4
     rows = min(n_rows, classes_per_chunk(per_row, reserved=2 * n_rows * dim * 4))
     fits = rows * per_row + 2 * n_rows * dim * 4 <= get_workspace_budget()
-    return rows if fits and rows >= min(n_rows, MIN_BLOCK_ROWS) else 0
+    if not fits or rows < min(n_rows, MIN_BLOCK_ROWS):
+        return 0
+    blocks = -(-n_rows // rows)
+    return -(-n_rows // blocks)
 
 
 def eligible_rows(x, w, options) -> int:
