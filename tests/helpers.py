@@ -65,3 +65,15 @@ def confident_problem(n, c=8, seed=0):
     y = torch.randint(0, c, (n,), generator=g)
     x = w[y] + 0.25 * w[(y + 1) % c] + 0.01 * torch.randn(n, c, generator=g)
     return x, w, y
+
+
+class CountingOps:
+    """The CPU extension's ops (torch.ops.arcface_kernels_cpu as it is when made), appending each
+    called op's name to `calls`: what tests put in place of chunked._CPU_OPS to see which ops run."""
+
+    def __init__(self, calls):
+        self.calls, self._ops = calls, torch.ops.arcface_kernels_cpu
+
+    def __getattr__(self, name):
+        op = getattr(self._ops, name)
+        return lambda *args, **kwargs: self.calls.append(name) or op(*args, **kwargs)

@@ -9,7 +9,7 @@ from float64_oracle import oracle
 
 import arcface_kernels as ak
 from arcface_kernels.backends import chunked, row_norms
-from helpers import TOL, loss_and_grads, make_problem, rel_err
+from helpers import TOL, CountingOps, loss_and_grads, make_problem, rel_err
 
 needs_ops = pytest.mark.skipif(chunked._CPU_OPS is None,
                                reason="arcface_kernels._cpu not built")
@@ -46,13 +46,7 @@ def test_switch_follows_the_extension(monkeypatch):
 @needs_ops
 def test_fused_path_is_taken_on_a_cpu(monkeypatch):
     calls = []
-
-    class Counting:
-        def __getattr__(self, name):
-            op = getattr(torch.ops.arcface_kernels_cpu, name)
-            return lambda *args, **kwargs: calls.append(name) or op(*args, **kwargs)
-
-    monkeypatch.setattr(chunked, "_CPU_OPS", Counting())
+    monkeypatch.setattr(chunked, "_CPU_OPS", CountingOps(calls))
     x, w, y = make_problem(6, 20, 8, seed=2)
     with ak.workspace_budget(1):  # a class per chunk
         loss_and_grads(x, w, y, backend="torch")

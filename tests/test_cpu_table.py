@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bench import cpu_table
+from helpers import CountingOps
 
 
 def test_table_at_a_tiny_shape_has_every_implementation():
@@ -60,13 +61,7 @@ def test_main_appends_the_table(tmp_path):
 @pytest.mark.skipif(not cpu_table.chunked.bf16_gemm(torch.bfloat16), reason="no bf16_gemm here")
 def test_bfloat16_floor_runs_the_gemms_ours_runs(monkeypatch):
     calls = []
-    ops = torch.ops.arcface_kernels_cpu
-
-    class Counting:
-        def __getattr__(self, name):
-            return lambda *args: calls.append(name) or getattr(ops, name)(*args)
-
-    monkeypatch.setattr(torch.ops, "arcface_kernels_cpu", Counting())
+    monkeypatch.setattr(torch.ops, "arcface_kernels_cpu", CountingOps(calls))
     x, w = torch.randn(4, 8).bfloat16(), torch.randn(30, 8).bfloat16()
     monkeypatch.setattr(cpu_table, "CPU_TILE_BYTES", 4 * 4 * 10)  # chunks of 10 float32 columns
     cpu_table.floor_step(x, w, float32_out=True)()
