@@ -72,8 +72,8 @@ void bf16_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double
   TORCH_CHECK(has_bf16_gemm(), "bf16_gemm: this torch has no float32-output bfloat16 GEMM (has_bf16_gemm)");
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   if (m == 0 || n == 0) return;
-  if (k == 0) {
-    out.mul_(beta);
+  if (k == 0) {  // an empty sum: beta out, and 0 (not 0 times what out held) for beta = 0
+    beta == 0.0 ? out.zero_() : out.mul_(beta);
     return;
   }
   const auto [trans_a, lda] = layout(a, "a");

@@ -7,7 +7,7 @@ from float64_oracle import oracle
 
 import arcface_kernels as ak
 from arcface_kernels.backends import chunked, row_norms
-from helpers import loss_and_grads, make_problem, rel_err
+from helpers import CountingOps, loss_and_grads, make_problem, rel_err
 
 BF16 = torch.bfloat16
 needs_bf16_gemm = pytest.mark.skipif(not chunked.bf16_gemm(BF16),
@@ -44,6 +44,9 @@ def test_bf16_gemm_edges_and_refusals():
     out = torch.full((3, 4), 2.0)
     _ops().bf16_gemm(out, a, b, 0.5)  # K = 0: out = beta out
     assert torch.equal(out, torch.ones(3, 4))
+    out.fill_(float("nan"))
+    _ops().bf16_gemm(out, a, b)  # K = 0, beta = 0: zeros, whatever out held (an N = 0 batch's A_c)
+    assert torch.equal(out, torch.zeros(3, 4))
     x = torch.ones(4, 6, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="bfloat16 a and b"):
         _ops().bf16_gemm(torch.empty(4, 4), x, x.T.half())
@@ -56,16 +59,10 @@ def test_bf16_gemm_edges_and_refusals():
 @needs_bf16_gemm
 def test_walk_reads_bf16_operands_as_given(monkeypatch):
     calls = []
-
-    class Counting:
-        def __getattr__(self, name):
-            op = getattr(torch.ops.arcface_kernels_cpu, name)
-            return lambda *args, **kwargs: calls.append(name) or op(*args, **kwargs)
-
     x, w, y = make_problem(9, 40, 8, dtype=BF16, seed=1)
     walk = chunked._Walk(x, w, y, ak.LossOptions(**SPEC).for_rows(9, x.device, torch.float32), row_norms(x, w))
     assert walk.bf16 and walk.raw_w and walk.w_buffer is None and walk.xs is x  # no float32 copies
-    monkeypatch.setattr(chunked, "_CPU_OPS", Counting())
+    monkeypatch.setattr(chunked, "_CPU_OPS", CountingOps(calls))
     with ak.workspace_budget(1):  # a class per chunk: 40 chunks
         loss_and_grads(x, w, y, backend="torch", **SPEC)
     # forward: one GEMM a chunk; backward: the recompute, B += G W_c and A_c = G^T X
