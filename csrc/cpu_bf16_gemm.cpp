@@ -10,7 +10,7 @@
 //
 // Registers torch.ops.arcface_kernels_cpu.bf16_gemm and has_bf16_gemm (the library is defined in
 // cpu_epilogue.cpp).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <climits>

@@ -3,8 +3,10 @@
 // per-row vector argument.
 #pragma once
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/TensorIterator.h>  // at::internal::GRAIN_SIZE
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <string>
