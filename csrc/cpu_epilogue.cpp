@@ -85,13 +85,11 @@ void forward_tile(at::Tensor& z, const at::Tensor& labels, int64_t first_class, 
                                    target_z.data_ptr(),  logit_sum.data_ptr(),       best_class.data_ptr<int64_t>(),
                                    smoothing,            hard_map(threshold, coeffs, n, z.scalar_type()),
                                    optional_vector(row_scale, n, z.scalar_type(), "row_scale")};
-  const bool avx2 = use_avx2();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "forward_tile", [&] {
     specialized(threshold.has_value(), [&](auto mapped) {
-      at::parallel_for(0, n, grain(args.width), [&](int64_t begin, int64_t end) {
-        avx2 ? cpu_rows::avx2::forward_rows<scalar_t, decltype(mapped)::value>(args, begin, end)
-             : cpu_rows::baseline::forward_rows<scalar_t, decltype(mapped)::value>(args, begin, end);
-      });
+      constexpr bool kMapped = decltype(mapped)::value;
+      each_row(n, args.width, args, cpu_rows::avx2::forward_rows<scalar_t, kMapped>,
+               cpu_rows::baseline::forward_rows<scalar_t, kMapped>);
     });
   });
 }
@@ -125,13 +123,11 @@ void backward_tile(at::Tensor& p, const at::Tensor& labels, int64_t first_class,
                                     hard_map(threshold, coeffs, p.size(0), p.scalar_type()),
                                     holds_logits,
                                     optional_vector(row_scale, p.size(0), p.scalar_type(), "row_scale")};
-  const bool avx2 = use_avx2();
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "backward_tile", [&] {
     specialized(threshold.has_value(), [&](auto mapped) {
-      at::parallel_for(0, p.size(0), grain(args.width), [&](int64_t begin, int64_t end) {
-        avx2 ? cpu_rows::avx2::backward_rows<scalar_t, decltype(mapped)::value>(args, begin, end)
-             : cpu_rows::baseline::backward_rows<scalar_t, decltype(mapped)::value>(args, begin, end);
-      });
+      constexpr bool kMapped = decltype(mapped)::value;
+      each_row(p.size(0), args.width, args, cpu_rows::avx2::backward_rows<scalar_t, kMapped>,
+               cpu_rows::baseline::backward_rows<scalar_t, kMapped>);
     });
   });
 }
@@ -151,16 +147,13 @@ void project_chunk(at::Tensor& a, const at::Tensor& ws, const at::Tensor& rw, co
   check_vector(projected, a.size(0), a.scalar_type(), "projected");
   const cpu_rows::ProjectRows args{a.data_ptr(),   ws.data_ptr(), rw.data_ptr(), projected.data_ptr(),
                                    out.data_ptr(), a.size(1),     raw_w};
-  const bool avx2 = use_avx2();
   // W: ws's dtype (a's, or bfloat16 under float32); O: out's
   const auto run = [&](auto t, auto w) {
     using T = decltype(t);
     using W = decltype(w);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "project_chunk_out", [&] {
-      at::parallel_for(0, a.size(0), grain(args.dim), [&](int64_t begin, int64_t end) {
-        avx2 ? cpu_rows::avx2::project_rows<T, W, scalar_t>(args, begin, end)
-             : cpu_rows::baseline::project_rows<T, W, scalar_t>(args, begin, end);
-      });
+      each_row(a.size(0), args.dim, args, cpu_rows::avx2::project_rows<T, W, scalar_t>,
+               cpu_rows::baseline::project_rows<T, W, scalar_t>);
     });
   };
   if (a.scalar_type() == at::kDouble) {

@@ -27,6 +27,16 @@ inline int64_t grain(int64_t width) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(width, 1));
 }
 
+// Runs a row kernel over `rows` rows on at::parallel_for, its AVX2 or its baseline copy (use_avx2):
+// kernel(args, begin, end), rows of `width` entries each.
+template <typename Args, typename Avx2, typename Baseline>
+void each_row(int64_t rows, int64_t width, const Args& args, Avx2 avx2_kernel, Baseline baseline_kernel) {
+  const bool avx2 = use_avx2();
+  at::parallel_for(0, rows, grain(width), [&](int64_t begin, int64_t end) {
+    avx2 ? avx2_kernel(args, begin, end) : baseline_kernel(args, begin, end);
+  });
+}
+
 inline void check_vector(const at::Tensor& v, int64_t rows, at::ScalarType dtype, const char* name) {
   TORCH_CHECK(v.device().is_cpu() && v.scalar_type() == dtype && v.is_contiguous() && v.dim() == 1 &&
                   v.size(0) == rows,

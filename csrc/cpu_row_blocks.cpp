@@ -85,16 +85,6 @@ void finish_row(int64_t i, const float* const* in, const int64_t* labels, const 
   for (int k = 0; k < 11; ++k) out[k][i] = values[k];
 }
 
-// Runs kernel(args, begin, end) over `rows` rows on at::parallel_for, with the AVX2 or baseline
-// copy of a row kernel (use_avx2).
-template <typename Args, typename Avx2, typename Baseline>
-void each_row(int64_t rows, int64_t width, const Args& args, Avx2 avx2_kernel, Baseline baseline_kernel) {
-  const bool avx2 = use_avx2();
-  at::parallel_for(0, rows, grain(width), [&](int64_t begin, int64_t end) {
-    avx2 ? avx2_kernel(args, begin, end) : baseline_kernel(args, begin, end);
-  });
-}
-
 // The op's own tensors and views, made without a dispatch each (a small head's fixed cost: a
 // dispatched at::empty or narrow costs about as much as the row kernels at (64, 8, 2)).
 at::Tensor empty_float(at::IntArrayRef size) { return at::detail::empty_cpu(size, at::kFloat); }
