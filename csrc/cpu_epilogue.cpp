@@ -95,22 +95,20 @@ void forward_tile(at::Tensor& z, const at::Tensor& labels, int64_t first_class, 
 }
 
 // p (N x chunk, holding Z - lse) becomes P = exp(p) - smooth with the target entries set to
-// target_p, in place; or, given col_scale = rw_c and lse, p holds xs . w_j (Z itself with
-// holds_logits: the tile forward_tile left) and becomes P diag(rw_c) (cpu_rows::backward_rows).
+// target_p, in place; or, given col_scale = rw_c and lse, p holds xs . w_j and becomes
+// P diag(rw_c) (cpu_rows::backward_rows).
 // With threshold and coeffs, the non-target epilogue: p holds Z (or xs . w_j with col_scale), lse
 // is given, and the hard entries' P is multiplied by dh/dc. With row_scale = s rx (col_scale given,
 // plain path): p holds x . w_j of bfloat16 operands (forward_tile's row_scale).
 void backward_tile(at::Tensor& p, const at::Tensor& labels, int64_t first_class, const at::Tensor& target_p,
                    double smooth, const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& lse,
                    const std::optional<at::Tensor>& threshold, const std::optional<at::Tensor>& coeffs,
-                   bool holds_logits, const std::optional<at::Tensor>& row_scale) {
+                   const std::optional<at::Tensor>& row_scale) {
   check_tile(p, labels);
   check_vector(target_p, p.size(0), p.scalar_type(), "target_p");
   TORCH_CHECK(lse.has_value() == (col_scale.has_value() || threshold.has_value()),
               "backward_tile: lse is given exactly with col_scale or threshold");
-  TORCH_CHECK(!holds_logits || (col_scale.has_value() && !threshold.has_value()),
-              "backward_tile: holds_logits goes with col_scale, on the plain path");
-  TORCH_CHECK(!row_scale.has_value() || (col_scale.has_value() && !threshold.has_value() && !holds_logits),
+  TORCH_CHECK(!row_scale.has_value() || (col_scale.has_value() && !threshold.has_value()),
               "backward_tile: row_scale goes with col_scale, on the plain path, on a tile of products");
   const cpu_rows::BackwardRows args{p.data_ptr(),
                                     labels.data_ptr<int64_t>(),
@@ -121,7 +119,7 @@ void backward_tile(at::Tensor& p, const at::Tensor& labels, int64_t first_class,
                                     optional_vector(col_scale, p.size(1), p.scalar_type(), "col_scale"),
                                     optional_vector(lse, p.size(0), p.scalar_type(), "lse"),
                                     hard_map(threshold, coeffs, p.size(0), p.scalar_type()),
-                                    holds_logits,
+                                    nullptr,
                                     optional_vector(row_scale, p.size(0), p.scalar_type(), "row_scale")};
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "backward_tile", [&] {
     specialized(threshold.has_value(), [&](auto mapped) {
@@ -175,7 +173,7 @@ TORCH_LIBRARY(arcface_kernels_cpu, m) {
         "Tensor? col_scale=None, Tensor? threshold=None, Tensor? coeffs=None, Tensor? row_scale=None) -> ()");
   m.def("backward_tile(Tensor(a!) p, Tensor labels, int first_class, Tensor target_p, float smooth, "
         "Tensor? col_scale=None, Tensor? lse=None, Tensor? threshold=None, Tensor? coeffs=None, "
-        "bool holds_logits=False, Tensor? row_scale=None) -> ()");
+        "Tensor? row_scale=None) -> ()");
   m.def("project_chunk(Tensor(a!) a, Tensor ws, Tensor rw, Tensor projected, Tensor(b!) out, bool raw_w=False) -> ()");
   m.def("vector_isa() -> str", &vector_isa);
 }

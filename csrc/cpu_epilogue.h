@@ -30,15 +30,18 @@ struct ForwardRows {
   // nullptr, or per row (with col_scale): the tile holds the raw products x_i . w_j of bfloat16
   // operands (bf16_gemm's output), scaled by row_scale_i = s rx_i and rw_j first
   const void* row_scale = nullptr;
+  // nullptr, or per row (the plain path; the row-block walk): the log-sum-exp pass leaves each
+  // non-target entry's exp(z_j - shift_i) in the tile (0 at the target) and writes the shift here
+  void* exp_shift = nullptr;
 };
 
 // A tile holding Z - lse, made P = exp(.) - smooth with each row's target entry set to target_p.
 // With col_scale, the tile holds xs . w_j instead of Z - lse: P = exp(rw_j xs . w_j - lse_i) - smooth,
 // and the tile gets P diag(rw) (target entry target_p * rw_t). With a HardMap, the tile holds Z
 // (or xs . w_j with col_scale), lse is given, and the non-target entries become
-// (exp(map(Z) - lse) - smooth) dh/dc (times rw_j with col_scale). holds_logits (with col_scale, on
-// the plain path): the tile already holds Z, as forward_rows left it (the target entry -inf), and
-// still gets P diag(rw).
+// (exp(map(Z) - lse) - smooth) dh/dc (times rw_j with col_scale). exp_scale (with col_scale, on
+// the plain path): the tile holds exp(z_j - shift_i) as forward_rows left it with exp_shift, and
+// exp_scale_i = exp(shift_i - lse_i) makes it P diag(rw) (lse is not read).
 struct BackwardRows {
   void* tile;
   const int64_t* labels;
@@ -48,7 +51,7 @@ struct BackwardRows {
   const void* col_scale;
   const void* lse;
   HardMap hard;
-  bool holds_logits;
+  const void* exp_scale;
   // nullptr, or per row (with col_scale, on the plain path): the tile holds x_i . w_j of bfloat16
   // operands, the logit being row_scale_i rw_j x_i . w_j (ForwardRows::row_scale)
   const void* row_scale = nullptr;

@@ -75,19 +75,26 @@ T row_sum(const T* row, int64_t begin, int64_t end) {
   return total;
 }
 
-// sum_j exp(row_j - shift), with torch's vectorized exp (Sleef) on every entry, the tail included.
-template <typename T>
-T row_sum_exp(const T* row, int64_t n, T shift) {
+// sum_j exp(row_j - shift), with torch's vectorized exp (Sleef) on every entry, the tail included;
+// Store: each row_j becomes its exp(row_j - shift) as well (the same values, the same sum).
+template <bool Store, typename T>
+T row_sum_exp(T* row, int64_t n, T shift) {
   using Vec = at::vec::Vectorized<T>;
   const int64_t step = Vec::size();
   const Vec s(shift);
   Vec acc(T(0));
   int64_t j = 0;
-  for (; j + step <= n; j += step) acc = acc + (Vec::loadu(row + j) - s).exp();
+  for (; j + step <= n; j += step) {
+    const Vec e = (Vec::loadu(row + j) - s).exp();
+    if constexpr (Store) e.store(row + j);
+    acc = acc + e;
+  }
   T total = reduce_lanes(acc, T(0), [](T a, T b) { return a + b; });
   if (j < n) {
     alignas(64) T tail[Vec::size()];
-    (Vec::loadu(row + j, n - j) - s).exp().store(tail);
+    const Vec e = (Vec::loadu(row + j, n - j) - s).exp();
+    e.store(tail);
+    if constexpr (Store) e.store(row + j, n - j);
     for (int64_t i = 0; i < n - j; ++i) total += tail[i];
   }
   return total;
@@ -104,16 +111,27 @@ void scale_columns(T* row, const T* scale, int64_t n, T r) {
   for (; j < n; ++j) row[j] = row[j] * scale[j] * r;
 }
 
-// row_j = (exp(row_j scale_j r - shift) - smooth) scale_j, in place (r as in scale_columns);
-// ScaledAlready: the row holds the logits already, row_j = (exp(row_j - shift) - smooth) scale_j.
-template <bool ScaledAlready, typename T>
+// row_j = (exp(row_j scale_j r - shift) - smooth) scale_j, in place (r as in scale_columns).
+template <typename T>
 void scaled_exp_minus(T* row, const T* scale, int64_t n, T shift, T smooth, T r) {
   using Vec = at::vec::Vectorized<T>;
   const int64_t step = Vec::size();
   const Vec e(smooth), s(shift), vr(r);
-  const auto p = [&](const Vec& z, const Vec& c) {
-    return (((ScaledAlready ? z : z * c * vr) - s).exp() - e) * c;
-  };
+  const auto p = [&](const Vec& z, const Vec& c) { return ((z * c * vr - s).exp() - e) * c; };
+  int64_t j = 0;
+  for (; j + step <= n; j += step) p(Vec::loadu(row + j), Vec::loadu(scale + j)).store(row + j);
+  if (j < n) p(Vec::loadu(row + j, n - j), Vec::loadu(scale + j, n - j)).store(row + j, n - j);
+}
+
+// row_j = (row_j k - smooth) scale_j, in place: on the row-block walk's tile of exp(z_j - shift)
+// (forward_rows' exp_shift) with k = exp(shift - lse), P = exp(z_j - lse) - smooth times rw_j,
+// without a second exp per entry (docs/backends/torch.md, "Gradients in forward").
+template <typename T>
+void rescaled_minus(T* row, const T* scale, int64_t n, T k, T smooth) {
+  using Vec = at::vec::Vectorized<T>;
+  const int64_t step = Vec::size();
+  const Vec e(smooth), vk(k);
+  const auto p = [&](const Vec& x, const Vec& c) { return (x * vk - e) * c; };
   int64_t j = 0;
   for (; j + step <= n; j += step) p(Vec::loadu(row + j), Vec::loadu(scale + j)).store(row + j);
   if (j < n) p(Vec::loadu(row + j, n - j), Vec::loadu(scale + j, n - j)).store(row + j, n - j);
@@ -186,6 +204,8 @@ void mapped_exp_minus(T* row, const T* scale, int64_t n, T lse, T smooth, T thre
 // torch.argmax), the online log-sum-exp update shifted by max(running max, chunk max) (an all -inf
 // row adds 0) and the smoothing logit sum. Mapped: the non-target epilogue (HardMap) rewrites the
 // row after the top-1 (which stays on the plain logits), before the log-sum-exp and the logit sum.
+// With exp_shift (the row-block walk, plain path), the log-sum-exp pass leaves exp(z_j - shift) in
+// the row and the shift in exp_shift.
 template <typename T, bool Mapped>
 void forward_rows(const ForwardRows& args, int64_t begin, int64_t end) {
   const int64_t width = args.width;
@@ -215,17 +235,21 @@ void forward_rows(const ForwardRows& args, int64_t begin, int64_t end) {
       tile_max = map_hard(row, width, static_cast<const T*>(args.hard.threshold)[i],
                           static_cast<const T*>(args.hard.coeffs));
     }
+    if (args.smoothing) ls[i] += inside ? row_sum(row, 0, t) + row_sum(row, t + 1, width) : row_sum(row, 0, width);
     const T new_max = max_nan(mx[i], tile_max);
     const T shift = new_max == neg_inf ? T(0) : new_max;
-    sum[i] = sum[i] * std::exp(mx[i] - shift) + row_sum_exp(row, width, shift);
+    T* shift_out = static_cast<T*>(args.exp_shift);
+    const T chunk_sum = shift_out ? row_sum_exp<true>(row, width, shift) : row_sum_exp<false>(row, width, shift);
+    if (shift_out) shift_out[i] = shift;
+    sum[i] = sum[i] * std::exp(mx[i] - shift) + chunk_sum;
     mx[i] = new_max;
     if (inside) tz[i] = zy;
-    if (args.smoothing) ls[i] += inside ? row_sum(row, 0, t) + row_sum(row, t + 1, width) : row_sum(row, 0, width);
   }
 }
 
 // The backward loop body of chunked.py: P = exp(Z - lse) - eps / C (eq. (15)), the target entry
-// patched; Mapped: times dh/dc on the hard entries (mapped_exp_minus).
+// patched; Mapped: times dh/dc on the hard entries (mapped_exp_minus); exp_scale: from the tile of
+// exponentials forward_rows left (rescaled_minus).
 template <typename T, bool Mapped>
 void backward_rows(const BackwardRows& args, int64_t begin, int64_t end) {
   const T eps = static_cast<T>(args.smooth);
@@ -236,11 +260,11 @@ void backward_rows(const BackwardRows& args, int64_t begin, int64_t end) {
     if constexpr (Mapped) {
       mapped_exp_minus(row, scale, args.width, static_cast<const T*>(args.lse)[i], eps,
                        static_cast<const T*>(args.hard.threshold)[i], static_cast<const T*>(args.hard.coeffs));
+    } else if (args.exp_scale) {
+      rescaled_minus(row, scale, args.width, static_cast<const T*>(args.exp_scale)[i], eps);
     } else if (scale) {
-      const T lse = static_cast<const T*>(args.lse)[i];
       const T r = args.row_scale ? static_cast<const T*>(args.row_scale)[i] : T(1);
-      args.holds_logits ? scaled_exp_minus<true>(row, scale, args.width, lse, eps, r)
-                        : scaled_exp_minus<false>(row, scale, args.width, lse, eps, r);
+      scaled_exp_minus(row, scale, args.width, static_cast<const T*>(args.lse)[i], eps, r);
     } else {
       exp_minus(row, args.width, eps);
     }

@@ -3,12 +3,14 @@
 // of torch ops took about forty per block and chunk (the fixed cost of a small head, "Fixed cost
 // per call"). For each block of rows, phase 1 writes each class chunk's tile xs_b W_c^T (at::mm_out)
 // into the block's buffer, the chunks one after another, and folds it into the block's running
-// statistics (cpu_rows::forward_rows, with col_scale rw_c: Z = s cos); the row finish (finish_row:
-// phi, the statistics, loss, lse, the precise gap, the target gradient factor per unit upstream
-// gradient) follows; phase 2 turns each tile into P diag(rw_c) in place (cpu_rows::backward_rows,
-// holds_logits) and accumulates B_b += P W_c and A_c += P^T Xa_b. Last, dX_b = a B_b projected per
-// block (eq. (23), cpu_rows::project_rows with row factor a = s rx on rows with a target) and dW =
-// A projected (eq. (24), project_rows' raw_w form). The row kernels are the fused epilogue's
+// statistics (cpu_rows::forward_rows, with col_scale rw_c: Z = s cos), leaving exp(z - shift) in
+// the tile with the shift of each row's online log-sum-exp update (exp_shift); the row finish
+// (finish_row: phi, the statistics, loss, lse, the precise gap, the target gradient factor per
+// unit upstream gradient) follows; phase 2 turns each tile into P diag(rw_c) in place, one product
+// per entry where an exp was (cpu_rows::backward_rows, exp_scale = exp(shift - lse)) and
+// accumulates B_b += P W_c and A_c += P^T Xa_b. Last, dX_b = a B_b projected per block (eq. (23),
+// cpu_rows::project_rows with row factor a = s rx on rows with a target) and dW = A projected
+// (eq. (24), project_rows' raw_w form). The row kernels are the fused epilogue's
 // (the same AVX2 / baseline choice); each row is reduced by one thread in a fixed order, so the
 // thread count changes no bit (tests/test_row_blocks.py).
 #include "cpu_epilogue.h"
@@ -183,8 +185,11 @@ std::vector<at::Tensor> row_block_walk(const at::Tensor& x, const at::Tensor& w,
   const float *rw_ptr = rw.data_ptr<float>(), *m1_ptr = m1.data_ptr<float>(), *m2_ptr = m2.data_ptr<float>(),
               *m3_ptr = m3.data_ptr<float>();
   const float inf = std::numeric_limits<float>::infinity();
-  // a block's running statistics (forward_rows) and its target gradient factor (finish_row)
+  // a block's running statistics (forward_rows) and its target gradient factor (finish_row); per
+  // chunk and row, the shift of the exponentials phase 1 leaves in the tile, then phase 2's factor
+  const int64_t chunks = (c + chunk_classes - 1) / chunk_classes;
   std::vector<float> nt_max, nt_sum, best_z, target_z, logit_sum, factor(rows_per_block);
+  std::vector<float> shifts(chunks * rows_per_block), exp_scale(rows_per_block);
   for (int64_t first = 0; first < n; first += block_rows) {
     const int64_t count = std::min(block_rows, n - first);
     const at::Tensor xs_b = matrix(xsp + first * dim, count, dim, dim);
@@ -205,7 +210,8 @@ std::vector<at::Tensor> row_block_walk(const at::Tensor& x, const at::Tensor& w,
                                        start,              width,               nt_max.data(),
                                        nt_sum.data(),      best_z.data(),       target_z.data(),
                                        logit_sum.data(),   best_class.data_ptr<int64_t>() + first,
-                                       f.smoothing,        cpu_rows::HardMap{nullptr, nullptr}};
+                                       f.smoothing,        cpu_rows::HardMap{nullptr, nullptr},
+                                       nullptr,            shifts.data() + start / chunk_classes * count};
       each_row(count, width, args, cpu_rows::avx2::forward_rows<float, false>,
                cpu_rows::baseline::forward_rows<float, false>);
     }
@@ -226,10 +232,13 @@ std::vector<at::Tensor> row_block_walk(const at::Tensor& x, const at::Tensor& w,
     for (int64_t start = 0; start < c; start += chunk_classes) {
       const int64_t width = std::min(chunk_classes, c - start);
       float* p = tile(start);
+      // the tile holds exp(z - shift) (phase 1): P = exp(z - lse) is that times exp(shift - lse)
+      const float* shift = shifts.data() + start / chunk_classes * count;
+      for (int64_t i = 0; i < count; ++i) exp_scale[i] = std::exp(shift[i] - rows[8][i]);
       const cpu_rows::BackwardRows args{p,                   label_ptr + first, start,
                                         width,               factor.data(),     per_class,
-                                        rw_ptr + start,      rows[8],           cpu_rows::HardMap{nullptr, nullptr},
-                                        true};
+                                        rw_ptr + start,      nullptr,           cpu_rows::HardMap{nullptr, nullptr},
+                                        exp_scale.data()};
       each_row(count, width, args, cpu_rows::avx2::backward_rows<float, false>,
                cpu_rows::baseline::backward_rows<float, false>);
       const at::Tensor p_view = matrix(p, count, width, width), w_c = matrix(w_ptr + start * dim, width, dim, dim);
