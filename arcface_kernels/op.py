@@ -250,13 +250,13 @@ def _margin_softmax_fwd(
     and for backward the precise gap (finalize), the inverse norms rx, rw of the rows the backend
     saw, the power-of-two scales sx, sw that made those rows from the given ones (1 for all but
     huge rows) and the non-target epilogue's per-row threshold (empty without one)."""
-    return _forward_outputs(embeddings, weight, labels, m1, m2, m3, options, backend, operand_dtype, nontarget_t)[0]
+    return _forward_outputs(embeddings, weight, labels, m1, m2, m3, options, backend, operand_dtype, nontarget_t)
 
 
-def _forward_outputs(embeddings, weight, labels, m1, m2, m3, options, backend, operand_dtype, nontarget_t=None,
-                     need_dx=False, need_dw=False):
-    """(_margin_softmax_fwd's outputs, UnitGradients or None): with need_dx or need_dw, the
-    gradients too where the backend makes them in forward (forward_with_gradients)."""
+def _forward(embeddings, weight, labels, m1, m2, m3, options, backend, operand_dtype, nontarget_t=None,
+             need_dx=False, need_dw=False):
+    """(Forward, UnitGradients or None) of the op's inputs: with need_dx or need_dw, the gradients
+    too where the backend makes them in forward (forward_with_gradients)."""
     opts = LossOptions.unflatten(options, m1, m2, m3, nontarget_t)
     num_classes = weight.shape[0] // opts.sub_centers
     labels = _target_labels(labels, opts.ignore_index, num_classes)
@@ -266,13 +266,25 @@ def _forward_outputs(embeddings, weight, labels, m1, m2, m3, options, backend, o
         if need_dx or need_dw:
             both = forward_with_gradients(x, w, labels, labels >= 0, opts, backend, num_classes, need_dx, need_dw,
                                           weight.dtype)
-        fwd, unit = both or (forward_stats(x, w, labels, labels >= 0, opts, backend, num_classes), None)
-    dtype, saved = compute_dtype(operand_dtype), fwd.saved
-    threshold = (torch.empty(0, dtype=dtype, device=x.device) if saved.negatives is None
-                 else saved.negatives.threshold)
-    return (fwd.loss, saved.lse, fwd.stats.target_cos.clone(), fwd.stats.best_class.clone(), saved.gap,
-            saved.rx, saved.rw, _scale_or_ones(saved.sx, x.shape[0], dtype, x.device),
-            _scale_or_ones(saved.sw, w.shape[0], dtype, w.device), threshold), unit
+        return both or (forward_stats(x, w, labels, labels >= 0, opts, backend, num_classes), None)
+
+
+def _user_outputs(fwd: Forward):
+    """The op's outputs a caller reads (fused_loss_rows): loss rows, lse, target_cos, top-1; the
+    target cosines a copy of the saved ones (a caller's in-place change must not reach backward)."""
+    return fwd.loss, fwd.saved.lse, fwd.stats.target_cos.clone(), fwd.stats.best_class
+
+
+def _forward_outputs(embeddings, weight, labels, m1, m2, m3, options, backend, operand_dtype, nontarget_t=None):
+    """_margin_softmax_fwd's ten outputs: the custom op's schema returns what backward reads too."""
+    fwd, _ = _forward(embeddings, weight, labels, m1, m2, m3, options, backend, operand_dtype, nontarget_t)
+    dtype, saved, device = compute_dtype(operand_dtype), fwd.saved, embeddings.device
+    threshold = torch.empty(0, dtype=dtype, device=device) if saved.negatives is None else saved.negatives.threshold
+    loss, lse, target_cos, best_class = _user_outputs(fwd)
+    # outputs of a custom op alias neither its inputs nor each other
+    return (loss, lse, target_cos, best_class.clone(), saved.gap, saved.rx, saved.rw,
+            _scale_or_ones(saved.sx, embeddings.shape[0], dtype, device),
+            _scale_or_ones(saved.sw, weight.shape[0], dtype, device), threshold)
 
 
 margin_softmax_fwd = torch.library.custom_op("arcface_kernels::margin_softmax_fwd", _margin_softmax_fwd,
@@ -315,15 +327,21 @@ def _(grad_rows, embeddings, weight, labels, m1, m2, m3, lse, gap, target_cos, r
     return torch.empty_like(embeddings), torch.empty_like(weight)
 
 
-def _setup_context(ctx, inputs, output):
+def _save(ctx, inputs, lse, gap, target_cos, rx, rw, sx, sw, threshold):
+    """What _backward reads, for the custom op and _EagerForward alike (sx, sw, threshold may be
+    None in the latter: every row seen as given, no non-target epilogue)."""
     embeddings, weight, labels, m1, m2, m3, options, backend, operand_dtype, *nontarget_t = inputs
     ctx.settings = (options, backend, operand_dtype)
-    loss, lse, target_cos, top1, gap, rx, rw, sx, sw, threshold = output
-    # Reported, not differentiated: api.py makes a loss built on them raise (in eager mode).
-    ctx.mark_non_differentiable(lse, target_cos, top1, gap, rx, rw, sx, sw, threshold)
     ctx.save_for_backward(embeddings, weight, labels, m1, m2, m3, lse, gap, target_cos, rx, rw, sx, sw,
                           *nontarget_t, threshold)
     ctx.nontarget = bool(nontarget_t) and nontarget_t[0] is not None
+
+
+def _setup_context(ctx, inputs, output):
+    loss, lse, target_cos, top1, gap, rx, rw, sx, sw, threshold = output
+    # Reported, not differentiated: api.py makes a loss built on them raise (in eager mode).
+    ctx.mark_non_differentiable(lse, target_cos, top1, gap, rx, rw, sx, sw, threshold)
+    _save(ctx, inputs, lse, gap, target_cos, rx, rw, sx, sw, threshold)
 
 
 def _backward(ctx, grad_loss, *grad_reported):
@@ -340,8 +358,10 @@ def _backward(ctx, grad_loss, *grad_reported):
     else:
         # the non-target epilogue's t and per-row threshold, when forward had one
         epilogue = nontarget[-2:] if ctx.nontarget else ()
+        dtype = lse.dtype
         dx, dw = margin_softmax_bwd(grad_loss, embeddings, weight, labels, m1, m2, m3, lse, gap, target_cos, rx, rw,
-                                    sx, sw, *ctx.settings, *epilogue)
+                                    _scale_or_ones(sx, embeddings.shape[0], dtype, lse.device),
+                                    _scale_or_ones(sw, weight.shape[0], dtype, lse.device), *ctx.settings, *epilogue)
     d_m2 = d_m3 = None
     if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:  # per-row margins that require grad (MagFace)
         active = labels != opts.ignore_index
@@ -388,22 +408,28 @@ torch.library.register_autograd("arcface_kernels::margin_softmax_bwd", _refuse_d
 
 
 class _EagerForward(torch.autograd.Function):
-    """margin_softmax_fwd for eager calls on the CPU: the same implementation, context and
+    """margin_softmax_fwd for eager calls on the CPU: the same implementation, saved tensors and
     backward (the margin_softmax_bwd op, which refuses double backward), without the custom op's
     own layers (its dispatch to a Python autograd kernel and back): about a tenth of a small
-    call's fixed cost there (docs/backends/torch.md, "Fixed cost per call"). torch.compile traces
+    call's fixed cost there (docs/backends/torch.md, "Fixed cost per call"). It returns the four
+    outputs a caller reads; what the op's schema returns for backward alone is saved directly. torch.compile traces
     the custom op (it needs the fake implementation); on a GPU the op is kept, its launch list
     being the one bench/cost_model.py models."""
 
     @staticmethod
     def forward(ctx, *inputs):
-        # only the loss rows are differentiated: autograd need not fill the nine reported outputs'
+        # only the loss rows are differentiated: autograd need not fill the three reported outputs'
         # gradients with zeros (_backward takes None for each, the loss's included)
         ctx.set_materialize_grads(False)
         # with gradients to come, the backend may make them now from the same tiles (3 GEMMs, not 4)
-        output, ctx.unit_gradients = _forward_outputs(*inputs, need_dx=ctx.needs_input_grad[0],
-                                                      need_dw=ctx.needs_input_grad[1])
-        _setup_context(ctx, inputs, output)
+        fwd, ctx.unit_gradients = _forward(*inputs, need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1])
+        output = _user_outputs(fwd)
+        ctx.mark_non_differentiable(*output[1:])
+        saved = fwd.saved
+        # what the custom op returns for backward only is saved, not returned (fewer outputs, no
+        # tensors of ones for unscaled rows: a small head's fixed cost)
+        _save(ctx, inputs, saved.lse, saved.gap, saved.target_cos, saved.rx, saved.rw, saved.sx, saved.sw,
+              None if saved.negatives is None else saved.negatives.threshold)
         return output
 
     @staticmethod
@@ -422,10 +448,12 @@ def fused_loss_rows(embeddings: Tensor, weight: Tensor, labels: Tensor, options:
     to -1 and raises ValueError on any other label). options: margins as (N,) tensors in the
     compute dtype (LossOptions.for_rows). backend: a resolved fused backend name."""
     eager_cpu = embeddings.device.type == "cpu" and not torch.compiler.is_compiling()
-    # without grad mode the autograd.Function would still see needs_input_grad (and make gradients)
-    forward = (_EagerForward.apply if torch.is_grad_enabled() else _margin_softmax_fwd) if eager_cpu \
-        else margin_softmax_fwd
     epilogue = () if options.nontarget_t is None else (options.nontarget_t,)
-    outputs = forward(embeddings, weight, labels, options.m1, options.m2, options.m3, options.flatten(), backend,
-                      operand_dtype, *epilogue)
-    return outputs[:4]
+    inputs = (embeddings, weight, labels, options.m1, options.m2, options.m3, options.flatten(), backend,
+              operand_dtype, *epilogue)
+    if not eager_cpu:
+        return margin_softmax_fwd(*inputs)[:4]
+    if torch.is_grad_enabled():
+        return _EagerForward.apply(*inputs)
+    # without grad mode the autograd.Function would still see needs_input_grad (and make gradients)
+    return _user_outputs(_forward(*inputs)[0])
