@@ -358,10 +358,11 @@ def _backward(ctx, grad_loss, *grad_reported):
     else:
         # the non-target epilogue's t and per-row threshold, when forward had one
         epilogue = nontarget[-2:] if ctx.nontarget else ()
-        dtype = lse.dtype
+        # _EagerForward saves no scales for rows seen as given (the op's schema wants tensors)
+        sx = _scale_or_ones(sx, embeddings.shape[0], lse.dtype, lse.device)
+        sw = _scale_or_ones(sw, weight.shape[0], lse.dtype, lse.device)
         dx, dw = margin_softmax_bwd(grad_loss, embeddings, weight, labels, m1, m2, m3, lse, gap, target_cos, rx, rw,
-                                    _scale_or_ones(sx, embeddings.shape[0], dtype, lse.device),
-                                    _scale_or_ones(sw, weight.shape[0], dtype, lse.device), *ctx.settings, *epilogue)
+                                    sx, sw, *ctx.settings, *epilogue)
     d_m2 = d_m3 = None
     if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:  # per-row margins that require grad (MagFace)
         active = labels != opts.ignore_index
@@ -412,9 +413,9 @@ class _EagerForward(torch.autograd.Function):
     backward (the margin_softmax_bwd op, which refuses double backward), without the custom op's
     own layers (its dispatch to a Python autograd kernel and back): about a tenth of a small
     call's fixed cost there (docs/backends/torch.md, "Fixed cost per call"). It returns the four
-    outputs a caller reads; what the op's schema returns for backward alone is saved directly. torch.compile traces
-    the custom op (it needs the fake implementation); on a GPU the op is kept, its launch list
-    being the one bench/cost_model.py models."""
+    outputs a caller reads; what the op's schema returns for backward alone is saved directly.
+    torch.compile traces the custom op (it needs the fake implementation); on a GPU the op is
+    kept, its launch list being the one bench/cost_model.py models."""
 
     @staticmethod
     def forward(ctx, *inputs):
