@@ -111,16 +111,22 @@ void scale_columns(T* row, const T* scale, int64_t n, T r) {
   for (; j < n; ++j) row[j] = row[j] * scale[j] * r;
 }
 
+// row_j = f(row_j, scale_j), in place, with f on vectors (the tail a partial vector).
+template <typename T, typename F>
+void map_scaled_row(T* row, const T* scale, int64_t n, const F& f) {
+  using Vec = at::vec::Vectorized<T>;
+  const int64_t step = Vec::size();
+  int64_t j = 0;
+  for (; j + step <= n; j += step) f(Vec::loadu(row + j), Vec::loadu(scale + j)).store(row + j);
+  if (j < n) f(Vec::loadu(row + j, n - j), Vec::loadu(scale + j, n - j)).store(row + j, n - j);
+}
+
 // row_j = (exp(row_j scale_j r - shift) - smooth) scale_j, in place (r as in scale_columns).
 template <typename T>
 void scaled_exp_minus(T* row, const T* scale, int64_t n, T shift, T smooth, T r) {
   using Vec = at::vec::Vectorized<T>;
-  const int64_t step = Vec::size();
   const Vec e(smooth), s(shift), vr(r);
-  const auto p = [&](const Vec& z, const Vec& c) { return ((z * c * vr - s).exp() - e) * c; };
-  int64_t j = 0;
-  for (; j + step <= n; j += step) p(Vec::loadu(row + j), Vec::loadu(scale + j)).store(row + j);
-  if (j < n) p(Vec::loadu(row + j, n - j), Vec::loadu(scale + j, n - j)).store(row + j, n - j);
+  map_scaled_row(row, scale, n, [&](const Vec& z, const Vec& c) { return ((z * c * vr - s).exp() - e) * c; });
 }
 
 // row_j = (row_j k - smooth) scale_j, in place: on the row-block walk's tile of exp(z_j - shift)
@@ -129,12 +135,8 @@ void scaled_exp_minus(T* row, const T* scale, int64_t n, T shift, T smooth, T r)
 template <typename T>
 void rescaled_minus(T* row, const T* scale, int64_t n, T k, T smooth) {
   using Vec = at::vec::Vectorized<T>;
-  const int64_t step = Vec::size();
   const Vec e(smooth), vk(k);
-  const auto p = [&](const Vec& x, const Vec& c) { return (x * vk - e) * c; };
-  int64_t j = 0;
-  for (; j + step <= n; j += step) p(Vec::loadu(row + j), Vec::loadu(scale + j)).store(row + j);
-  if (j < n) p(Vec::loadu(row + j, n - j), Vec::loadu(scale + j, n - j)).store(row + j, n - j);
+  map_scaled_row(row, scale, n, [&](const Vec& x, const Vec& c) { return (x * vk - e) * c; });
 }
 
 // row_j = exp(row_j) - smooth, in place.
@@ -212,6 +214,7 @@ void forward_rows(const ForwardRows& args, int64_t begin, int64_t end) {
   T *mx = static_cast<T*>(args.nt_max), *sum = static_cast<T*>(args.nt_sum), *bz = static_cast<T*>(args.best_z);
   T *tz = static_cast<T*>(args.target_z), *ls = static_cast<T*>(args.logit_sum);
   const T neg_inf = -std::numeric_limits<T>::infinity();
+  T* shift_out = static_cast<T*>(args.exp_shift);
   for (int64_t i = begin; i < end; ++i) {
     T* row = static_cast<T*>(args.tile) + i * width;
     if (args.col_scale) {  // Z = s cos
@@ -238,7 +241,6 @@ void forward_rows(const ForwardRows& args, int64_t begin, int64_t end) {
     if (args.smoothing) ls[i] += inside ? row_sum(row, 0, t) + row_sum(row, t + 1, width) : row_sum(row, 0, width);
     const T new_max = max_nan(mx[i], tile_max);
     const T shift = new_max == neg_inf ? T(0) : new_max;
-    T* shift_out = static_cast<T*>(args.exp_shift);
     const T chunk_sum = shift_out ? row_sum_exp<true>(row, width, shift) : row_sum_exp<false>(row, width, shift);
     if (shift_out) shift_out[i] = shift;
     sum[i] = sum[i] * std::exp(mx[i] - shift) + chunk_sum;
